@@ -1,0 +1,3 @@
+from ambient_cni.main import main
+
+main()

@@ -1,0 +1,252 @@
+"""ADD, DEL, CHECK, STATUS and GC of the chained plugin (one small function each).
+
+Decisions that need no agent come first (not a Kubernetes pod, excluded namespace, the agent's own
+pods); then the agent's enrollment snapshot; only enrolled pods (or pods the snapshot does not know yet)
+involve the agent. Enrolled pods fail closed: no agent ack, no pod.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from cni_plugin import cniargs, errors, hints, wire
+from cni_plugin.enrollment import Exemptions, exemption_reason
+from cni_plugin.plugin_log import LOG
+from cni_plugin.result import pass_through, pod_ips
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from cni_plugin.skel import Invocation
+
+_DEL_DEADLINE_MS = 3000  # DEL is best effort: do not hold the runtime's CNI lock for long
+
+
+def _configure_log(inv: Invocation) -> None:
+    conf = inv.conf
+    log_file = conf["log_file"]
+    LOG.configure(conf["log_level"], os.path.join(conf["run_dir"], "plugin.log") if log_file is None else log_file)
+    LOG.context = {"cmd": inv.command, "container": inv.container_id[:12]}
+
+
+def _exemptions(conf: dict[str, Any]) -> Exemptions:
+    return Exemptions(
+        exclude_namespaces=conf["exclude_namespaces"],
+        agent_pod_namespace=conf["agent_pod_namespace"],
+        agent_pod_name_prefix=conf["agent_pod_name_prefix"],
+    )
+
+
+def _pod(inv: Invocation, tolerant: bool = False) -> wire.PodRef:
+    try:
+        pod = cniargs.pod_ref(cniargs.parse(inv.env.get("CNI_ARGS", "")))
+    except errors.CniError:
+        if not tolerant:
+            raise
+        pod = wire.PodRef()
+    if pod.name:
+        LOG.context["pod"] = f"{pod.namespace}/{pod.name}"
+    return pod
+
+
+def _socket_path(conf: dict[str, Any]) -> str:
+    return os.path.join(conf["run_dir"], wire.SOCKET_NAME)
+
+
+def _request(inv: Invocation, op: str, pod: wire.PodRef, ips: tuple[str, ...] = (), **extra: Any) -> wire.Request:
+    return wire.Request(
+        op=op,
+        id=f"{inv.container_id[:12] or 'node'}-{os.getpid()}-{os.urandom(3).hex()}",
+        container_id=inv.container_id,
+        netns=inv.netns,
+        ifname=inv.ifname,
+        pod=pod,
+        ips=ips,
+        cni_version=inv.conf["cniVersion"],
+        deadline_ms=inv.conf["deadline_ms"],
+        **extra,
+    )
+
+
+def _verdict(conf: dict[str, Any], pod: wire.PodRef) -> str:
+    from cni_plugin import snapshot
+
+    path = os.path.join(conf["run_dir"], snapshot.SNAPSHOT_NAME)
+    try:
+        return snapshot.read(path).verdict(pod.namespace, pod.name)
+    except snapshot.SnapshotError as exc:
+        raise errors.CniError(
+            errors.TRY_AGAIN_LATER,
+            f"ambient-cni: enrollment of pod {pod.namespace}/{pod.name} is unknown ({exc}); "
+            "is the ambient-cni agent running on this node? It publishes this snapshot.",
+        ) from exc
+
+
+def _ask_agent(
+    inv: Invocation,
+    request: wire.Request,
+    retry_connect: bool,
+    deadline_ms: int = 0,
+    tolerate_unreachable: bool = False,
+) -> wire.Reply | None:
+    """One round trip; failures become CNI errors that say what to do (fail closed).
+
+    With ``tolerate_unreachable`` an absent or refusing agent yields None instead of an error.
+    """
+    from cni_plugin import notifier
+
+    path = _socket_path(inv.conf)
+    budget_ms = deadline_ms or inv.conf["deadline_ms"]
+    who = f"pod {request.pod.namespace}/{request.pod.name}" if request.pod.name else "this node"
+    started = time.monotonic()
+    try:
+        reply = notifier.call(path, request, started + budget_ms / 1000, retry_connect)
+    except notifier.AgentUnreachable as exc:
+        if tolerate_unreachable:
+            LOG.info("agent unreachable", op=request.op, error=str(exc))
+            return None
+        if request.op in ("add", "check"):
+            msg = (
+                f"ambient-cni: {who} is enrolled in the ambient mesh but the node agent is unreachable "
+                f"({exc}, waited {budget_ms} ms); the pod cannot start without traffic redirection. "
+                "Check the ambient-cni agent on this node."
+            )
+        else:
+            msg = f"ambient-cni: the node agent is unreachable ({exc}); check the ambient-cni agent on this node"
+        raise errors.CniError(errors.TRY_AGAIN_LATER, msg) from exc
+    except notifier.AgentTimeout as exc:
+        raise errors.CniError(
+            errors.TRY_AGAIN_LATER,
+            f"ambient-cni: the node agent at {path} did not answer {request.op} for {who} within {budget_ms} ms",
+        ) from exc
+    except wire.WireError as exc:
+        raise errors.CniError(
+            errors.PROTOCOL_ERROR, f"ambient-cni: bad reply from the node agent at {path}: {exc}"
+        ) from exc
+    LOG.debug("agent replied", op=request.op, ok=reply.ok, ms=round((time.monotonic() - started) * 1000, 2))
+    return reply
+
+
+def _raise_refusal(request: wire.Request, reply: wire.Reply) -> None:
+    raise errors.CniError(
+        reply.code or errors.AGENT_FAILURE,
+        f"ambient-cni: the node agent refused {request.op} for pod {request.pod.namespace}/{request.pod.name}: "
+        f"{reply.msg or 'no reason given'}",
+    )
+
+
+def cmd_add(inv: Invocation) -> dict[str, Any]:
+    conf = inv.conf
+    _configure_log(inv)
+    result = pass_through(conf["prevResult"], conf["cniVersion"])
+    pod = _pod(inv)
+    reason = exemption_reason(pod.name, pod.namespace, _exemptions(conf))
+    if reason is not None:
+        LOG.info("not enrolled: " + reason)
+        return result
+    ips = pod_ips(conf["prevResult"])
+    hints.write(
+        conf["run_dir"],
+        pod.namespace,
+        pod.name,
+        {"netns": inv.netns, "container_id": inv.container_id, "ifname": inv.ifname, "uid": pod.uid, "ips": ips},
+    )
+    from cni_plugin.snapshot import Verdict
+
+    verdict = _verdict(conf, pod)
+    if verdict == Verdict.NOT_ENROLLED:
+        LOG.info("not enrolled (agent snapshot)")
+        return result
+    request = _request(inv, "add", pod, ips)
+    # ENROLLED: fail closed. UNKNOWN_POD (namespace not enrolled, pod not yet in the agent's view; it may
+    # carry a pod-level opt-in): ask the agent if it is up; if it is down, nobody knows the pod is enrolled,
+    # and the agent's start-up reconcile enrolls it from the cluster view should it be.
+    unknown = verdict == Verdict.UNKNOWN_POD
+    reply = _ask_agent(inv, request, retry_connect=not unknown, tolerate_unreachable=unknown)
+    if reply is None:
+        LOG.warning("pod not in the agent snapshot and the agent is down: passing through")
+        return result
+    if not reply.ok:
+        _raise_refusal(request, reply)
+    LOG.info("enrolled: redirection in place" if reply.enrolled else "not enrolled (agent)")
+    return result
+
+
+def cmd_del(inv: Invocation) -> None:
+    conf = inv.conf
+    _configure_log(inv)
+    pod = _pod(inv, tolerant=True)
+    if exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
+        return None
+    hints.remove(conf["run_dir"], pod.namespace, pod.name, inv.container_id)
+    if not os.path.exists(_socket_path(conf)):
+        LOG.info("agent socket absent: nothing to tell it")
+        return None
+    request = _request(inv, "del", pod)
+    try:
+        reply = _ask_agent(
+            inv, request, False, deadline_ms=min(conf["deadline_ms"], _DEL_DEADLINE_MS), tolerate_unreachable=True
+        )
+        if reply is not None and not reply.ok:
+            LOG.warning("agent could not remove the pod; it reconciles later", error=reply.msg)
+    except errors.CniError as exc:
+        LOG.warning("agent not told about DEL; it reconciles later", error=exc.msg)
+    return None
+
+
+def cmd_check(inv: Invocation) -> None:
+    conf = inv.conf
+    _configure_log(inv)
+    if conf["prevResult"] is not None:
+        pass_through(conf["prevResult"], conf["cniVersion"])  # validates it
+    pod = _pod(inv)
+    if exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
+        return None
+    from cni_plugin.snapshot import Verdict
+
+    verdict = _verdict(conf, pod)
+    if verdict == Verdict.NOT_ENROLLED:
+        return None
+    request = _request(inv, "check", pod, pod_ips(conf["prevResult"]))
+    reply = _ask_agent(inv, request, retry_connect=False, tolerate_unreachable=verdict == Verdict.UNKNOWN_POD)
+    if reply is not None and not reply.ok:
+        _raise_refusal(request, reply)
+    return None
+
+
+def cmd_status(inv: Invocation) -> None:
+    _configure_log(inv)
+    request = _request(inv, "status", wire.PodRef())
+    try:
+        reply = _ask_agent(inv, request, retry_connect=False)
+    except errors.CniError as exc:
+        raise errors.CniError(errors.STATUS_UNAVAILABLE, exc.msg) from exc
+    if reply is None or not reply.ok:
+        reason = (reply.msg if reply is not None else "") or "not ready"
+        raise errors.CniError(errors.STATUS_UNAVAILABLE, f"ambient-cni: the node agent cannot take ADDs: {reason}")
+    return None
+
+
+def cmd_gc(inv: Invocation) -> None:
+    conf = inv.conf
+    _configure_log(inv)
+    valid = conf["valid_attachments"] or []
+    removed = hints.prune(conf["run_dir"], {item["containerID"] for item in valid})
+    if removed:
+        LOG.info("gc removed stale netns hints", count=removed)
+    if not os.path.exists(_socket_path(conf)):
+        return None
+    attachments = tuple(wire.Attachment(item["containerID"], item["ifname"]) for item in valid)
+    try:
+        request = _request(inv, "gc", wire.PodRef(), valid_attachments=attachments)
+        reply = _ask_agent(inv, request, False, tolerate_unreachable=True)
+        if reply is not None and not reply.ok:
+            LOG.warning("agent gc failed", error=reply.msg)
+    except errors.CniError as exc:
+        LOG.warning("agent gc not delivered", error=exc.msg)
+    return None
+
+
+HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}

@@ -1,0 +1,81 @@
+"""Who is in the mesh: the one pure rule that the plugin and the agent share.
+
+A pod is enrolled when its namespace has ``istio.io/dataplane-mode=ambient`` and the pod does not carry
+``istio.io/dataplane-mode=none``, or when the pod itself carries ``istio.io/dataplane-mode=ambient``.
+Never enrolled: hostNetwork pods, pods with the ``sidecar.istio.io/status`` annotation, namespaces in
+``exclude_namespaces`` and the agent's own pods (recognised from CNI_ARGS alone).
+"""
+
+from __future__ import annotations
+
+from cni_plugin.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping
+
+DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+MODE_AMBIENT = "ambient"
+MODE_NONE = "none"
+SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
+
+
+class PodFacts(Record):
+    """What the rule needs to know about a pod: PodFacts(name=, namespace=, labels=, annotations=,
+    host_network=)."""
+
+    __slots__ = ("name", "namespace", "labels", "annotations", "host_network")
+    _defaults = {"labels": dict, "annotations": dict, "host_network": False}
+    name: str
+    namespace: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    host_network: bool
+
+
+class Exemptions(Record):
+    """Pods that are never enrolled, decided from the pod's name and namespace alone."""
+
+    __slots__ = ("exclude_namespaces", "agent_pod_namespace", "agent_pod_name_prefix")
+    _defaults = {
+        "exclude_namespaces": ("kube-system",),
+        "agent_pod_namespace": "istio-system",
+        "agent_pod_name_prefix": "ambient-cni-node-",
+    }
+    exclude_namespaces: Collection[str]
+    agent_pod_namespace: str
+    agent_pod_name_prefix: str
+
+
+def is_agent_pod(name: str, namespace: str, exemptions: Exemptions) -> bool:
+    prefix = exemptions.agent_pod_name_prefix
+    return bool(prefix) and namespace == exemptions.agent_pod_namespace and name.startswith(prefix)
+
+
+def exemption_reason(name: str, namespace: str, exemptions: Exemptions) -> str | None:
+    """Why a pod is exempt from the mesh by name/namespace alone, or None when it is not."""
+    if not name or not namespace:
+        return "not a Kubernetes pod (no K8S_POD_NAME/K8S_POD_NAMESPACE)"
+    if namespace in exemptions.exclude_namespaces:
+        return f"namespace {namespace!r} is excluded"
+    if is_agent_pod(name, namespace, exemptions):
+        return "the node agent's own pod"
+    return None
+
+
+def namespace_enrolled(namespace_labels: Mapping[str, str] | None) -> bool:
+    return bool(namespace_labels) and namespace_labels.get(DATAPLANE_MODE_LABEL) == MODE_AMBIENT  # type: ignore[union-attr]
+
+
+def is_enrolled(pod: PodFacts, namespace_labels: Mapping[str, str] | None, exemptions: Exemptions) -> bool:
+    """The enrollment rule. ``namespace_labels`` is None when the namespace is unknown."""
+    if exemption_reason(pod.name, pod.namespace, exemptions) is not None:
+        return False
+    if pod.host_network or SIDECAR_STATUS_ANNOTATION in pod.annotations:
+        return False
+    pod_mode = pod.labels.get(DATAPLANE_MODE_LABEL)
+    if pod_mode == MODE_AMBIENT:
+        return True
+    if pod_mode == MODE_NONE:
+        return False
+    return namespace_enrolled(namespace_labels)

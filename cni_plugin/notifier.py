@@ -1,0 +1,94 @@
+"""The plugin's side of the socket: one request, one reply, bounded by a deadline.
+
+Only the connect is retried, and only while the socket is absent or refuses connections (the agent is
+starting), inside the same deadline. Any failure is raised as AgentUnreachable / AgentTimeout /
+WireError for the caller to turn into a CNI error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+
+from cni_plugin import wire
+
+_RETRYABLE_CONNECT = (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
+
+
+class AgentUnreachable(Exception):
+    """The agent's socket is absent or refuses connections."""
+
+
+class AgentTimeout(Exception):
+    """The agent did not answer within the deadline."""
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise AgentTimeout()
+    return left
+
+
+def connect(path: str, deadline: float, retry: bool) -> socket.socket:
+    delay = 0.02
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.connect(path)
+            return sock
+        except TimeoutError as exc:
+            sock.close()
+            raise AgentTimeout() from exc
+        except OSError as exc:
+            sock.close()
+            if not retry or exc.errno not in _RETRYABLE_CONNECT:
+                raise AgentUnreachable(f"{path}: {os.strerror(exc.errno or 0) or exc}") from exc
+            if deadline - time.monotonic() <= delay:
+                raise AgentUnreachable(f"{path}: {os.strerror(exc.errno or 0) or exc}") from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        except AgentTimeout:
+            sock.close()
+            raise
+
+
+def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    while size:
+        sock.settimeout(_remaining(deadline))
+        try:
+            chunk = sock.recv(min(size, 65536))
+        except TimeoutError as exc:
+            raise AgentTimeout() from exc
+        if not chunk:
+            raise wire.WireError("the agent closed the connection before replying completely")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def call(path: str, request: wire.Request, deadline: float, retry_connect: bool) -> wire.Reply:
+    """Send ``request`` to the agent at ``path``; ``deadline`` is a time.monotonic() instant."""
+    sock = connect(path, deadline, retry_connect)
+    try:
+        sock.settimeout(_remaining(deadline))
+        try:
+            sock.sendall(wire.encode_frame(request.to_wire()))
+        except TimeoutError as exc:
+            raise AgentTimeout() from exc
+        except OSError as exc:
+            raise AgentUnreachable(f"{path}: send failed: {exc.strerror or exc}") from exc
+        try:
+            length = wire.frame_length(_recv_exact(sock, wire.HEADER.size, deadline))
+            reply = wire.parse_reply(wire.decode_body(_recv_exact(sock, length, deadline)))
+        except ConnectionResetError as exc:
+            raise wire.WireError("the agent reset the connection") from exc
+        if reply.id and reply.id != request.id:
+            raise wire.WireError(f"reply id {reply.id!r} does not match request id {request.id!r}")
+        return reply
+    finally:
+        sock.close()

@@ -1,0 +1,175 @@
+"""The CNI dispatcher: environment and stdin checks as libcni's skel does them, then one command.
+
+Stdout receives exactly one JSON document (a result, the version info or an error) or nothing (a
+successful DEL/CHECK/GC/STATUS). Anything else that tries to print while a command runs is sent to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from cni_plugin import errors
+from cni_plugin.plugin_log import LOG
+from cni_plugin.versions import LATEST, SUPPORTED_VERSIONS, at_least
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, TextIO
+
+COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
+_REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "STATUS": ("CNI_PATH",),
+    "GC": ("CNI_PATH",),
+}
+_MIN_VERSION = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
+_CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+_NETWORK_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+_MAX_STDIN = 16 * 1024 * 1024
+
+
+class Invocation:
+    """One plugin exec: the command, its environment and its validated configuration."""
+
+    __slots__ = ("command", "conf", "container_id", "env", "ifname", "netns", "stdin_version")
+
+    def __init__(self, command: str, env: Mapping[str, str]) -> None:
+        self.command = command
+        self.env = env
+        self.container_id = env.get("CNI_CONTAINERID", "")
+        self.netns = env.get("CNI_NETNS", "")
+        self.ifname = env.get("CNI_IFNAME", "")
+        self.conf: dict[str, Any] = {}
+        self.stdin_version = LATEST
+
+
+def check_env(command: str, env: Mapping[str, str]) -> None:
+    missing = [name for name in _REQUIRED_ENV.get(command, ()) if not env.get(name)]
+    if missing:
+        raise errors.CniError(errors.INVALID_ENV, f"required env variables [{','.join(missing)}] missing")
+    container_id = env.get("CNI_CONTAINERID", "")
+    if command in ("ADD", "DEL", "CHECK") and not _CONTAINER_ID.match(container_id):
+        raise errors.CniError(
+            errors.INVALID_ENV,
+            f"invalid characters in CNI_CONTAINERID {container_id!r}",
+            "must match [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+        )
+    if command in ("ADD", "DEL", "CHECK"):
+        ifname = env.get("CNI_IFNAME", "")
+        if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/: \t\n\r\v\f"):
+            raise errors.CniError(errors.INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}", "1-15 chars, no / : or space")
+
+
+def _lower_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k).lower(): _lower_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lower_keys(v) for v in value]
+    return value
+
+
+def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) -> dict[str, Any]:
+    """Decode and validate the network configuration. Raises CniError with codes 1, 6 or 7.
+
+    Once the config's cniVersion is known to be supported it is recorded on ``invocation`` so that
+    later errors answer in that version.
+    """
+    try:
+        raw = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.CniError(errors.DECODE_FAILURE, f"error parsing network configuration: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise errors.CniError(errors.DECODE_FAILURE, "network configuration must be a JSON object")
+    version = raw.get("cniVersion") or "0.1.0"
+    if not isinstance(version, str):
+        raise errors.CniError(errors.INVALID_CONFIG, "cniVersion: Input should be a valid string")
+    if version not in SUPPORTED_VERSIONS:
+        raise errors.CniError(
+            errors.INCOMPATIBLE_VERSION,
+            f"incompatible CNI versions: config is {version!r}, plugin supports {list(SUPPORTED_VERSIONS)}",
+        )
+    if invocation is not None:
+        invocation.stdin_version = version
+    minimum = _MIN_VERSION.get(command)
+    if minimum and not at_least(version, minimum):
+        raise errors.CniError(
+            errors.INCOMPATIBLE_VERSION, f"config version {version} does not allow {command} (needs >= {minimum})"
+        )
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise errors.CniError(errors.INVALID_CONFIG, "missing network name")
+    if not _NETWORK_NAME.match(name):
+        raise errors.CniError(errors.INVALID_CONFIG, f"invalid characters in network name {name!r}")
+    if isinstance(raw.get("runtimeConfig"), dict):
+        raw["runtimeConfig"] = _lower_keys(raw["runtimeConfig"])
+    from cni_plugin._generated_schema import NETCONF_SCHEMA
+    from cni_plugin.minischema import SchemaError, validate
+
+    try:
+        conf: dict[str, Any] = validate(NETCONF_SCHEMA, raw)
+    except SchemaError as exc:
+        key = ".".join(str(part) for part in exc.loc)
+        raise errors.CniError(errors.INVALID_CONFIG, f"invalid plugin configuration: {key}: {exc.msg}") from exc
+    return conf
+
+
+def _emit(stream: TextIO, document: dict[str, Any]) -> None:
+    stream.write(json.dumps(document))
+    stream.write("\n")
+    stream.flush()
+
+
+def _version_info() -> dict[str, Any]:
+    return {"cniVersion": LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def dispatch(
+    handlers: Mapping[str, Callable[[Invocation], dict[str, Any] | None]],
+    env: Mapping[str, str] | None = None,
+    stdin: Any = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """Run one CNI command. Returns the process exit code; never raises."""
+    env = os.environ if env is None else env
+    out = stdout or sys.stdout
+    sys.stdout = sys.stderr  # nothing but our one document may reach the runtime's stdout
+    invocation: Invocation | None = None
+    try:
+        command = env.get("CNI_COMMAND", "")
+        if command == "VERSION":
+            _emit(out, _version_info())
+            return 0
+        if command not in COMMANDS:
+            raise errors.CniError(errors.INVALID_ENV, f"unknown CNI_COMMAND {command!r}", f"one of {COMMANDS}")
+        check_env(command, env)
+        invocation = Invocation(command, env)
+        source = stdin if stdin is not None else sys.stdin.buffer
+        data = source.read(_MAX_STDIN + 1)
+        if len(data) > _MAX_STDIN:
+            raise errors.CniError(errors.DECODE_FAILURE, "network configuration is larger than 16 MiB")
+        invocation.conf = load_conf(data, command, invocation)
+        result = handlers[command](invocation)
+        if result is not None:
+            _emit(out, result)
+        return 0
+    except errors.CniError as exc:
+        version = invocation.stdin_version if invocation else LATEST
+        LOG.error("command failed", code=exc.code, error=exc.msg)
+        _emit(out, exc.to_json_obj(version))
+        return 1
+    except Exception as exc:  # a bug: report it as a CNI error, keep the traceback for the log only
+        import traceback
+
+        version = invocation.stdin_version if invocation else LATEST
+        LOG.error("internal error", error=repr(exc), traceback=traceback.format_exc())
+        _emit(out, errors.CniError(errors.INTERNAL_ERROR, f"internal plugin error: {exc!r}").to_json_obj(version))
+        return 1
+    finally:
+        sys.stdout = out if stdout is None else sys.__stdout__
+        LOG.flush()

@@ -1,0 +1,267 @@
+"""The agent's op logic: turns a validated wire ``Request`` into a ``Reply``.
+
+Socket handling lives in ``nodeagent.server``; this module decides (from the agent's own view, never from
+what the plugin claims), calls the dataplane and keeps the durable records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cni_plugin import errors, wire
+from cni_plugin.enrollment import Exemptions, exemption_reason
+from nodeagent import decide, logs
+from nodeagent.clusterview.model import ClusterState, ClusterView, Pod
+from nodeagent.dataplane.api import Dataplane, DataplaneError, PodWork
+from nodeagent.keyedlock import KeyedLocks
+from nodeagent.metrics import Metrics
+from nodeagent.store import PodRecord, PodStore
+
+VIEW_CATCHUP_MAX_S = 0.1  # how long an ADD waits for a pod missing from the view (istio: 10 x 10 ms)
+REPLY_MARGIN_S = 0.05  # the dataplane must finish this long before the plugin's deadline
+
+
+@dataclass
+class Readiness:
+    socket_up: bool = False
+    snapshot_published: Callable[[], bool] = lambda: False
+
+
+def work_from_record(record: PodRecord, service_account: str = "") -> PodWork:
+    return PodWork(
+        uid=record.uid,
+        name=record.name,
+        namespace=record.namespace,
+        netns_path=record.netns_path,
+        container_id=record.container_id,
+        ifname=record.ifname,
+        ips=record.ips,
+        service_account=service_account,
+        netns_inode=record.netns_inode,
+    )
+
+
+class AgentCore:
+    def __init__(
+        self,
+        view: ClusterView,
+        store: PodStore,
+        dataplane: Dataplane,
+        exemptions: Exemptions,
+        metrics: Metrics,
+        readiness: Readiness | None = None,
+    ) -> None:
+        self.view = view
+        self.store = store
+        self.dataplane = dataplane
+        self.exemptions = exemptions
+        self.metrics = metrics
+        self.readiness = readiness or Readiness()
+        self.locks = KeyedLocks()
+        self._log = logs.get_logger()
+        self.metrics.enrolled.set(self.store.count())
+
+    # -- readiness ----------------------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        synced, reason = self.view.synced()
+        if not synced:
+            return False, f"cluster view ({self.view.kind}) not synced: {reason}"
+        if not self.readiness.snapshot_published():
+            return False, "enrollment snapshot not published yet"
+        if not self.readiness.socket_up:
+            return False, "plugin socket not listening"
+        dp_ready, dp_reason = self.dataplane.ready()
+        if not dp_ready:
+            return False, f"dataplane not ready: {dp_reason}"
+        return True, ""
+
+    # -- dispatch -----------------------------------------------------------------------------------
+    def handle(self, request: wire.Request) -> wire.Reply:
+        started = time.monotonic()
+        handler = {
+            "add": self._add,
+            "del": self._del,
+            "check": self._check,
+            "gc": self._gc,
+            "status": self._status,
+        }[request.op]
+        try:
+            reply = handler(request)
+        except Exception as exc:  # a bug or an unexpected OS error: answer, never crash the worker
+            logs.emit(self._log, logging.ERROR, "request failed unexpectedly",
+                      self._fields(request, error=f"{type(exc).__name__}: {exc}"))
+            reply = wire.Reply(id=request.id, ok=False, code=errors.AGENT_FAILURE,
+                               msg=f"node agent internal error during {request.op}: {exc}")
+        result = "error" if not reply.ok else ("ok" if reply.enrolled else "not_enrolled")
+        self.metrics.requests.labels(request.op, result).inc()
+        self.metrics.latency.labels(request.op).observe(time.monotonic() - started)
+        return reply
+
+    @staticmethod
+    def _fields(request: wire.Request, **more: object) -> dict[str, object]:
+        return logs.pod_fields(
+            request.pod.namespace, request.pod.name, request.pod.uid, op=request.op, request_id=request.id,
+            container_id=request.container_id, ifname=request.ifname, **more,
+        )
+
+    # -- enrollment decision --------------------------------------------------------------------------
+    def _view_pod(self, request: wire.Request, wait_s: float) -> tuple[ClusterState, Pod | None]:
+        state = self.view.state()
+        pod = state.pod(request.pod.namespace, request.pod.name)
+        end = time.monotonic() + wait_s
+        while (pod is None or (request.pod.uid and pod.uid and pod.uid != request.pod.uid)) and (
+            remaining := end - time.monotonic()
+        ) > 0:
+            state = self.view.wait_for_change(state.generation, remaining)
+            pod = state.pod(request.pod.namespace, request.pod.name)
+        return state, pod
+
+    def _decide(self, request: wire.Request, wait_s: float) -> tuple[bool, str, Pod | None]:
+        """(enrolled, why not, the view's pod)."""
+        reason = exemption_reason(request.pod.name, request.pod.namespace, self.exemptions)
+        if reason is not None:
+            return False, reason, None
+        state, pod = self._view_pod(request, wait_s)
+        if pod is not None:
+            enrolled = decide.pod_enrolled(pod, state, self.exemptions)
+            return enrolled, "" if enrolled else "pod not enrolled by its labels/annotations/namespace", pod
+        enrolled = decide.unknown_pod_enrolled(request.pod.name, request.pod.namespace, state, self.exemptions)
+        return enrolled, "" if enrolled else "pod not in the agent's view and its namespace is not enrolled", None
+
+    # -- ops ------------------------------------------------------------------------------------------
+    def _add(self, request: wire.Request) -> wire.Reply:
+        deadline = time.monotonic() + request.deadline_ms / 1000.0
+        synced, why = self.view.synced()
+        if not synced:
+            return wire.Reply(request.id, ok=False, code=errors.TRY_AGAIN_LATER,
+                              msg=f"node agent cannot decide enrollment yet: cluster view not synced ({why})")
+        enrolled, why_not, pod = self._decide(request, min(VIEW_CATCHUP_MAX_S, request.deadline_ms / 4000.0))
+        if not enrolled:
+            logs.emit(self._log, logging.INFO, "ADD: pod not enrolled", self._fields(request, reason=why_not))
+            return wire.Reply(request.id, ok=True, enrolled=False)
+        if not request.netns:
+            return wire.Reply(request.id, ok=False, code=errors.INVALID_ENV,
+                              msg="ADD of an enrolled pod needs its network namespace (CNI_NETNS is empty)")
+        inode = _inode(request.netns)
+        if inode is None:
+            return wire.Reply(request.id, ok=False, code=errors.REDIRECTION_FAILED,
+                              msg=f"pod network namespace {request.netns} does not exist")
+        work = PodWork(
+            uid=request.pod.uid or (pod.uid if pod else ""),
+            name=request.pod.name,
+            namespace=request.pod.namespace,
+            netns_path=request.netns,
+            container_id=request.container_id,
+            ifname=request.ifname or "eth0",
+            ips=request.ips,
+            service_account=pod.service_account if pod else "",
+            netns_inode=inode,
+        )
+        with self.locks.hold(request.container_id):
+            existing = self.store.get(work.container_id, work.ifname)
+            if existing and existing.netns_inode == inode and existing.netns_path == request.netns:
+                logs.emit(self._log, logging.INFO, "ADD: already enrolled (idempotent)", self._fields(request))
+                return wire.Reply(request.id, ok=True, enrolled=True)
+            try:
+                self.enroll(work, deadline - REPLY_MARGIN_S, source="cni")
+            except DataplaneError as exc:
+                logs.emit(self._log, logging.WARNING, "ADD: redirection failed",
+                          self._fields(request, error=exc.msg, code=exc.code))
+                return wire.Reply(request.id, ok=False, code=exc.code, msg=exc.msg)
+        logs.emit(self._log, logging.INFO, "ADD: pod enrolled",
+                  self._fields(request, netns=request.netns, netns_inode=inode, ips=list(request.ips)))
+        return wire.Reply(request.id, ok=True, enrolled=True)
+
+    def _del(self, request: wire.Request) -> wire.Reply:
+        with self.locks.hold(request.container_id):
+            record = self.store.get(request.container_id, request.ifname or "eth0")
+            if record is None:
+                return wire.Reply(request.id, ok=True, enrolled=False)
+            self.unenroll(record, why="CNI DEL")
+        return wire.Reply(request.id, ok=True, enrolled=True)
+
+    def _check(self, request: wire.Request) -> wire.Reply:
+        enrolled, _, _ = self._decide(request, 0)
+        if not enrolled:
+            return wire.Reply(request.id, ok=True, enrolled=False)
+        record = self.store.get(request.container_id, request.ifname or "eth0")
+        if record is None:
+            return wire.Reply(request.id, ok=False, enrolled=True, code=errors.UNKNOWN_CONTAINER,
+                              msg=f"pod {request.pod.namespace}/{request.pod.name} is enrolled but the node agent "
+                              f"has no record of container {request.container_id} ({request.ifname})")
+        if request.netns:
+            inode = _inode(request.netns)
+            if inode != record.netns_inode:
+                return wire.Reply(request.id, ok=False, enrolled=True, code=errors.REDIRECTION_FAILED,
+                                  msg=f"pod network namespace {request.netns} is not the one enrolled "
+                                  f"(inode {inode} != {record.netns_inode})")
+        return wire.Reply(request.id, ok=True, enrolled=True)
+
+    def _gc(self, request: wire.Request) -> wire.Reply:
+        valid = {(a.container_id, a.ifname) for a in request.valid_attachments}
+        removed = 0
+        for record in self.store.all():
+            if record.source != "cni" or record.key in valid:
+                continue
+            with self.locks.hold(record.container_id):
+                if self.store.get(*record.key) is not None:
+                    self.unenroll(record, why="CNI GC: attachment no longer valid")
+                    removed += 1
+        logs.emit(self._log, logging.INFO, "GC done", {"removed": removed, "valid": len(valid)})
+        return wire.Reply(request.id, ok=True, enrolled=False)
+
+    def _status(self, request: wire.Request) -> wire.Reply:
+        ready, reason = self.ready()
+        if ready:
+            return wire.Reply(request.id, ok=True)
+        return wire.Reply(request.id, ok=False, code=errors.STATUS_UNAVAILABLE,
+                          msg=f"node agent cannot take ADDs: {reason}")
+
+    # -- effects shared with reconcile ---------------------------------------------------------------
+    def enroll(self, work: PodWork, deadline: float, source: str) -> PodRecord:
+        """dataplane.add then the durable record. Caller holds the container_id lock."""
+        for old in self.store.by_uid(work.uid):
+            if old.key != (work.container_id, work.ifname):
+                self.unenroll(old, why="replaced by a new sandbox of the same pod")
+        if time.monotonic() >= deadline:
+            raise DataplaneError("no time left before the plugin's deadline", retryable=True)
+        inode = self.dataplane.add(work, deadline) or work.netns_inode
+        record = self.store.upsert(
+            PodRecord(
+                container_id=work.container_id,
+                ifname=work.ifname,
+                uid=work.uid,
+                name=work.name,
+                namespace=work.namespace,
+                netns_path=work.netns_path,
+                netns_inode=inode,
+                ips=work.ips,
+                source=source,
+            )
+        )
+        self.metrics.enrolled.set(self.store.count())
+        return record
+
+    def unenroll(self, record: PodRecord, why: str) -> None:
+        """dataplane.remove (best effort) then drop the record."""
+        try:
+            self.dataplane.remove(work_from_record(record))
+        except Exception as exc:
+            logs.emit(self._log, logging.WARNING, "dataplane remove failed; dropping the record anyway",
+                      logs.pod_fields(record.namespace, record.name, record.uid, error=str(exc)))
+        self.store.delete(*record.key)
+        self.metrics.enrolled.set(self.store.count())
+        logs.emit(self._log, logging.INFO, "pod removed from the mesh",
+                  logs.pod_fields(record.namespace, record.name, record.uid, reason=why,
+                                  container_id=record.container_id, ifname=record.ifname))
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None

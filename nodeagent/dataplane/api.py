@@ -1,0 +1,79 @@
+"""The contract between the agent core and its dataplane step.
+
+The agent core (socket server, reconcile) calls a ``Dataplane`` between "request accepted" and "ack".
+Calls are blocking and come from worker threads: implementations must be thread-safe and idempotent
+per pod (a second ``add`` of the same pod leaves one copy of everything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cni_plugin import errors
+
+
+@dataclass(frozen=True)
+class PodWork:
+    """Everything the dataplane needs to enroll or remove one pod."""
+
+    uid: str
+    name: str
+    namespace: str
+    netns_path: str  # as the runtime gave it (CNI_NETNS) or as found by the agent (/proc/<pid>/ns/net)
+    container_id: str = ""
+    ifname: str = "eth0"
+    ips: tuple[str, ...] = ()  # CIDR strings, v4 and v6
+    service_account: str = ""
+    netns_inode: int = 0  # filled in by the dataplane on add; 0 when unknown
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class DataplaneError(Exception):
+    """Enrollment could not be put in place. ``retryable`` maps to CNI code 11, otherwise ``code``."""
+
+    def __init__(self, msg: str, *, retryable: bool = False, code: int = errors.REDIRECTION_FAILED) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.retryable = retryable
+        self.code = errors.TRY_AGAIN_LATER if retryable else code
+
+
+class Dataplane(Protocol):
+    def add(self, pod: PodWork, deadline: float) -> int:
+        """Install redirection for ``pod`` and hand its netns to ztunnel; return only after the ack.
+
+        ``deadline`` is a ``time.monotonic()`` instant. Returns the netns inode that was enrolled.
+        Raises DataplaneError; on failure nothing of this call stays behind.
+        """
+        ...
+
+    def remove(self, pod: PodWork) -> None:
+        """Best effort: ZDS del, rules removed if the netns still exists. Never raises for a missing netns."""
+        ...
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether ADDs can be served now (e.g. a ztunnel is connected), with a reason when not."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RecordingDataplane:
+    """The dataplane of issue 3: accepts every pod and only records it (used where no ztunnel runs)."""
+
+    def __init__(self) -> None:
+        self.added: dict[str, PodWork] = {}
+
+    def add(self, pod: PodWork, deadline: float) -> int:
+        self.added[pod.uid or f"{pod.namespace}/{pod.name}"] = pod
+        return pod.netns_inode
+
+    def remove(self, pod: PodWork) -> None:
+        self.added.pop(pod.uid or f"{pod.namespace}/{pod.name}", None)
+
+    def ready(self) -> tuple[bool, str]:
+        return True, ""
+
+    def close(self) -> None:
+        return None

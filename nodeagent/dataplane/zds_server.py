@@ -1,0 +1,299 @@
+"""The agent side of ZDS: ztunnel connects here and receives pods' netns fds.
+
+UNIX SOCK_SEQPACKET, one protobuf per datagram (``zds.proto``). ztunnel connects and sends ``ZdsHello``; the
+agent sends its snapshot (``AddWorkload`` + netns fd as SCM_RIGHTS per known pod, ``KeepWorkload`` where the fd
+is gone), then ``SnapshotSent``, then live adds and dels. Every request waits for its ``Ack`` (deadline
+``ack_timeout_s``) and a connection has one sender at a time, so requests and acks never interleave. Adds go
+to the newest connection, dels to all. A connection whose ack times out is closed (ztunnel reconnects and gets a
+fresh snapshot), so a late ack can never be taken for the answer to a later request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodeagent.dataplane import zds_pb2
+
+log = logging.getLogger("ambient_cni.dataplane.zds")
+
+MAX_DATAGRAM = 1024  # ztunnel's receive buffer: bigger messages are an error there
+HELLO_TIMEOUT_S = 5.0
+
+
+class ZdsError(Exception):
+    def __init__(self, msg: str, *, retryable: bool) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    uid: str
+    name: str = ""
+    namespace: str = ""
+    service_account: str = ""
+    fd: int | None = None  # None: the netns is gone -> KeepWorkload
+
+
+def add_request(entry: SnapshotEntry) -> zds_pb2.WorkloadRequest:
+    return zds_pb2.WorkloadRequest(
+        add=zds_pb2.AddWorkload(
+            uid=entry.uid,
+            workload_info=zds_pb2.WorkloadInfo(
+                name=entry.name, namespace=entry.namespace, service_account=entry.service_account
+            ),
+        )
+    )
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, cid: int, on_close: Callable[[_Connection], None]) -> None:
+        self.sock = sock
+        self.cid = cid
+        self.send_lock = threading.Lock()
+        self._acks: queue.Queue[zds_pb2.Ack | None] = queue.Queue()
+        self._on_close = on_close
+        self._closed = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def start_reader(self) -> None:
+        self._reader = threading.Thread(target=self._read_loop, name=f"zds-conn-{self.cid}", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        try:
+            while not self._closed.is_set():
+                try:
+                    data = self.sock.recv(MAX_DATAGRAM)
+                except OSError:
+                    break
+                if not data:
+                    break
+                resp = zds_pb2.WorkloadResponse()
+                try:
+                    resp.ParseFromString(data)
+                except Exception:
+                    log.warning("zds connection %d: undecodable message, closing", self.cid)
+                    break
+                if resp.WhichOneof("payload") == "ack":
+                    self._acks.put(resp.ack)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._acks.put(None)  # wake a waiting request
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self._on_close(self)
+
+    def request_locked(self, req: zds_pb2.WorkloadRequest, fd: int | None, timeout: float) -> None:
+        """Send one request and wait for its ack; the caller holds ``send_lock``. Raises ZdsError."""
+        if self._closed.is_set():
+            raise ZdsError("ztunnel connection closed", retryable=True)
+        while not self._acks.empty():  # nothing stale may answer this request
+            if self._acks.get_nowait() is None:
+                raise ZdsError("ztunnel connection closed", retryable=True)
+        data = req.SerializeToString()
+        if len(data) > MAX_DATAGRAM:
+            raise ZdsError(f"ZDS message of {len(data)} bytes exceeds {MAX_DATAGRAM}", retryable=False)
+        try:
+            if fd is not None:
+                socket.send_fds(self.sock, [data], [fd])
+            else:
+                self.sock.send(data)
+        except OSError as exc:
+            self.close()
+            raise ZdsError(f"sending to ztunnel failed: {exc.strerror or exc}", retryable=True) from None
+        try:
+            ack = self._acks.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            log.warning("zds connection %d: no ack within %.1f s, closing it", self.cid, timeout)
+            self.close()
+            raise ZdsError(f"ztunnel did not acknowledge within {timeout:.1f} s", retryable=True) from None
+        if ack is None:
+            raise ZdsError("ztunnel connection closed before the ack", retryable=True)
+        if ack.error:
+            raise ZdsError(f"ztunnel refused: {ack.error}", retryable=False)
+
+    def request(self, req: zds_pb2.WorkloadRequest, fd: int | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if not self.send_lock.acquire(timeout=max(0.0, timeout)):
+            raise ZdsError("ztunnel connection busy beyond the deadline", retryable=True)
+        try:
+            self.request_locked(req, fd, deadline - time.monotonic())
+        finally:
+            self.send_lock.release()
+
+
+class ZdsServer:
+    """Listens for ztunnel. ``snapshot_source`` returns what to replay to every new connection."""
+
+    def __init__(
+        self,
+        path: str,
+        snapshot_source: Callable[[], list[SnapshotEntry]],
+        ack_timeout_s: float = 5.0,
+    ) -> None:
+        self.path = path
+        self.ack_timeout_s = ack_timeout_s
+        self._snapshot_source = snapshot_source
+        self._lock = threading.Lock()
+        self._conns: list[_Connection] = []  # oldest first; only connections whose snapshot went out
+        self._next_id = 0
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self._accept_thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a stale socket from a previous run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.bind(self.path)
+        os.chmod(self.path, 0o600)  # before listen(): nobody can connect in between
+        sock.listen(16)
+        self._listener = sock
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="zds-accept", daemon=True)
+        self._accept_thread.start()
+        log.info("zds: listening on %s", self.path)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self._listener.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=2)
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def connected(self) -> bool:
+        with self._lock:
+            return any(not c.closed for c in self._conns)
+
+    def connection_count(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._conns if not c.closed)
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        log.info("zds: ztunnel connection %d closed", conn.cid)
+
+    # -- accepting ---------------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                self._next_id += 1
+                cid = self._next_id
+            threading.Thread(target=self._handle, args=(sock, cid), name=f"zds-hello-{cid}", daemon=True).start()
+
+    def _handle(self, sock: socket.socket, cid: int) -> None:
+        conn = _Connection(sock, cid, self._forget)
+        try:
+            sock.settimeout(HELLO_TIMEOUT_S)
+            data = sock.recv(MAX_DATAGRAM)
+            sock.settimeout(None)
+            hello = zds_pb2.ZdsHello()
+            hello.ParseFromString(data)
+            if not data or hello.version != zds_pb2.V1:
+                log.warning("zds connection %d: no ZdsHello V1 (got %r), closing", cid, data[:32])
+                conn.close()
+                return
+        except (OSError, Exception) as exc:
+            log.warning("zds connection %d: hello failed: %s", cid, exc)
+            conn.close()
+            return
+        log.info("zds: ztunnel connected (connection %d), sending snapshot", cid)
+        conn.start_reader()
+        # Register and take the snapshot under the server lock, holding the connection's send lock: any add
+        # routed to this (newest) connection afterwards queues behind the snapshot.
+        conn.send_lock.acquire()
+        try:
+            with self._lock:
+                self._conns.append(conn)
+                entries = self._snapshot_source()
+            for entry in entries:
+                if entry.fd is not None:
+                    req = add_request(entry)
+                    fd: int | None = entry.fd
+                else:
+                    req = zds_pb2.WorkloadRequest(keep=zds_pb2.KeepWorkload(uid=entry.uid))
+                    fd = None
+                try:
+                    conn.request_locked(req, fd, self.ack_timeout_s)
+                except ZdsError as exc:
+                    log.warning("zds snapshot: pod %s: %s", entry.uid, exc.msg)
+                    if conn.closed:
+                        return
+            conn.request_locked(
+                zds_pb2.WorkloadRequest(snapshot_sent=zds_pb2.SnapshotSent()), None, self.ack_timeout_s
+            )
+            log.info("zds: snapshot of %d pods sent on connection %d", len(entries), cid)
+        except ZdsError as exc:
+            log.warning("zds connection %d: snapshot failed: %s", cid, exc.msg)
+        finally:
+            conn.send_lock.release()
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def add(self, entry: SnapshotEntry, timeout: float) -> None:
+        """AddWorkload with the netns fd to the newest connection; returns after the ack. Raises ZdsError."""
+        assert entry.fd is not None
+        with self._lock:
+            live = [c for c in self._conns if not c.closed]
+        if not live:
+            raise ZdsError(f"no ztunnel connected on {self.path}", retryable=True)
+        live[-1].request(add_request(entry), entry.fd, timeout)
+
+    def delete(self, uid: str, timeout: float | None = None) -> list[str]:
+        """DelWorkload to every connection; returns the errors (best effort, never raises)."""
+        with self._lock:
+            live = [c for c in self._conns if not c.closed]
+        errors = []
+        req = _del_request(uid)
+        for conn in live:
+            try:
+                conn.request(req, None, self.ack_timeout_s if timeout is None else timeout)
+            except ZdsError as exc:
+                errors.append(exc.msg)
+        return errors
+
+
+def _del_request(uid: str) -> zds_pb2.WorkloadRequest:
+    return zds_pb2.WorkloadRequest(**{"del": zds_pb2.DelWorkload(uid=uid)})

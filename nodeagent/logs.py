@@ -1,0 +1,71 @@
+"""Structured JSON-lines logging for the agent: stderr plus a size-capped ``<run_dir>/agent.log``.
+
+Call sites pass pod identity through ``pod_fields`` so every pod-related line carries namespace/name/uid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+LOGGER_NAME = "ambient-cni.agent"
+AGENT_LOG_NAME = "agent.log"
+AGENT_LOG_MAX_BYTES = 10 * 1024 * 1024
+AGENT_LOG_BACKUPS = 1
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, scope, msg and every extra field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "scope": getattr(record, "scope", "agent"),
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and key not in line and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info and record.exc_info[1] is not None:
+            line["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return json.dumps(line, default=str, separators=(",", ":"))
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def pod_fields(namespace: str, name: str, uid: str, **more: Any) -> dict[str, Any]:
+    return {"pod_namespace": namespace, "pod_name": name, "pod_uid": uid, **more}
+
+
+def setup(run_dir: str | None, level: str = "info", stream: Any = None) -> logging.Logger:
+    logger = get_logger()
+    logger.handlers.clear()
+    logger.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logger.propagate = False
+    formatter = JsonFormatter()
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    logger.addHandler(handler)
+    if run_dir:
+        file_handler = logging.handlers.RotatingFileHandler(
+            os.path.join(run_dir, AGENT_LOG_NAME), maxBytes=AGENT_LOG_MAX_BYTES, backupCount=AGENT_LOG_BACKUPS
+        )
+        file_handler.setFormatter(formatter)
+        logger.addHandler(file_handler)
+    return logger
+
+
+def emit(logger: logging.Logger, level: int, msg: str, fields: Mapping[str, Any] | None = None) -> None:
+    logger.log(level, msg, extra=dict(fields or {}))

@@ -1,0 +1,36 @@
+"""Prometheus metrics of the agent (one registry per agent instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ambient_cni_agent_requests",
+            "Plugin requests handled, by op and result (ok, not_enrolled, error, refused)",
+            ["op", "result"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ambient_cni_agent_request_seconds",
+            "Time from a complete request to the reply, by op",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.enrolled = Gauge("ambient_cni_agent_enrolled_pods", "Pods with an enrollment record", registry=self.registry)
+        self.reconcile = Counter(
+            "ambient_cni_agent_reconcile_actions",
+            "Reconcile actions taken (enroll, remove, reenroll, restore, failed)",
+            ["action"],
+            registry=self.registry,
+        )
+        self.snapshot_writes = Counter(
+            "ambient_cni_agent_snapshot_writes", "Enrollment snapshots written", registry=self.registry
+        )
+        self.plugin_log_lines = Counter(
+            "ambient_cni_agent_plugin_log_lines", "Plugin log lines re-emitted", registry=self.registry
+        )

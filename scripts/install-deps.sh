@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building, the demo and the tests need on a fresh Debian 12 machine (run as root).
+# Idempotent: packages already present are not reinstalled.
+set -euo pipefail
+APT_PACKAGES=(
+  containernetworking-plugins   # /usr/lib/cni: bridge, host-local, portmap, tuning, loopback
+  golang-go golang-github-appc-cni-dev   # the libcni test driver, built offline
+  iptables iproute2 procps psmisc
+  containerd runc               # the real runtime tests (issue 6)
+  hyperfine                     # benchmarks
+  build-essential               # static pause binary, PyInstaller bootloader deps
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: apt-get install ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,111 @@
+"""Shared fixtures: real network namespaces, temp CNI dirs, the frozen plugin and the libcni driver.
+
+Everything a fixture creates (netns, temp dirs) is removed in a ``finally``, also when the test fails.
+Fixtures that need build outputs fail (never skip) with the command that builds them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import netns as netns_mod
+from tests.harness.cni import make_bin_dir
+from tests.harness.netns import Netns
+from tests.harness.paths import require_driver, require_plugin
+
+
+@pytest.fixture(scope="session")
+def plugin_binary() -> Path:
+    """``dist/ambient-cni`` (fails the test with `make build` advice when missing)."""
+    return require_plugin()
+
+
+@pytest.fixture(scope="session")
+def driver_binary() -> Path:
+    """``tests/tools/bin/cnitool`` (fails the test with `make driver` advice when missing)."""
+    return require_driver()
+
+
+def _scratch_dir(prefix: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cni_bin_dir(plugin_binary: Path) -> Iterator[Path]:
+    """A temp CNI_PATH: symlinks to /usr/lib/cni/* plus ``ambient-cni`` -> dist/ambient-cni."""
+    for base in _scratch_dir("acpt-bin-"):
+        yield make_bin_dir(base / "bin", plugin_binary)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A temp dir removed after the test (pass or fail)."""
+    yield from _scratch_dir("acpt-")
+
+
+@pytest.fixture
+def conf_dir(scratch: Path) -> Path:
+    path = scratch / "net.d"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def cache_dir(scratch: Path) -> Path:
+    """libcni's result cache (CNI_CACHE_DIR); never /var/lib/cni."""
+    path = scratch / "cache"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def ipam_dir(scratch: Path) -> Path:
+    """host-local's dataDir; never /var/lib/cni/networks."""
+    path = scratch / "ipam"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def run_dir(scratch: Path) -> Path:
+    """The plugin's run_dir (snapshot, cni.sock, plugin.log, pods/); never /var/run/ambient-cni."""
+    path = scratch / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def netns_factory() -> Iterator[Callable[..., Netns]]:
+    """``make(prefix="acpt") -> Netns``: fresh netns with lo up; all removed after the test."""
+    created: list[str] = []
+
+    def make(prefix: str = "acpt", loopback_up: bool = True) -> Netns:
+        name = netns_mod.unique_name(prefix)
+        created.append(name)
+        return netns_mod.create(name, loopback_up)
+
+    try:
+        yield make
+    finally:
+        for name in reversed(created):
+            netns_mod.remove(name)
+
+
+@pytest.fixture
+def node_netns(netns_factory: Callable[..., Netns]) -> Netns:
+    """A netns that plays the node: run the driver inside it so bridges/routes/iptables stay out of the host."""
+    return netns_factory("acnode")
+
+
+@pytest.fixture
+def pod_netns(netns_factory: Callable[..., Netns]) -> Netns:
+    return netns_factory("acpod")
