@@ -19,7 +19,7 @@ deps: .deps.stamp
 	touch $@
 
 venv: $(VENV)/.stamp
-$(VENV)/.stamp: requirements.txt
+$(VENV)/.stamp: requirements.txt .deps.stamp
 	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt
 	touch $@

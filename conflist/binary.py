@@ -222,6 +222,12 @@ def sweep(bin_dir: str, keep: set[str]) -> list[str]:
     return removed
 
 
+def sweep_temps(bin_dir: str) -> list[str]:
+    """Remove temp copies and temp links a killed installer left behind (bundles stay)."""
+    installed = {e.name for e in os.scandir(bin_dir)} if os.path.isdir(bin_dir) else set()
+    return sweep(bin_dir, keep={n for n in installed if not n.startswith((TEMP_PREFIX, LINK_TEMP_PREFIX))})
+
+
 def _previous_bundle(bin_dir: str) -> str | None:
     try:
         target = os.readlink(os.path.join(bin_dir, EXECUTABLE))

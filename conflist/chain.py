@@ -141,7 +141,7 @@ def _effective_version(primary: Primary, default_cni_version: str | None) -> str
     if declared not in SUPPORTED_VERSIONS:
         raise ChainError(
             f"{primary.filename}: cniVersion {declared!r} cannot carry a chained plugin; "
-            f"ambient-cni speaks {', '.join(SUPPORTED_VERSIONS)}. Nothing was written"
+            f"ambient-cni speaks {', '.join(SUPPORTED_VERSIONS)}"
         )
     return declared
 

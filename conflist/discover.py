@@ -104,7 +104,9 @@ def containerd_dirs(doc: dict[str, Any]) -> tuple[str | None, str | None]:
             bins = cni.get("bin_dirs")
             if not binary and isinstance(bins, list) and bins and isinstance(bins[0], str):
                 binary = bins[0]
-            return (conf if isinstance(conf, str) and conf else None, binary if isinstance(binary, str) and binary else None)
+            conf = conf if isinstance(conf, str) and conf else None
+            binary = binary if isinstance(binary, str) and binary else None
+            return conf, binary
     return None, None
 
 

@@ -62,6 +62,9 @@ class AgentCore:
         self.metrics = metrics
         self.readiness = readiness or Readiness()
         self.locks = KeyedLocks()
+        # (container_id, ifname) whose dataplane state exists in this process (vs records from a previous run)
+        self.live_keys: set[tuple[str, str]] = set()
+        self.adding: set[tuple[str, str]] = set()  # (namespace, name) of ADDs in flight
         self._log = logs.get_logger()
         self.metrics.enrolled.set(self.store.count())
 
@@ -161,9 +164,23 @@ class AgentCore:
             service_account=pod.service_account if pod else "",
             netns_inode=inode,
         )
+        pod_key = (request.pod.namespace, request.pod.name)
+        self.adding.add(pod_key)
+        try:
+            return self._add_locked(request, work, deadline)
+        finally:
+            self.adding.discard(pod_key)
+
+    def _add_locked(self, request: wire.Request, work: PodWork, deadline: float) -> wire.Reply:
+        inode = work.netns_inode
         with self.locks.hold(request.container_id):
             existing = self.store.get(work.container_id, work.ifname)
-            if existing and existing.netns_inode == inode and existing.netns_path == request.netns:
+            if (
+                existing
+                and existing.netns_inode == inode
+                and existing.netns_path == request.netns
+                and existing.key in self.live_keys
+            ):
                 logs.emit(self._log, logging.INFO, "ADD: already enrolled (idempotent)", self._fields(request))
                 return wire.Reply(request.id, ok=True, enrolled=True)
             try:
@@ -225,7 +242,12 @@ class AgentCore:
     def enroll(self, work: PodWork, deadline: float, source: str) -> PodRecord:
         """dataplane.add then the durable record. Caller holds the container_id lock."""
         for old in self.store.by_uid(work.uid):
-            if old.key != (work.container_id, work.ifname):
+            if old.key == (work.container_id, work.ifname):
+                continue
+            if old.netns_inode == work.netns_inode:  # same netns under another key: the add below re-covers it
+                self.store.delete(*old.key)
+                self.live_keys.discard(old.key)
+            else:
                 self.unenroll(old, why="replaced by a new sandbox of the same pod")
         if time.monotonic() >= deadline:
             raise DataplaneError("no time left before the plugin's deadline", retryable=True)
@@ -243,6 +265,7 @@ class AgentCore:
                 source=source,
             )
         )
+        self.live_keys.add(record.key)
         self.metrics.enrolled.set(self.store.count())
         return record
 
@@ -254,6 +277,7 @@ class AgentCore:
             logs.emit(self._log, logging.WARNING, "dataplane remove failed; dropping the record anyway",
                       logs.pod_fields(record.namespace, record.name, record.uid, error=str(exc)))
         self.store.delete(*record.key)
+        self.live_keys.discard(record.key)
         self.metrics.enrolled.set(self.store.count())
         logs.emit(self._log, logging.INFO, "pod removed from the mesh",
                   logs.pod_fields(record.namespace, record.name, record.uid, reason=why,

@@ -19,7 +19,7 @@ AGENT_LOG_NAME = "agent.log"
 AGENT_LOG_MAX_BYTES = 10 * 1024 * 1024
 AGENT_LOG_BACKUPS = 1
 
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+RESERVED_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,7 +34,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _RESERVED and key not in line and not key.startswith("_"):
+            if key not in RESERVED_KEYS and key not in line and not key.startswith("_"):
                 line[key] = value
         if record.exc_info and record.exc_info[1] is not None:
             line["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
@@ -68,4 +68,9 @@ def setup(run_dir: str | None, level: str = "info", stream: Any = None) -> loggi
 
 
 def emit(logger: logging.Logger, level: int, msg: str, fields: Mapping[str, Any] | None = None) -> None:
-    logger.log(level, msg, extra=dict(fields or {}))
+    logger.log(level, msg, extra=safe_extra(fields or {}))
+
+
+def safe_extra(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Fields renamed where they would collide with LogRecord attributes (logging raises on those)."""
+    return {(f"field_{k}" if k in RESERVED_KEYS else k): v for k, v in fields.items()}

@@ -21,7 +21,9 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        self.enrolled = Gauge("ambient_cni_agent_enrolled_pods", "Pods with an enrollment record", registry=self.registry)
+        self.enrolled = Gauge(
+            "ambient_cni_agent_enrolled_pods", "Pods with an enrollment record", registry=self.registry
+        )
         self.reconcile = Counter(
             "ambient_cni_agent_reconcile_actions",
             "Reconcile actions taken (enroll, remove, reenroll, restore, failed)",

@@ -8,7 +8,9 @@ APT_PACKAGES=(
   iptables iproute2 procps psmisc
   containerd runc               # the real runtime tests (issue 6)
   hyperfine                     # benchmarks
-  build-essential               # static pause binary, PyInstaller bootloader deps
+  build-essential               # static pause binary (containerd tests)
+  python3-venv libpython3.11    # the project venv; PyInstaller needs the shared libpython
+  util-linux                    # nsenter
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

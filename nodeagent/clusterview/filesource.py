@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 
 from inotify_simple import INotify
 from inotify_simple import flags as iflags
@@ -21,6 +22,7 @@ from nodeagent.clusterview import statefile
 from nodeagent.clusterview.model import ViewHolder
 
 DEBOUNCE_S = 0.03
+WAKE_S = 0.25  # how often the watcher checks for stop
 POLL_S = 5.0  # safety net: re-read this often even without events (e.g. the directory was replaced)
 
 _WATCH_FLAGS = (
@@ -107,16 +109,20 @@ class FileClusterView(ViewHolder):
                 continue
             self.reload()  # catch changes between the first load and the watch
             try:
+                last = time.monotonic()
                 while not self._stop.is_set():
-                    events = inotify.read(timeout=int(POLL_S * 1000))
+                    events = inotify.read(timeout=int(WAKE_S * 1000))
                     if self._stop.is_set():
                         return
                     if any(e.mask & (iflags.DELETE_SELF | iflags.MOVE_SELF | iflags.IGNORED) for e in events):
                         break  # the directory went away: re-establish the watch
+                    if not events and time.monotonic() - last < POLL_S:
+                        continue
                     if events:
                         # coalesce a burst of events (write + rename) into one re-read
                         while inotify.read(timeout=int(DEBOUNCE_S * 1000)):
                             pass
+                    last = time.monotonic()
                     self.reload()
             except (OSError, ValueError):
                 if self._stop.is_set():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +47,7 @@ def make_api_client(kubeconfig: str | None) -> kclient.ApiClient:
         raise KubeConfigError(f"cannot load {source}: {exc}") from exc
 
 
-class _RawWatch(kwatch.Watch):  # type: ignore[misc]
+class _RawWatch(kwatch.Watch):
     """A Watch that yields raw JSON maps (we convert them ourselves; no model deserialization)."""
 
     def get_return_type(self, func: Any) -> Any:
@@ -80,7 +81,7 @@ class KubeClusterView(ViewHolder):
 
     def stop(self) -> None:
         self._stop.set()
-        for w in list(self._watches.values()):
+        for w in list(self._watches.values()):  # unblocks streams waiting for events
             w.stop()
         for thread in self._threads:
             thread.join(timeout=2)
@@ -137,18 +138,27 @@ class KubeClusterView(ViewHolder):
 
     # -- the loop -----------------------------------------------------------------------------------
     def _run(self, resource: str) -> None:
+        """list -> watch from its version; a broken watch resumes from the last version seen (no re-list);
+        410 Gone re-lists at once; failures back off exponentially (capped)."""
         backoff = BACKOFF_START_S
+        rv: str | None = None
         while not self._stop.is_set():
             try:
-                rv = self._list(resource)
-                backoff = BACKOFF_START_S
-                while not self._stop.is_set():
-                    rv = self._watch_once(resource, rv)
+                if rv is None:
+                    rv = self._list(resource)
+                    backoff = BACKOFF_START_S
+                started = time.monotonic()
+                rv = self._watch_once(resource, rv)
+                if time.monotonic() - started > 1.0:
+                    backoff = BACKOFF_START_S
+                    continue
+                # a watch that ended at once (a proxy, a misbehaving server): back off instead of spinning
             except ApiException as exc:
                 if self._stop.is_set():
                     return
                 if exc.status == 410:
                     self.relists += 1
+                    rv = None
                     logs.emit(self._log, logging.INFO, "watch resource version expired (410 Gone); re-listing",
                               {"resource": resource})
                     continue
@@ -169,6 +179,7 @@ class KubeClusterView(ViewHolder):
                   {"resource": resource, "error": error})
 
     def _watch_once(self, resource: str, rv: str) -> str:
+        """One watch request; returns the last resourceVersion seen (the server ends it at its timeout)."""
         w = _RawWatch()
         self._watches[resource] = w
         try:

@@ -18,7 +18,7 @@ from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, Family, RuleParams
 from nodeagent.dataplane.zds_server import SnapshotEntry, ZdsError, ZdsServer
 
-log = logging.getLogger("ambient_cni.dataplane")
+log = logging.getLogger("ambient-cni.agent.dataplane")  # a child of the agent logger: lands in agent.log
 
 
 def families_of(ips: tuple[str, ...]) -> list[Family]:
@@ -178,7 +178,19 @@ class InPodDataplane:
             if not same_netns:
                 log.info("pod %s: netns replaced (inode %d -> %d)", key, previous.handle.inode, handle.inode)
             previous.handle.close()
-        log.debug("pod %s enrolled: rules %.1f ms, total %.1f ms", key, t_rules * 1e3, (time.monotonic() - t0) * 1e3)
+        log.info(
+            "redirection installed, netns handed to ztunnel",
+            extra={
+                "scope": "dataplane",
+                "pod_namespace": pod.namespace,
+                "pod_name": pod.name,
+                "pod_uid": pod.uid,
+                "netns": pod.netns_path,
+                "netns_inode": handle.inode,
+                "rules_ms": round(t_rules * 1e3, 1),
+                "total_ms": round((time.monotonic() - t0) * 1e3, 1),
+            },
+        )
         return handle.inode
 
     def _undo(self, handle: netns.NetnsHandle, families: list[Family]) -> None:

@@ -84,7 +84,8 @@ def remove(families: list[Family], p: RuleParams = DEFAULT_PARAMS) -> None:
             for _ in _our_routes(ipr, fam, p):
                 try:
                     ipr.route(
-                        "del", family=_af(fam), dst=dst, type="local", oif=LO_INDEX, table=p.route_table
+                        "del", family=_af(fam), dst=dst, type="local", oif=LO_INDEX, table=p.route_table,
+                        scope=RT_SCOPE_HOST,
                     )
                 except NetlinkError:
                     pass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from nodeagent.dataplane import zds_pb2
 
-log = logging.getLogger("ambient_cni.dataplane.zds")
+log = logging.getLogger("ambient-cni.agent.zds")
 
 MAX_DATAGRAM = 1024  # ztunnel's receive buffer: bigger messages are an error there
 HELLO_TIMEOUT_S = 5.0

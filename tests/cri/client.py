@@ -50,8 +50,7 @@ class PodSpec:
             labels=labels,
             annotations=dict(self.annotations),
             port_mappings=[
-                api_pb2.PortMapping(protocol=api_pb2.TCP, container_port=c, host_port=h)
-                for c, h in self.port_mappings
+                api_pb2.PortMapping(protocol=api_pb2.TCP, container_port=c, host_port=h) for c, h in self.port_mappings
             ],
             linux=api_pb2.LinuxPodSandboxConfig(
                 cgroup_parent=self.cgroup_parent,

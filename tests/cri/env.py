@@ -45,6 +45,13 @@ LIBCNI_CACHE = Path("/var/lib/cni")  # containerd 1.6 leaves libcni's cache dir 
 SHIM_SOCKET_DIR = Path("/run/containerd/s")  # containerd 1.6 hard-codes the shim socket root
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
+# containerd gets a service manager's clean environment, not the test runner's (which would leak PYTHONPATH,
+# AMBIENT_CNI_* and the like into every CNI plugin it execs)
+DAEMON_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+}
 
 
 class EnvError(RuntimeError):
@@ -265,6 +272,7 @@ def up(startup_timeout: float = 60.0) -> CriEnv:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                env=DAEMON_ENV,
             )
         env.pid = proc.pid
         _state_file(env).write_text(json.dumps(asdict(env)))
@@ -408,7 +416,8 @@ def _stop_process_group(pid: int, timeout: float = 15.0) -> None:
 def down(env: CriEnv) -> list[str]:
     """Tear ``env`` down completely. Never raises; returns a list of what could not be cleaned (for logs)."""
     problems: list[str] = []
-    sandbox_ids, netns_paths = set(), set()
+    sandbox_ids: set[str] = set()
+    netns_paths: set[str] = set()
     try:
         sandbox_ids, netns_paths = _remove_sandboxes(env)
     except Exception as err:
@@ -476,8 +485,18 @@ def main(argv: list[str]) -> int:
         except EnvError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        print(json.dumps({**asdict(env), "socket": env.socket, "conf_dir": str(env.conf_dir),
-                          "bin_dir": str(env.bin_dir), "log": str(env.log)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    **asdict(env),
+                    "socket": env.socket,
+                    "conf_dir": str(env.conf_dir),
+                    "bin_dir": str(env.bin_dir),
+                    "log": str(env.log),
+                },
+                indent=2,
+            )
+        )
         print(f"# try: ctr --address {env.socket} -n k8s.io images ls", file=sys.stderr)
         return 0
     if cmd == "down":

@@ -1,0 +1,1 @@
+"""Companion installer: chain ambient-cni into the node conflist and keep it there."""

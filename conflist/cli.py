@@ -1,0 +1,197 @@
+"""``ambient-cni install`` and ``ambient-cni uninstall``. Every flag is also read from ``AMBIENT_CNI_<FLAG>``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from cni_plugin.config import DEFAULT_RUN_DIR, PLUGIN_TYPE
+from conflist import logs
+from conflist.chain import plugin_entry
+from conflist.discover import CONTAINERD_CONFIG, CRIO_CONFIG, resolve_dirs
+from conflist.installer import DEFAULT_OWNED_NAME, Installer, InstallError, Options
+
+log = logging.getLogger("ambient_cni.install")
+FC = TypeVar("FC", bound=Callable[..., Any])
+READY_NAME = "install.ready"
+DISABLED = "none"  # an empty env var counts as unset in click, so env users disable files with this word
+
+
+def _opt(flag: str, **kwargs: Any) -> Callable[[FC], FC]:
+    env = "AMBIENT_CNI_" + flag.lstrip("-").split("/")[0].replace("-", "_").upper()
+    return click.option(flag, envvar=env, show_envvar=True, **kwargs)
+
+
+def _common(func: FC) -> FC:
+    for decorator in reversed(
+        [
+            _opt("--conf-dir", default=None, help="CNI conf dir [containerd/CRI-O config, else /etc/cni/net.d]"),
+            _opt("--bin-dir", default=None, help="CNI bin dir [containerd/CRI-O config, else /opt/cni/bin]"),
+            _opt("--mode", type=click.Choice(["owned", "inplace"]), default="owned", show_default=True,
+                 help="owned: write our own first-sorting conflist; inplace: edit the primary file"),
+            _opt("--owned-file-name", default=DEFAULT_OWNED_NAME, show_default=True,
+                 help="Name of the owned conflist (a fallback that sorts first is used if needed)"),
+            _opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True,
+                 help="Agent run dir (plugin entry key run_dir); holds the readiness file by default"),
+            _opt("--ready-file", default=None, help="Readiness file, present only while installed and valid "
+                 "[<run-dir>/install.ready]; '' or 'none' disables it"),
+            _opt("--containerd-config", default=CONTAINERD_CONFIG, show_default=True,
+                 help="containerd config read for conf_dir/bin_dir"),
+            _opt("--crio-config", default=CRIO_CONFIG, show_default=True,
+                 help="CRI-O config (and its .d drop-ins) read for network_dir/plugin_dirs"),
+            _opt("--installer-log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+                 default="info", show_default=True, help="Verbosity of the installer's own stderr log"),
+        ]
+    ):
+        func = decorator(func)
+    return func
+
+
+def _ready_file(ready_file: str | None, run_dir: str) -> str | None:
+    if ready_file is None:
+        return os.path.join(run_dir, READY_NAME)
+    return None if ready_file in ("", DISABLED) else ready_file
+
+
+def _file_mode(value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an octal mode like 0600", param_hint="--file-mode") from None
+    if not 0 <= mode <= 0o777:
+        raise click.BadParameter(f"{value!r} is out of range", param_hint="--file-mode")
+    return mode
+
+
+def build_entry(
+    run_dir: str,
+    exclude_namespaces: str,
+    agent_pod_namespace: str,
+    agent_pod_name_prefix: str,
+    deadline_ms: int,
+    log_level: str,
+    log_file: str | None,
+) -> dict[str, Any]:
+    """Validate the plugin settings with the plugin's own model and return our conflist entry."""
+    from pydantic import ValidationError
+
+    from cni_plugin.config import PluginConfig
+
+    values: dict[str, Any] = {
+        "run_dir": run_dir,
+        "exclude_namespaces": [n.strip() for n in exclude_namespaces.split(",") if n.strip()],
+        "agent_pod_namespace": agent_pod_namespace,
+        "agent_pod_name_prefix": agent_pod_name_prefix,
+        "deadline_ms": deadline_ms,
+        "log_level": log_level,
+    }
+    if log_file is not None:
+        values["log_file"] = "" if log_file == DISABLED else log_file
+    try:
+        config = PluginConfig.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise click.UsageError(f"invalid plugin setting: {problems}") from None
+    entry = plugin_entry(config.model_dump())
+    assert entry["type"] == PLUGIN_TYPE
+    return entry
+
+
+@click.command("install")
+@_common
+@_opt("--once", is_flag=True, default=False, help="One pass, then exit (0 when installed and valid)")
+@_opt("--exclude-namespaces", default="kube-system", show_default=True,
+      help="Comma-separated namespaces never enrolled (plugin entry key exclude_namespaces)")
+@_opt("--agent-pod-namespace", default="istio-system", show_default=True, help="Namespace of the agent's pods")
+@_opt("--agent-pod-name-prefix", default="ambient-cni-node-", show_default=True,
+      help="Name prefix of the agent's pods (always admitted)")
+@_opt("--deadline-ms", type=int, default=5000, show_default=True, help="Plugin's bound on one agent round trip")
+@_opt("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
+      help="Plugin log level (plugin entry key log_level)")
+@_opt("--log-file", default=None, help='Plugin log file [<run-dir>/plugin.log]; "" or "none" disables it')
+@_opt("--file-mode", default="0600", show_default=True, help="Mode of the owned conflist (inplace keeps the primary's)")
+@_opt("--source", default=None, help="Plugin bundle dir to install [the running bundle, or dist/ambient-cni.bundle]")
+@_opt("--skip-binary", is_flag=True, default=False, help="Do not install or watch the plugin binary")
+@_opt("--default-cni-version", default=None,
+      help="cniVersion for a primary that declares none (libcni would run it as 0.1.0, which cannot chain)")
+@_opt("--fight-limit", type=int, default=5, show_default=True,
+      help="Repairs within --fight-window before warning and backing off")
+@_opt("--fight-window", type=float, default=10.0, show_default=True, help="Seconds (see --fight-limit)")
+@_opt("--fight-backoff", type=float, default=1.0, show_default=True, help="Seconds between repairs when fighting")
+def install_cmd(**kw: Any) -> None:
+    """Install the plugin binary and chain it into the node's conflist; watch and repair (default)."""
+    logs.setup(kw["installer_log_level"])
+    dirs = resolve_dirs(kw["conf_dir"], kw["bin_dir"], kw["containerd_config"], kw["crio_config"])
+    entry = build_entry(kw["run_dir"], kw["exclude_namespaces"], kw["agent_pod_namespace"],
+                        kw["agent_pod_name_prefix"], kw["deadline_ms"], kw["log_level"], kw["log_file"])
+    if kw["default_cni_version"] is not None:
+        from cni_plugin.versions import SUPPORTED_VERSIONS
+
+        if kw["default_cni_version"] not in SUPPORTED_VERSIONS:
+            raise click.BadParameter(f"must be one of {', '.join(SUPPORTED_VERSIONS)}",
+                                     param_hint="--default-cni-version")
+    from conflist.binary import default_source
+
+    options = Options(
+        conf_dir=dirs.conf_dir,
+        bin_dir=dirs.bin_dir,
+        entry=entry,
+        mode=kw["mode"],
+        owned_file_name=kw["owned_file_name"],
+        file_mode=_file_mode(kw["file_mode"]),
+        source=None if kw["skip_binary"] else (kw["source"] or default_source()),
+        ready_file=_ready_file(kw["ready_file"], kw["run_dir"]),
+        default_cni_version=kw["default_cni_version"],
+    )
+    log.info("conf_dir=%s bin_dir=%s (from %s) mode=%s", dirs.conf_dir, dirs.bin_dir, dirs.source, options.mode)
+    installer = Installer(options)
+    try:
+        if kw["once"]:
+            outcome = installer.run_pass(full_binary_check=True)
+            if outcome.wrote or outcome.removed:
+                log.info("wrote=%s removed=%s", ",".join(outcome.wrote) or "-", ",".join(outcome.removed) or "-")
+            if not outcome.valid:
+                raise click.ClickException(outcome.reason)
+            log.info("installed and valid: config=%s primary=%s", outcome.config, outcome.primary)
+            return
+        from conflist.watch import Watcher
+
+        watcher = Watcher(installer, fight_limit=kw["fight_limit"], fight_window_s=kw["fight_window"],
+                          backoff_s=kw["fight_backoff"])
+        watcher.install_signal_handlers()
+        try:
+            raise SystemExit(watcher.run())
+        finally:
+            watcher.close()
+    except InstallError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+
+
+@click.command("uninstall")
+@_common
+def uninstall_cmd(**kw: Any) -> None:
+    """Remove the plugin from the conflist (owned file removed, inplace primary restored), then its binary."""
+    logs.setup(kw["installer_log_level"])
+    dirs = resolve_dirs(kw["conf_dir"], kw["bin_dir"], kw["containerd_config"], kw["crio_config"])
+    options = Options(
+        conf_dir=dirs.conf_dir,
+        bin_dir=dirs.bin_dir,
+        entry={"type": PLUGIN_TYPE},
+        mode=kw["mode"],
+        owned_file_name=kw["owned_file_name"],
+        ready_file=_ready_file(kw["ready_file"], kw["run_dir"]),
+    )
+    try:
+        outcome = Installer(options).uninstall()
+    except OSError as exc:
+        raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+    log.info(
+        "uninstalled: wrote=%s removed=%s binary=%s", ",".join(outcome.wrote) or "-",
+        ",".join(outcome.removed) or "-", "removed" if outcome.binary_changed else "absent",
+    )

@@ -1,0 +1,379 @@
+"""One install pass, the validity check, and uninstall (effects; the decisions come from ``chain``).
+
+Modes:
+
+* ``owned`` (default): write our own first-sorting conflist = the primary's plugins + ours last; the primary is
+  never touched. If another config sorts before the configured name, a name that sorts first is chosen from
+  ``FALLBACK_PREFIXES`` and the old file is removed after the new one is in place (never a gap).
+* ``inplace``: rewrite the primary itself (a ``.conf``/``.json`` becomes ``<stem>.conflist``, written before the
+  single file is removed). Its original bytes are kept in ``<conf_dir>/.ambient-cni/<name>.orig.json`` (a
+  directory, which runtimes skip) so that uninstall puts them back byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from conflist import atomic, binary
+from conflist.chain import (
+    ChainError,
+    Primary,
+    build_chain,
+    parse_primary,
+    remove_ours,
+    serialise,
+)
+from conflist.discover import Scan, scan
+
+log = logging.getLogger("ambient_cni.install")
+
+Mode = Literal["owned", "inplace"]
+OWNED_SUFFIX = "ambient-cni.conflist"
+DEFAULT_OWNED_NAME = "00-" + OWNED_SUFFIX
+FALLBACK_PREFIXES = ("00-", "0-", "-", "!")
+BACKUP_DIR = ".ambient-cni"
+
+
+class InstallError(Exception):
+    """Installation cannot proceed; the message is for the operator."""
+
+
+@dataclass(frozen=True)
+class Options:
+    conf_dir: str
+    bin_dir: str
+    entry: Mapping[str, Any]
+    mode: Mode = "owned"
+    owned_file_name: str = DEFAULT_OWNED_NAME
+    file_mode: int = 0o600
+    source: str | None = None  # bundle dir; None = do not manage the binary
+    ready_file: str | None = None
+    default_cni_version: str | None = None
+
+    def owned_names(self) -> set[str]:
+        return {self.owned_file_name, *(p + OWNED_SUFFIX for p in FALLBACK_PREFIXES)}
+
+
+@dataclass
+class Outcome:
+    """What one pass found and did."""
+
+    valid: bool
+    reason: str = ""  # why not valid
+    wrote: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    binary_changed: bool = False
+    config: str | None = None  # the file carrying our chain
+    primary: str | None = None
+
+
+def owned_name_for(primary_name: str, configured: str) -> str:
+    """The owned file name: the configured one when it sorts before the primary, else the first fallback that
+    does (byte order, as the runtime sorts)."""
+    for candidate in (configured, *(p + OWNED_SUFFIX for p in FALLBACK_PREFIXES)):
+        if candidate.encode() < primary_name.encode():
+            return candidate
+    raise ChainError(
+        f"{primary_name}: no owned file name sorts before it; pass --owned-file-name with a name that does"
+    )
+
+
+def _as_list_without_ours(primary: Primary) -> dict[str, Any]:
+    """The primary's content as a list without our entries: what 'the same primary' means across rewrites."""
+    if primary.is_list:
+        return remove_ours(primary.doc)
+    inner = {k: v for k, v in primary.doc.items() if k != "cniVersion"}
+    return {"cniVersion": primary.doc.get("cniVersion"), "name": primary.doc.get("name"), "plugins": [inner]}
+
+
+def _mode_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return None
+
+
+class Installer:
+    """Keeps the state that spans passes (the last primary seen) and performs passes."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.last_primary: str | None = None
+        self.manifest: binary.Manifest | None = None
+        self._held_reason: str | None = None
+
+    # ---- binary -------------------------------------------------------------------------------------------
+    def load_manifest(self) -> binary.Manifest | None:
+        if self.options.source is None:
+            return None
+        if self.manifest is None:
+            source = self.options.source
+            if not os.path.isdir(source):
+                raise InstallError(f"no plugin bundle at {source}: run 'make build' or pass --source")
+            try:
+                self.manifest = binary.compute_manifest(source)
+            except binary.BinaryError as exc:
+                raise InstallError(str(exc)) from None
+        return self.manifest
+
+    def _binary_pass(self, full: bool) -> tuple[bool, str | None]:
+        manifest = self.load_manifest()
+        if manifest is None or self.options.source is None:
+            return False, None
+        with contextlib.suppress(OSError):
+            binary.sweep_temps(self.options.bin_dir)
+        reason = binary.status(self.options.bin_dir, manifest, full=full)
+        if reason is None:
+            return False, None
+        log.info("installing plugin binary: %s", reason)
+        try:
+            changed = binary.install(self.options.bin_dir, self.options.source, manifest)
+        except (OSError, binary.BinaryError) as exc:
+            return False, f"binary install failed: {exc}"
+        log.info("plugin binary ready: %s -> %s", os.path.join(self.options.bin_dir, binary.EXECUTABLE),
+                 binary.link_target(manifest))
+        return changed, binary.status(self.options.bin_dir, manifest, full=False)
+
+    # ---- config -------------------------------------------------------------------------------------------
+    def _held(self, listing: Scan, exclude: set[str]) -> str | None:
+        """When the primary we chained last is still there but invalid now (e.g. a non-atomic foreign write in
+        progress), hold: keep our chain as it is instead of jumping to the next valid file."""
+        last = self.last_primary
+        if last and last in listing.invalid and last not in exclude:
+            return f"primary {listing.invalid[last]}; keeping the chain built from its last valid content"
+        return None
+
+    def _config_pass_owned(self, listing: Scan, out: Outcome) -> None:
+        opts = self.options
+        ours = opts.owned_names()
+        present = [n for n in listing.names if n in ours]
+        held = self._held(listing, ours)
+        if held:
+            out.reason = held
+            return
+        primary = listing.first_valid(exclude=lambda n: n in ours)
+        if primary is None:
+            out.reason = f"waiting for a primary CNI config in {opts.conf_dir} (no valid *.conf/*.conflist/*.json)"
+            return
+        out.primary = primary.filename
+        self.last_primary = primary.filename
+        name = owned_name_for(primary.filename, opts.owned_file_name)
+        data = serialise(build_chain(primary, opts.entry, opts.default_cni_version))
+        path = os.path.join(opts.conf_dir, name)
+        if atomic.write_atomic(path, data, opts.file_mode):
+            out.wrote.append(name)
+        for stale in present:
+            if stale != name and atomic.remove(os.path.join(opts.conf_dir, stale)):
+                out.removed.append(stale)
+        out.config = name
+
+    def _backup_path(self, name: str) -> str:
+        return os.path.join(self.options.conf_dir, BACKUP_DIR, name + ".orig.json")
+
+    def _read_backup(self, name: str) -> tuple[str, bytes] | None:
+        raw = atomic.read_bytes(self._backup_path(name))
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+            return str(doc["name"]), str(doc["content"]).encode("utf-8")
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _backup_matches(self, backup: tuple[str, bytes] | None, current: Primary) -> bool:
+        if backup is None:
+            return False
+        try:
+            original = parse_primary(backup[0], backup[1])
+        except ChainError:
+            return False
+        before, now = _as_list_without_ours(original), _as_list_without_ours(current)
+        if before.get("cniVersion") is None:  # chained with --default-cni-version: the version was ours
+            before.pop("cniVersion", None)
+            now.pop("cniVersion", None)
+        return before == now
+
+    def _write_backup(self, target: str, name: str, content: bytes) -> None:
+        directory = os.path.join(self.options.conf_dir, BACKUP_DIR)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        doc = {"name": name, "content": content.decode("utf-8")}
+        atomic.write_atomic(self._backup_path(target), serialise(doc), 0o600)
+
+    def _config_pass_inplace(self, listing: Scan, out: Outcome) -> None:
+        opts = self.options
+        ours = opts.owned_names()
+        held = self._held(listing, ours)
+        if held:
+            out.reason = held
+            return
+        primary = listing.first_valid(exclude=lambda n: n in ours)
+        if primary is None:
+            out.reason = f"waiting for a primary CNI config in {opts.conf_dir} (no valid *.conf/*.conflist/*.json)"
+            return
+        out.primary = primary.filename
+        stem, _ext = os.path.splitext(primary.filename)
+        target = primary.filename if primary.is_list else stem + ".conflist"
+        self.last_primary = target
+        path = os.path.join(opts.conf_dir, primary.filename)
+        current = atomic.read_bytes(path) or b""
+        original_primary = primary
+        if primary.is_list:
+            original_primary = Primary(primary.filename, True, remove_ours(primary.doc))
+        chained = build_chain(original_primary, opts.entry, opts.default_cni_version)
+        data = serialise(chained)
+        mode = _mode_of(path) or opts.file_mode
+        if primary.is_list and primary.doc == chained:
+            out.config = target  # already chained (maybe formatted by someone else): leave it alone
+            self._ensure_backup(target, primary, current)
+            return
+        self._ensure_backup(target, primary, current)
+        if atomic.write_atomic(os.path.join(opts.conf_dir, target), data, mode):
+            out.wrote.append(target)
+        if target != primary.filename and atomic.remove(path):
+            out.removed.append(primary.filename)
+        for stale in (n for n in listing.names if n in ours):
+            if atomic.remove(os.path.join(opts.conf_dir, stale)):
+                out.removed.append(stale)
+        out.config = target
+
+    def _ensure_backup(self, target: str, primary: Primary, current: bytes) -> None:
+        backup = self._read_backup(target)
+        if self._backup_matches(backup, primary):
+            return
+        if primary.is_list and any(p.get("type") == self.options.entry["type"] for p in primary.doc["plugins"]):
+            content = serialise(remove_ours(primary.doc))  # best effort: the pre-chain bytes are unknown
+        else:
+            content = current
+        self._write_backup(target, primary.filename, content)
+
+    # ---- validity -----------------------------------------------------------------------------------------
+    def check(self) -> Outcome:
+        """Installed and valid: the runtime's first valid config is the file we want, with the exact content we
+        would write; the binary runs a verified copy of the bundle."""
+        opts = self.options
+        listing = scan(opts.conf_dir)
+        ours = opts.owned_names()
+        primary = listing.first_valid(exclude=lambda n: n in ours)
+        first = listing.first_valid_name()
+        if primary is None:
+            return Outcome(False, "no primary config")
+        try:
+            if opts.mode == "owned":
+                name = owned_name_for(primary.filename, opts.owned_file_name)
+                want = serialise(build_chain(primary, opts.entry, opts.default_cni_version))
+                base = primary
+            else:
+                name = primary.filename
+                base = Primary(primary.filename, True, remove_ours(primary.doc)) if primary.is_list else primary
+                chained = build_chain(base, opts.entry, opts.default_cni_version)
+                if not (primary.is_list and primary.doc == chained):
+                    return Outcome(False, f"{name} does not carry our entry last", primary=primary.filename)
+                want = None
+        except ChainError as exc:
+            return Outcome(False, str(exc), primary=primary.filename)
+        if first != name:
+            return Outcome(False, f"{first} sorts before {name}", primary=primary.filename)
+        if want is not None and atomic.read_bytes(os.path.join(opts.conf_dir, name)) != want:
+            return Outcome(False, f"{name} differs from the chain of {base.filename}", primary=primary.filename)
+        if self.manifest is not None and (reason := binary.status(opts.bin_dir, self.manifest)) is not None:
+            return Outcome(False, reason, config=name, primary=primary.filename)
+        return Outcome(True, config=name, primary=primary.filename)
+
+    # ---- passes -------------------------------------------------------------------------------------------
+    def run_pass(self, full_binary_check: bool = False) -> Outcome:
+        """Install or repair whatever is missing, then check. Writes nothing when everything is in place."""
+        opts = self.options
+        if not os.path.isdir(opts.conf_dir):
+            raise InstallError(f"conf dir {opts.conf_dir} does not exist (it is never created or removed by us)")
+        out = Outcome(False)
+        atomic.sweep_temps(opts.conf_dir)
+        out.binary_changed, binary_problem = self._binary_pass(full_binary_check)
+        listing = scan(opts.conf_dir)
+        try:
+            if opts.mode == "owned":
+                self._config_pass_owned(listing, out)
+            else:
+                self._config_pass_inplace(listing, out)
+        except ChainError as exc:
+            out.reason = f"{exc} (nothing written)"
+        except OSError as exc:
+            out.reason = f"writing in {opts.conf_dir} failed: {exc}"
+        if out.reason:
+            self.set_ready(False)
+            return out
+        checked = self.check()
+        checked.wrote, checked.removed, checked.binary_changed = out.wrote, out.removed, out.binary_changed
+        if binary_problem and checked.valid:
+            checked.valid, checked.reason = False, binary_problem
+        self.set_ready(checked.valid, checked)
+        return checked
+
+    def set_ready(self, ready: bool, outcome: Outcome | None = None) -> None:
+        path = self.options.ready_file
+        if not path:
+            return
+        if ready and outcome is not None:
+            doc = {"config": outcome.config, "primary": outcome.primary, "mode": self.options.mode,
+                   "bundle": self.manifest.dir_name if self.manifest else None}
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                atomic.write_atomic(path, serialise(doc), 0o644)
+        else:
+            with contextlib.suppress(OSError):
+                atomic.remove(path)
+
+    # ---- uninstall ----------------------------------------------------------------------------------------
+    def uninstall(self) -> Outcome:
+        """Config first (owned files removed, chained primaries restored), readiness, binary last."""
+        opts = self.options
+        out = Outcome(True)
+        self.set_ready(False)
+        if os.path.isdir(opts.conf_dir):
+            atomic.sweep_temps(opts.conf_dir)
+            listing = scan(opts.conf_dir)
+            for name in listing.names:
+                if name in opts.owned_names():
+                    if atomic.remove(os.path.join(opts.conf_dir, name)):
+                        out.removed.append(name)
+                    continue
+                primary = listing.valid.get(name)
+                if primary is not None and primary.is_list:
+                    self._restore(primary, out)
+            backups = os.path.join(opts.conf_dir, BACKUP_DIR)
+            if os.path.isdir(backups):
+                for leftover in os.listdir(backups):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(backups, leftover))
+                with contextlib.suppress(OSError):
+                    os.rmdir(backups)
+        if opts.source is not None or os.path.lexists(os.path.join(opts.bin_dir, binary.EXECUTABLE)):
+            out.binary_changed = binary.uninstall(opts.bin_dir)
+        return out
+
+    def _restore(self, primary: Primary, out: Outcome) -> None:
+        opts = self.options
+        plugins = primary.doc["plugins"]
+        if not any(isinstance(p, dict) and p.get("type") == opts.entry["type"] for p in plugins):
+            return
+        path = os.path.join(opts.conf_dir, primary.filename)
+        mode = _mode_of(path) or opts.file_mode
+        backup = self._read_backup(primary.filename)
+        if self._backup_matches(backup, primary) and backup is not None:
+            original_name, content = backup
+            atomic.write_atomic(os.path.join(opts.conf_dir, original_name), content, mode)
+            out.wrote.append(original_name)
+            if original_name != primary.filename and atomic.remove(path):
+                out.removed.append(primary.filename)
+            return
+        stripped = remove_ours(primary.doc)
+        if stripped.get("plugins"):
+            atomic.write_atomic(path, serialise(stripped), mode)
+            out.wrote.append(primary.filename)
+        elif atomic.remove(path):  # held nothing but our entry
+            out.removed.append(primary.filename)

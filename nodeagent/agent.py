@@ -1,0 +1,165 @@
+"""Composition root of the node agent: builds the parts, runs until SIGTERM/SIGINT, shuts down in order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from types import FrameType
+
+from cni_plugin.enrollment import Exemptions
+from nodeagent import logs
+from nodeagent.clusterview.model import ClusterView
+from nodeagent.core import AgentCore, Readiness
+from nodeagent.dataplane.api import Dataplane, RecordingDataplane
+from nodeagent.health import HealthServer
+from nodeagent.metrics import Metrics
+from nodeagent.plugin_logs import PluginLogTailer
+from nodeagent.reconcile import Reconciler
+from nodeagent.server import SocketServer
+from nodeagent.snapshot_writer import SnapshotPublisher
+from nodeagent.store import PodStore
+
+
+class AgentError(Exception):
+    """A start-up problem reported to the user as one clear line."""
+
+
+@dataclass
+class AgentConfig:
+    run_dir: str = "/var/run/ambient-cni"
+    state_dir: str = "/var/lib/ambient-cni"
+    cluster_state: str | None = None
+    kubeconfig: str | None = None
+    node_name: str = ""
+    zds_socket: str = "/var/run/ztunnel/ztunnel.sock"
+    health_addr: str = "127.0.0.1:8000"
+    dataplane: str = "inpod"
+    exclude_namespaces: tuple[str, ...] = ("kube-system",)
+    agent_pod_namespace: str = "istio-system"
+    agent_pod_name_prefix: str = "ambient-cni-node-"
+    reconcile_interval: float = 30.0
+    log_level: str = "info"
+    drain_timeout: float = 10.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def exemptions(self) -> Exemptions:
+        return Exemptions(
+            exclude_namespaces=tuple(self.exclude_namespaces),
+            agent_pod_namespace=self.agent_pod_namespace,
+            agent_pod_name_prefix=self.agent_pod_name_prefix,
+        )
+
+
+def make_view(config: AgentConfig) -> ClusterView:
+    if config.cluster_state:
+        from nodeagent.clusterview.filesource import FileClusterView
+
+        return FileClusterView(config.cluster_state, config.node_name)
+    from nodeagent.clusterview.kubesource import KubeClusterView, KubeConfigError, make_api_client
+
+    try:
+        return KubeClusterView(make_api_client(config.kubeconfig), config.node_name)
+    except KubeConfigError as exc:
+        raise AgentError(str(exc)) from exc
+
+
+def make_dataplane(config: AgentConfig) -> Dataplane:
+    if config.dataplane == "record":
+        return RecordingDataplane()
+    try:
+        from nodeagent.dataplane.inpod import InPodDataplane  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise AgentError(f"the inpod dataplane is not available in this build ({exc}); use --dataplane record") from exc
+    try:
+        dataplane: Dataplane = InPodDataplane(config.zds_socket)
+    except OSError as exc:
+        raise AgentError(f"cannot start the inpod dataplane on {config.zds_socket}: {exc.strerror or exc}") from exc
+    return dataplane
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.stop_requested = threading.Event()
+        self.log = logs.get_logger()
+
+    def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
+        logs.emit(self.log, logging.INFO, "stop requested", {"signal": signal.Signals(signum).name})
+        self.stop_requested.set()
+
+    def run(self) -> int:
+        config = self.config
+        from nodeagent.server import ServerError, prepare_run_dir
+        from nodeagent.store import StoreError
+
+        try:
+            prepare_run_dir(config.run_dir)
+        except (ServerError, OSError) as exc:
+            raise AgentError(f"cannot prepare run dir {config.run_dir}: {exc}") from exc
+        logs.setup(config.run_dir, config.log_level)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        metrics = Metrics()
+        try:
+            store = PodStore(config.state_dir)
+        except (StoreError, OSError) as exc:
+            raise AgentError(str(exc)) from exc
+        view = make_view(config)
+        dataplane = make_dataplane(config)
+        readiness = Readiness()
+        core = AgentCore(view, store, dataplane, config.exemptions, metrics, readiness)
+        publisher = SnapshotPublisher(config.run_dir, config.node_name, config.exemptions, view.state, view.synced)
+        readiness.snapshot_published = lambda: publisher.published
+        reconciler = Reconciler(core, config.run_dir, config.reconcile_interval)
+
+        def on_view_change(state: object) -> None:
+            publisher.notify()
+            reconciler.trigger()
+
+        view.subscribe(on_view_change)
+        server = SocketServer(config.run_dir, core)
+        from nodeagent.health import HealthError
+        from nodeagent.server import ServerError as _ServerError
+
+        try:
+            health = HealthServer(config.health_addr, core.ready, metrics, store)
+        except HealthError as exc:
+            raise AgentError(str(exc)) from exc
+        tailer = PluginLogTailer(config.run_dir, on_line=metrics.plugin_log_lines.inc)
+        logs.emit(self.log, logging.INFO, "node agent starting",
+                  {"node": config.node_name, "view": view.kind, "dataplane": config.dataplane,
+                   "run_dir": config.run_dir, "state_dir": config.state_dir, "pid": os.getpid(),
+                   "records": store.count()})
+        health.start()
+        view.start()
+        publisher.start()
+        publisher.publish_now() if view.synced()[0] else None
+        try:
+            server.start()
+        except _ServerError as exc:
+            view.stop()
+            publisher.stop()
+            health.stop()
+            raise AgentError(str(exc)) from exc
+        reconciler.start()
+        tailer.start()
+        logs.emit(self.log, logging.INFO, "node agent serving", {"socket": server.path, "health": health.address})
+        self.stop_requested.wait()
+        # Shutdown: stop taking requests, drain, then stop the rest. The snapshot stays in place.
+        drained = server.stop(config.drain_timeout)
+        reconciler.stop()
+        tailer.stop()
+        publisher.stop()
+        view.stop()
+        try:
+            dataplane.close()
+        except Exception as exc:
+            logs.emit(self.log, logging.WARNING, "dataplane close failed", {"error": str(exc)})
+        health.stop()
+        store.close()
+        logs.emit(self.log, logging.INFO, "node agent stopped", {"drained": drained})
+        return 0

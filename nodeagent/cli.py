@@ -1,0 +1,88 @@
+"""``ambient-cni agent``: the node agent's command line. Every flag is also env ``AMBIENT_CNI_<FLAG>``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import click
+
+DEFAULT_RUN_DIR = "/var/run/ambient-cni"
+DEFAULT_STATE_DIR = "/var/lib/ambient-cni"
+DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"
+
+
+def _opt(flag: str, **kwargs: Any) -> Any:
+    env = "AMBIENT_CNI_" + flag.lstrip("-").replace("-", "_").upper()
+    return click.option(flag, envvar=env, show_envvar=True, **kwargs)
+
+
+def default_node_name() -> str:
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+@click.command("agent")
+@_opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True, help="Socket, enrollment snapshot, logs (0700).")
+@_opt("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="Durable pod records (SQLite).")
+@_opt("--cluster-state", type=click.Path(dir_okay=False), default=None,
+      help="YAML/JSON cluster-state file (reloaded on change) instead of the Kubernetes API.")
+@_opt("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+      help="Kubeconfig for the Kubernetes API; in-cluster config when neither this nor --cluster-state.")
+@_opt("--node-name", default=None, help="This node's name. [default: env NODE_NAME, else the hostname]")
+@_opt("--zds-socket", default=DEFAULT_ZDS_SOCKET, show_default=True, help="ZDS socket ztunnel connects to.")
+@_opt("--health-addr", default="127.0.0.1:8000", show_default=True, help="HOST:PORT for /healthz /readyz /metrics.")
+@_opt("--dataplane", type=click.Choice(["inpod", "record"]), default="inpod", show_default=True,
+      help="inpod: redirection + ZDS; record: only record enrolled pods (no ztunnel).")
+@_opt("--exclude-namespaces", default="kube-system", show_default=True,
+      help="Comma-separated namespaces never enrolled (same default as the plugin).")
+@_opt("--agent-pod-namespace", default="istio-system", show_default=True, help="Namespace of the agent's own pods.")
+@_opt("--agent-pod-name-prefix", default="ambient-cni-node-", show_default=True,
+      help="Name prefix of the agent's own pods (never enrolled).")
+@_opt("--reconcile-interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+      help="Seconds between periodic reconcile passes.")
+@_opt("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+@_opt("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+      help="Seconds to wait for in-flight requests on SIGTERM.")
+def agent_cmd(
+    run_dir: str,
+    state_dir: str,
+    cluster_state: str | None,
+    kubeconfig: str | None,
+    node_name: str | None,
+    zds_socket: str,
+    health_addr: str,
+    dataplane: str,
+    exclude_namespaces: str,
+    agent_pod_namespace: str,
+    agent_pod_name_prefix: str,
+    reconcile_interval: float,
+    log_level: str,
+    drain_timeout: float,
+) -> None:
+    """Run the node agent: plugin socket, enrollment view and snapshot, redirection, reconcile."""
+    from nodeagent.agent import Agent, AgentConfig, AgentError
+
+    if cluster_state and kubeconfig:
+        raise click.UsageError("give either --cluster-state or --kubeconfig, not both")
+    config = AgentConfig(
+        run_dir=run_dir,
+        state_dir=state_dir,
+        cluster_state=cluster_state,
+        kubeconfig=kubeconfig,
+        node_name=node_name or default_node_name(),
+        zds_socket=zds_socket,
+        health_addr=health_addr,
+        dataplane=dataplane,
+        exclude_namespaces=tuple(ns.strip() for ns in exclude_namespaces.split(",") if ns.strip()),
+        agent_pod_namespace=agent_pod_namespace,
+        agent_pod_name_prefix=agent_pod_name_prefix,
+        reconcile_interval=reconcile_interval,
+        log_level=log_level,
+        drain_timeout=drain_timeout,
+    )
+    try:
+        code = Agent(config).run()
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from exc
+    raise SystemExit(code)

@@ -1,0 +1,165 @@
+"""``ambient-cni doctor``: the seed's three debugging checks for one pod, with the evidence.
+
+Resolves ``--pod NAMESPACE/NAME`` to its netns through the agent's ``/debug/pods`` (falling back to the plugin's
+netns hint ``<run_dir>/pods/<namespace>_<name>``), or takes ``--netns PATH``; then reads the logs, the listening
+sockets and the iptables rules inside the netns (``nsenter --net``: read-only commands). Exit 1 when a check
+fails, 2 when the pod cannot be found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from nodeagent.dataplane import diagnose
+from nodeagent.dataplane.netns import NetnsError, open_netns
+from nodeagent.dataplane.rules import Family
+
+DEFAULT_RUN_DIR = "/var/run/ambient-cni"
+DEFAULT_HEALTH_ADDR = "127.0.0.1:8000"
+
+
+def _opt(flag: str, **kwargs: Any) -> Any:
+    env = "AMBIENT_CNI_" + flag.lstrip("-").replace("-", "_").upper()
+    return click.option(flag, envvar=env, show_envvar=True, **kwargs)
+
+
+@dataclass
+class Target:
+    namespace: str = ""
+    name: str = ""
+    uid: str = ""
+    netns_path: str = ""
+    ips: tuple[str, ...] = ()
+    source: str = ""
+
+
+def fetch_records(health_addr: str, timeout: float = 3.0) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"http://{health_addr}/debug/pods", timeout=timeout) as resp:
+        data = json.loads(resp.read())
+    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def _from_record(rec: dict[str, Any], source: str) -> Target:
+    ips = rec.get("ips") or ()
+    return Target(
+        namespace=str(rec.get("namespace", "")),
+        name=str(rec.get("name", "")),
+        uid=str(rec.get("uid", "")),
+        netns_path=str(rec.get("netns_path", "") or rec.get("netns", "")),
+        ips=tuple(str(i) for i in ips),
+        source=source,
+    )
+
+
+def resolve(pod: str | None, netns: str | None, run_dir: str, health_addr: str) -> tuple[Target, list[str]]:
+    notes: list[str] = []
+    records: list[dict[str, Any]] = []
+    try:
+        records = fetch_records(health_addr)
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        notes.append(f"agent at {health_addr} not reachable ({getattr(exc, 'reason', exc)})")
+    if netns:
+        match = [r for r in records if r.get("netns_path") == netns]
+        t = _from_record(match[-1], "agent") if match else Target(netns_path=netns, source="--netns")
+        t.netns_path = netns
+        return t, notes
+    assert pod is not None
+    namespace, _, name = pod.partition("/")
+    if not namespace or not name:
+        raise click.UsageError("--pod must be NAMESPACE/NAME")
+    match = [r for r in records if r.get("namespace") == namespace and r.get("name") == name]
+    if match:
+        return _from_record(match[-1], "agent /debug/pods"), notes
+    hint = os.path.join(run_dir, "pods", f"{namespace}_{name}")
+    try:
+        with open(hint) as fh:
+            h = json.load(fh)
+        t = _from_record({**h, "namespace": namespace, "name": name}, f"netns hint {hint}")
+        notes.append("the agent has no record of this pod (not enrolled?)")
+        return t, notes
+    except (OSError, ValueError):
+        pass
+    raise click.ClickException(
+        f"pod {pod} not found: the agent ({health_addr}) has no record of it and there is no netns hint {hint}"
+        + (f"; {notes[0]}" if notes else "")
+    )
+
+
+def _in_netns(path: str, *argv: str) -> str:
+    proc = subprocess.run(["nsenter", f"--net={path}", *argv], capture_output=True, text=True, timeout=15)
+    if proc.returncode != 0:
+        raise click.ClickException(f"{' '.join(argv)} in {path} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+@click.command("doctor")
+@_opt("--pod", default=None, help="NAMESPACE/NAME of the pod to check.")
+@_opt("--netns", default=None, help="Check this network namespace path instead of resolving a pod.")
+@_opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True, help="The agent's run dir (agent.log, hints).")
+@_opt("--health-addr", default=DEFAULT_HEALTH_ADDR, show_default=True, help="The agent's HOST:PORT (/debug/pods).")
+@_opt("--peer-log", default=None, help="ztunnel's (or the zds_peer's) log file, to show its lines for the pod.")
+def doctor_cmd(pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None) -> None:
+    """Check one pod's redirection the way the seed's guide does: logs, sockets, iptables rules."""
+    if bool(pod) == bool(netns):
+        raise click.UsageError("give exactly one of --pod NAMESPACE/NAME or --netns PATH")
+    target, notes = resolve(pod, netns, run_dir, health_addr)
+    if not target.netns_path:
+        raise click.ClickException(f"no network namespace known for pod {pod}")
+    try:
+        with open_netns(target.netns_path) as handle:
+            inode = handle.inode
+    except NetnsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    who = f"pod {target.namespace}/{target.name}" if target.name else "netns"
+    header = [
+        f"ambient-cni doctor: {who}" + (f" (uid {target.uid})" if target.uid else ""),
+        f"  netns {target.netns_path} (inode {inode}), found via {target.source}",
+        *[f"  note: {n}" for n in notes],
+    ]
+    agent_text = _read(os.path.join(run_dir, "agent.log"))
+    agent_lines = (
+        None if agent_text is None
+        else diagnose.agent_log_lines(agent_text, target.uid, target.namespace, target.name)
+    )
+    peer_lines = None
+    if peer_log:
+        peer_text = _read(peer_log)
+        peer_lines = diagnose.peer_log_lines(peer_text or "", target.uid)
+    results = [diagnose.check_logs(agent_lines, peer_lines, target.uid)]
+
+    results.append(diagnose.check_sockets(_in_netns(target.netns_path, "ss", "-ntlp")))
+
+    families = [Family.V4]
+    v6_save = _in_netns(target.netns_path, "ip6tables-save")
+    if any(":" in ip for ip in target.ips) or "ISTIO" in v6_save:
+        families.append(Family.V6)
+    saves = {Family.V4: _in_netns(target.netns_path, "iptables-save")}
+    routes = {Family.V4: _in_netns(target.netns_path, "ip", "rule")
+              + _in_netns(target.netns_path, "ip", "route", "show", "table", "100")}
+    if Family.V6 in families:
+        saves[Family.V6] = v6_save
+        routes[Family.V6] = _in_netns(target.netns_path, "ip", "-6", "rule") + _in_netns(
+            target.netns_path, "ip", "-6", "route", "show", "table", "100"
+        )
+    results.append(diagnose.check_rules(saves, routes))
+
+    click.echo(diagnose.render(header, results))
+    if any(r.status == diagnose.FAIL for r in results):
+        raise SystemExit(1)

@@ -1,0 +1,290 @@
+"""Our product wired into a containerd environment the way a node runs it: the installer chains the frozen
+plugin behind the primary conflist in containerd's CNI dirs, the node agent runs as a host process with a
+file cluster view, and (for ``--dataplane inpod``) a ztunnel-compatible ZDS peer holds the pods' listeners."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.cri.env import CriEnv
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# AMBIENT_CNI_PRODUCT: test another build of the frozen binary (default: the one `make build` makes)
+PRODUCT = Path(os.environ.get("AMBIENT_CNI_PRODUCT", str(REPO_ROOT / "dist" / "ambient-cni")))
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+ENROLLED_NS_LABELS = {"istio.io/dataplane-mode": "ambient"}
+CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+class ProductError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_product(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(PRODUCT), *args], capture_output=True, text=True, timeout=timeout, check=False, env=CLEAN_ENV
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@dataclass
+class Node:
+    """The product's pieces on one environment. All paths live under the environment's temp root."""
+
+    env: CriEnv
+    dataplane: str = "record"
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    agent: subprocess.Popen[bytes] | None = None
+    peer: subprocess.Popen[bytes] | None = None
+    health_port: int = 0
+
+    @property
+    def base(self) -> Path:
+        return Path(self.env.root) / "product"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base / "state"
+
+    @property
+    def cluster_state(self) -> Path:
+        return self.base / "cluster.json"
+
+    @property
+    def zds_socket(self) -> Path:
+        return self.base / "zds.sock"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.base / "agent.log"
+
+    @property
+    def peer_log(self) -> Path:
+        return self.base / "peer.log"
+
+    @property
+    def health_addr(self) -> str:
+        return f"127.0.0.1:{self.health_port}"
+
+    # ------------------------------------------------------------------ installer
+
+    def install(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        self.base.mkdir(parents=True, exist_ok=True)
+        res = run_product(
+            "install",
+            "--conf-dir",
+            str(self.env.conf_dir),
+            "--bin-dir",
+            str(self.env.bin_dir),
+            "--once",
+            "--run-dir",
+            str(self.run_dir),
+            *extra,
+        )
+        if res.returncode != 0:
+            raise ProductError(f"ambient-cni install failed (exit {res.returncode}): {res.stderr.strip()}")
+        return res
+
+    def our_conflist(self) -> Path | None:
+        for path in sorted(self.env.conf_dir.iterdir()):
+            if path.suffix == ".conflist" and "ambient-cni" in path.name:
+                return path
+        return None
+
+    # ------------------------------------------------------------------ cluster view
+
+    def write_cluster_state(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "namespaces": [{"name": n, "labels": labels} for n, labels in sorted(self.namespaces.items())],
+            "pods": self.pods,
+        }
+        tmp = self.cluster_state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.rename(self.cluster_state)
+
+    # ------------------------------------------------------------------ agent
+
+    def start_agent(self, timeout: float = 30.0, wait_ready: bool = True) -> None:
+        """Start the agent; wait until it serves (and, with ``wait_ready``, until /readyz says ready)."""
+        if self.agent is not None and self.agent.poll() is None:
+            return
+        self.base.mkdir(parents=True, exist_ok=True)
+        if not self.cluster_state.exists():
+            self.write_cluster_state()
+        self.health_port = self.health_port or free_port()
+        with open(self.agent_log, "ab") as log:
+            self.agent = subprocess.Popen(
+                [
+                    str(PRODUCT),
+                    "agent",
+                    "--run-dir",
+                    str(self.run_dir),
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--cluster-state",
+                    str(self.cluster_state),
+                    "--node-name",
+                    self.env.name,
+                    "--dataplane",
+                    self.dataplane,
+                    "--zds-socket",
+                    str(self.zds_socket),
+                    "--health-addr",
+                    self.health_addr,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env=CLEAN_ENV,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.agent.poll() is not None:
+                raise ProductError(f"the agent exited with {self.agent.returncode}:\n{self.agent_log_tail()}")
+            if (self.run_dir / "cni.sock").exists() and self._http_ok("/readyz" if wait_ready else "/healthz"):
+                return
+            time.sleep(0.05)
+        raise ProductError(f"the agent did not become ready in {timeout:.0f}s:\n{self.agent_log_tail()}")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._http_ok("/readyz"):
+                return
+            time.sleep(0.05)
+        raise ProductError(f"the agent did not become ready in {timeout:.0f}s:\n{self.agent_log_tail()}")
+
+    def stop_agent(self) -> None:
+        _stop(self.agent)
+        self.agent = None
+
+    def agent_log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.agent_log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def _http(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://{self.health_addr}{path}", timeout=timeout) as resp:
+                return int(resp.status), resp.read()
+        except urllib.error.HTTPError as err:
+            return int(err.code), err.read()
+
+    def _http_ok(self, path: str) -> bool:
+        try:
+            return self._http(path, timeout=1.0)[0] == 200
+        except OSError:
+            return False
+
+    def debug_pods(self) -> list[dict[str, Any]]:
+        """The agent's records (``/debug/pods``), as a list of dicts."""
+        status, body = self._http("/debug/pods")
+        if status != 200:
+            raise ProductError(f"/debug/pods answered {status}: {body[:200]!r}")
+        doc = json.loads(body)
+        if isinstance(doc, dict):
+            doc = doc.get("pods", doc)
+        if isinstance(doc, dict):
+            doc = list(doc.values())
+        return list(doc)
+
+    def metrics_text(self) -> str:
+        status, body = self._http("/metrics")
+        if status != 200:
+            raise ProductError(f"/metrics answered {status}")
+        return body.decode()
+
+    def request_counts(self) -> dict[tuple[str, str], float]:
+        """``ambient_cni_agent_requests_total`` by (op, result)."""
+        counts: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == "ambient_cni_agent_requests_total":
+                    counts[(sample.labels.get("op", ""), sample.labels.get("result", ""))] = sample.value
+        return counts
+
+    # ------------------------------------------------------------------ ZDS peer
+
+    def start_peer(self, timeout: float = 20.0) -> None:
+        """Start the ztunnel-compatible peer; when the agent runs, wait until it is ready with the peer."""
+        if self.peer is not None and self.peer.poll() is None:
+            return
+        self.base.mkdir(parents=True, exist_ok=True)
+        with open(self.peer_log, "ab") as log:
+            self.peer = subprocess.Popen(
+                [str(VENV_PYTHON), "-m", "zds_peer", "--zds-socket", str(self.zds_socket)],
+                cwd=str(REPO_ROOT),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.peer.poll() is not None:
+                raise ProductError(f"the ZDS peer exited with {self.peer.returncode}: {self.peer_log.read_text()}")
+            if self.agent is None or self._http_ok("/readyz"):
+                return
+            time.sleep(0.05)
+        raise ProductError(f"the agent did not get ready with the ZDS peer:\n{self.agent_log_tail()}")
+
+    def stop_peer(self) -> None:
+        _stop(self.peer)
+        self.peer = None
+
+    # ------------------------------------------------------------------ doctor
+
+    def doctor(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_product("doctor", "--run-dir", str(self.run_dir), *args)
+
+    def close(self) -> None:
+        self.stop_agent()
+        self.stop_peer()
+
+
+def require_product() -> Path:
+    if not (PRODUCT.exists() and os.access(PRODUCT, os.X_OK)):
+        raise ProductError(f"{PRODUCT} is missing: build it with `make build`")
+    return PRODUCT
+
+
+if __name__ == "__main__":  # pragma: no cover - manual poking
+    print(require_product(), file=sys.stderr)

@@ -1,0 +1,228 @@
+"""A fake kube-apiserver that speaks list+watch for namespaces and pods, faithfully enough for an informer.
+
+There is no kube-apiserver to be had on this machine, so the agent's ``kubernetes`` cluster-view source is
+tested against this. It covers what the agent uses, with the upstream wire behaviour:
+
+- ``GET /api/v1/namespaces`` and ``GET /api/v1/pods`` (``fieldSelector=spec.nodeName=<node>``): JSON
+  ``NamespaceList``/``PodList`` with ``metadata.resourceVersion`` (one global, increasing counter, as etcd's).
+- ``?watch=true&resourceVersion=N`` (``timeoutSeconds``, ``allowWatchBookmarks`` accepted): a chunked HTTP/1.1
+  stream of JSON lines ``{"type": "ADDED"|"MODIFIED"|"DELETED", "object": {...}}`` for every change after N,
+  then live changes until ``timeoutSeconds``. A version older than the compaction point gets, like the real
+  server, a 200 stream with one ``ERROR`` event carrying a ``Status`` with ``code: 410`` (reason Expired).
+- Test controls: upsert/delete objects, ``compact()`` the event history, ``drop_watches()`` (closes open
+  streams, as an API server restart does) and ``hold_watches()`` (new watch requests wait).
+
+Not covered: authentication (any bearer token is accepted), label selectors, protobuf, pagination
+(``limit``/``continue``), bookmarks being sent, and any resource other than namespaces and pods.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._rv = 100
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {"namespaces": {}, "pods": {}}
+        self._events: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, resource, type, object)
+        self._compacted = 0
+        self._drop_generation = 0
+        self._watches_allowed = threading.Event()
+        self._watches_allowed.set()
+        self.requests: list[str] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeKube:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._watches_allowed.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def kubeconfig(self) -> str:
+        return (
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: fake, cluster: {{server: '{self.url}'}}}}]\n"
+            "users: [{name: agent, user: {token: fake-token}}]\n"
+            "contexts: [{name: fake, context: {cluster: fake, user: agent}}]\n"
+            "current-context: fake\n"
+        )
+
+    # -- test controls ------------------------------------------------------------------------------
+    def upsert_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        self._upsert("namespaces", {"metadata": {"name": name, "labels": labels or {}}, "spec": {}, "status": {}})
+
+    def upsert_pod(self, name: str, namespace: str, node: str, uid: str | None = None,
+                   labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
+                   host_network: bool = False, phase: str = "Running") -> None:
+        existing = self._objects["pods"].get((namespace, name))
+        obj = {
+            "metadata": {"name": name, "namespace": namespace,
+                         "uid": uid or (existing["metadata"]["uid"] if existing else str(uuid.uuid4())),
+                         "labels": labels or {}, "annotations": annotations or {}},
+            "spec": {"nodeName": node, "hostNetwork": host_network, "serviceAccountName": "default",
+                     "containers": [{"name": "app", "image": "app:1"}]},
+            "status": {"phase": phase},
+        }
+        self._upsert("pods", obj)
+
+    def delete(self, resource: str, name: str, namespace: str = "") -> None:
+        with self._cond:
+            obj = self._objects[resource].pop((namespace, name))
+            self._rv += 1
+            obj = copy.deepcopy(obj)
+            obj["metadata"]["resourceVersion"] = str(self._rv)
+            self._events.append((self._rv, resource, "DELETED", obj))
+            self._cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget the event history: watches from any version before now get 410 Gone."""
+        with self._cond:
+            self._compacted = self._rv
+            self._events.clear()
+
+    def drop_watches(self) -> None:
+        with self._cond:
+            self._drop_generation += 1
+            self._cond.notify_all()
+
+    def hold_watches(self, hold: bool) -> None:
+        if hold:
+            self._watches_allowed.clear()
+        else:
+            self._watches_allowed.set()
+
+    def count(self, prefix: str) -> int:
+        return sum(1 for r in self.requests if r.startswith(prefix))
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _upsert(self, resource: str, obj: dict[str, Any]) -> None:
+        with self._cond:
+            key = (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+            event = "MODIFIED" if key in self._objects[resource] else "ADDED"
+            self._rv += 1
+            obj["metadata"]["resourceVersion"] = str(self._rv)
+            obj["metadata"].setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            self._objects[resource][key] = obj
+            self._events.append((self._rv, resource, event, copy.deepcopy(obj)))
+            self._cond.notify_all()
+
+    @staticmethod
+    def _matches(resource: str, obj: dict[str, Any], node: str | None) -> bool:
+        return resource != "pods" or node is None or obj["spec"].get("nodeName") == node
+
+    def list(self, resource: str, node: str | None) -> dict[str, Any]:
+        with self._cond:
+            items = [copy.deepcopy(o) for o in self._objects[resource].values() if self._matches(resource, o, node)]
+            kind = "NamespaceList" if resource == "namespaces" else "PodList"
+            return {"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+
+
+def _node_from_selector(selector: str | None) -> str | None:
+    if not selector:
+        return None
+    for term in selector.split(","):
+        key, _, value = term.partition("=")
+        if key.strip() == "spec.nodeName":
+            return value.strip().lstrip("=")
+    return None
+
+
+def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+        def do_GET(self) -> None:
+            parsed = urlparse(self.path)
+            query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+            resource = {"/api/v1/namespaces": "namespaces", "/api/v1/pods": "pods"}.get(parsed.path)
+            if resource is None:
+                self._json(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                                 "reason": "NotFound", "message": f"{parsed.path} not found"})
+                return
+            node = _node_from_selector(query.get("fieldSelector"))
+            watching = query.get("watch") in ("true", "1")
+            fake.requests.append(f"{'watch' if watching else 'list'} {resource}")
+            if not watching:
+                self._json(200, fake.list(resource, node))
+                return
+            self._watch(resource, node, int(query.get("resourceVersion") or 0),
+                        float(query.get("timeoutSeconds") or 1800))
+
+        def _json(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _chunk(self, event: dict[str, Any]) -> None:
+            data = json.dumps(event).encode() + b"\n"
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def _watch(self, resource: str, node: str | None, since: int, timeout: float) -> None:
+            fake._watches_allowed.wait()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            end = time.monotonic() + timeout
+            try:
+                with fake._cond:
+                    generation = fake._drop_generation
+                    if since < fake._compacted:
+                        status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                  "message": f"too old resource version: {since} ({fake._compacted})",
+                                  "reason": "Expired", "code": 410}
+                        self._chunk({"type": "ERROR", "object": status})
+                        self.wfile.write(b"0\r\n\r\n")
+                        return
+                while True:
+                    with fake._cond:
+                        pending = [e for e in fake._events if e[0] > since and e[1] == resource]
+                        if not pending:
+                            remaining = end - time.monotonic()
+                            if remaining <= 0 or fake._stopping or generation != fake._drop_generation:
+                                break
+                            fake._cond.wait(min(remaining, 0.5))
+                            continue
+                    for rv, _, event_type, obj in pending:
+                        since = rv
+                        if fake._matches(resource, obj, node):
+                            self._chunk({"type": event_type, "object": obj})
+                if generation != fake._drop_generation or fake._stopping:
+                    self.close_connection = True
+                    return  # dropped: end without the terminating chunk, like a broken connection
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
+    return Handler

@@ -1,0 +1,227 @@
+"""ZDS (issue 5): the agent's zds_server + InPodDataplane against ZDS clients speaking the protobuf over a real
+SOCK_SEQPACKET socket with real netns fds (SCM_RIGHTS): our peer (zds_peer) and a scripted raw client."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from nodeagent.dataplane import zds_pb2
+from nodeagent.dataplane.api import DataplaneError, PodWork
+from nodeagent.dataplane.inpod import InPodDataplane
+from tests.dataplane_fixtures import Netns, netns_factory, tmpdir_short, wait_for  # noqa: F401
+from zds_peer.client import Peer
+
+
+class RawClient:
+    """A scripted ZDS client: records (kind, uid, netns inode or None); acks per ``mode``."""
+
+    def __init__(self, path: str, mode: str = "ack") -> None:
+        self.mode = mode  # "ack" | "silent" | "error"
+        self.got: list[tuple[str, str, int | None]] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.connect(path)
+        self.sock.send(zds_pb2.ZdsHello(version=zds_pb2.V1).SerializeToString())
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 1024, 4)
+            except OSError:
+                return
+            if not data:
+                return
+            req = zds_pb2.WorkloadRequest()
+            req.ParseFromString(data)
+            kind = req.WhichOneof("payload") or ""
+            uid = getattr(getattr(req, kind), "uid", "") if kind != "snapshot_sent" else ""
+            ino = os.fstat(fds[0]).st_ino if fds else None
+            for fd in fds:
+                os.close(fd)
+            self.got.append((kind, uid, ino))
+            if self.mode == "silent" and kind == "add":
+                continue
+            err = "rejected by test" if self.mode == "error" and kind == "add" else ""
+            with contextlib.suppress(OSError):
+                self.sock.send(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=err)).SerializeToString())
+
+    def kinds(self) -> list[str]:
+        return [k for k, _, _ in self.got]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+@pytest.fixture
+def dataplane(tmpdir_short: str) -> Iterator[InPodDataplane]:  # noqa: F811
+    dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), ack_timeout_s=1.0)
+    try:
+        yield dp
+    finally:
+        dp.close()
+
+
+def pod_in(ns: Netns, uid: str = "", ips: tuple[str, ...] = ("10.9.0.2/24",)) -> PodWork:
+    return PodWork(uid=uid or f"uid-{ns.name}", name=ns.name, namespace="test", netns_path=ns.path, ips=ips)
+
+
+def listening_ports(ns: Netns) -> set[int]:
+    out = ns.run("ss", "-Hntl").stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def test_no_ztunnel_is_retryable_and_changes_nothing(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+    ns = netns_factory()
+    assert dataplane.ready()[0] is False
+    with pytest.raises(DataplaneError) as err:
+        dataplane.add(pod_in(ns), time.monotonic() + 2)
+    assert err.value.retryable and err.value.code == 11
+    assert "ISTIO" not in ns.iptables_save()
+
+
+def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+    ns = netns_factory()
+    peer = Peer(dataplane.zds.path).start()
+    try:
+        assert peer.snapshot_done.wait(5)
+        wait_for(lambda: dataplane.ready()[0], what="ready")
+        pod = pod_in(ns)
+        inode = dataplane.add(pod, time.monotonic() + 5)
+        assert inode == os.stat(ns.path).st_ino
+        assert {15001, 15006, 15008} <= listening_ports(ns)  # opened by a host process inside the pod
+        assert "ISTIO_PRERT" in ns.iptables_save()
+        assert dataplane.add(pod, time.monotonic() + 5) == inode  # idempotent re-add
+        assert ns.iptables_save().count("-A PREROUTING -j ISTIO_PRERT") == 1
+        dataplane.remove(pod)
+        wait_for(lambda: pod.uid not in peer.proxies, what="proxy drained")
+        assert not {15001, 15006, 15008} & listening_ports(ns)
+        assert "ISTIO" not in ns.iptables_save()
+        assert "0x111" not in ns.run("ip", "rule").stdout
+        dataplane.remove(pod)  # repeated: fine
+    finally:
+        peer.stop()
+
+
+def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+    a, b = netns_factory(), netns_factory()
+    first = RawClient(dataplane.zds.path)
+    try:
+        wait_for(lambda: first.kinds() == ["snapshot_sent"], what="empty snapshot")
+        pa = pod_in(a)
+        dataplane.add(pa, time.monotonic() + 3)
+        assert first.got[-1] == ("add", pa.uid, os.stat(a.path).st_ino)  # the fd really is the pod's netns
+        dataplane.adopt(PodWork(uid="uid-restored", name="r", namespace="test", netns_path=""))
+        # a reconnecting ztunnel gets the full snapshot: Add+fd for a, Keep for the adopted pod, SnapshotSent
+        second = RawClient(dataplane.zds.path)
+        try:
+            wait_for(lambda: "snapshot_sent" in second.kinds(), what="snapshot")
+            assert sorted(second.got[:-1], key=str) == sorted(
+                [("add", pa.uid, os.stat(a.path).st_ino), ("keep", "uid-restored", None)], key=str
+            )
+            # live adds go to the newest connection only; dels to all
+            pb = pod_in(b)
+            n_first = len(first.got)
+            dataplane.add(pb, time.monotonic() + 3)
+            assert second.got[-1] == ("add", pb.uid, os.stat(b.path).st_ino)
+            assert len(first.got) == n_first
+            dataplane.remove(pb)
+            assert ("del", pb.uid, None) in first.got and ("del", pb.uid, None) in second.got
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+@pytest.mark.parametrize("mode", ["silent", "error"])
+def test_ack_timeout_or_error_fails_closed(dataplane: InPodDataplane, netns_factory, mode: str) -> None:  # noqa: F811
+    ns = netns_factory()
+    client = RawClient(dataplane.zds.path, mode=mode)
+    try:
+        wait_for(lambda: "snapshot_sent" in client.kinds(), what="snapshot")
+        t0 = time.monotonic()
+        with pytest.raises(DataplaneError) as err:
+            dataplane.add(pod_in(ns), time.monotonic() + 5)
+        elapsed = time.monotonic() - t0
+        if mode == "silent":
+            assert err.value.retryable and "acknowledge" in err.value.msg
+            assert 0.9 <= elapsed < 3.0  # the ack deadline (1 s here, 5 s by default)
+        else:
+            assert not err.value.retryable and "rejected by test" in err.value.msg
+        # no half state: no rules, no routes, no record
+        assert "ISTIO" not in ns.iptables_save()
+        assert "0x111" not in ns.run("ip", "rule").stdout
+        assert dataplane.enrolled() == {}
+    finally:
+        client.close()
+
+
+def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+    ns = netns_factory()
+    peer = Peer(dataplane.zds.path, ack_delay_s=1.5).start()
+    try:
+        wait_for(lambda: peer.snapshots_seen >= 1, timeout=10, what="snapshot")
+        with pytest.raises(DataplaneError) as err:
+            dataplane.add(pod_in(ns), time.monotonic() + 5)
+        assert err.value.retryable
+        assert "ISTIO" not in ns.iptables_save()
+        # the connection was closed; the peer reconnects, and the fresh snapshot drops the pod there too
+        wait_for(lambda: peer.snapshots_seen >= 2, timeout=10, what="re-snapshot")
+        wait_for(lambda: not peer.proxies, what="proxy dropped")
+    finally:
+        peer.stop()
+
+
+def test_concurrent_adds(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+    nss = [netns_factory() for _ in range(6)]
+    peer = Peer(dataplane.zds.path).start()
+    try:
+        assert peer.snapshot_done.wait(5)
+        errors: list[BaseException] = []
+
+        def add(ns: Netns) -> None:
+            try:
+                dataplane.add(pod_in(ns), time.monotonic() + 10)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=add, args=(ns,)) for ns in nss]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(dataplane.enrolled()) == 6 and len(peer.proxies) == 6
+    finally:
+        peer.stop()
+
+
+def test_generated_pb2_is_up_to_date(tmpdir_short: str) -> None:  # noqa: F811
+    """zds_pb2.py(i) are committed; they must equal what grpcio-tools' protoc makes from zds.proto now."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "nodeagent" / "dataplane"
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{src}", f"--python_out={tmpdir_short}",
+         f"--pyi_out={tmpdir_short}", str(src / "zds.proto")],
+        check=True,
+    )
+    for name in ("zds_pb2.py", "zds_pb2.pyi"):
+        assert (Path(tmpdir_short) / name).read_text() == (src / name).read_text(), f"{name} stale: make zds-proto"
+    # field numbers as ztunnel publishes them
+    req = zds_pb2.WorkloadRequest.DESCRIPTOR.fields_by_name
+    assert {k: req[k].number for k in ("add", "del", "snapshot_sent", "keep")} == {
+        "add": 1, "del": 2, "snapshot_sent": 3, "keep": 5}
+    assert zds_pb2.DelWorkload.DESCRIPTOR.fields_by_name["uid"].number == 2
+    assert zds_pb2.WorkloadRequest.DESCRIPTOR.full_name == "istio.workload.zds.WorkloadRequest"

@@ -1,0 +1,53 @@
+"""``ambient-cni doctor`` (issue 5) against a real enrolled pod (full chain: driver -> plugin -> agent ->
+zds_peer): passes when all is in place, fails with the missing rule or listener shown otherwise."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.dataplane_fixtures import PY, ROOT, Cluster, Netns, cluster, wait_for  # noqa: F401
+
+
+def doctor(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: F811
+    return subprocess.run(
+        [PY, "-m", "ambient_cni", "doctor", *args, "--run-dir", str(cluster.agent.run_dir),
+         "--health-addr", cluster.agent.health, "--peer-log", cluster.peer.log_file],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_doctor_pass_then_fail(cluster: Cluster, netns_factory) -> None:  # noqa: F811
+    ns, uid = cluster.add_pod(netns_factory, "curl")
+    ok = doctor(cluster, "--pod", "ambient-test/curl")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "[PASS] 1. logs" in ok.stdout and "[PASS] 2. sockets" in ok.stdout and "[PASS] 3. iptables" in ok.stdout
+    assert "received netns, starting proxy" in ok.stdout and uid in ok.stdout
+    assert "0.0.0.0:15006" in ok.stdout
+    assert "Traceback" not in ok.stderr
+
+    by_netns = doctor(cluster, "--netns", ns.path)
+    assert by_netns.returncode == 0, by_netns.stdout
+
+    # a rule goes missing -> FAIL showing that line
+    Netns(ns.name).run("iptables", "-t", "nat", "-D", "ISTIO_OUTPUT", "-p", "tcp", "-m", "mark", "--mark",
+                       "0x111/0xfff", "-j", "ACCEPT")
+    bad = doctor(cluster, "--pod", "ambient-test/curl")
+    assert bad.returncode == 1
+    assert "[FAIL] 3. iptables" in bad.stdout
+    assert "missing  -A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT" in bad.stdout
+
+    # the proxy stops -> the listeners are gone -> FAIL
+    cluster.peer.stop()
+    gone = doctor(cluster, "--pod", "ambient-test/curl")
+    assert gone.returncode == 1
+    assert "[FAIL] 2. sockets" in gone.stdout and "nothing listens on 15001" in gone.stdout
+
+
+def test_doctor_clear_errors(cluster: Cluster) -> None:  # noqa: F811
+    missing = doctor(cluster, "--pod", "ambient-test/nope")
+    assert missing.returncode != 0 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    host = doctor(cluster, "--netns", "/proc/1/ns/net")
+    # refused: either recognised as the host's netns, or not even openable (pid 1 in another user namespace)
+    assert host.returncode != 0 and "/proc/1/ns/net" in host.stderr and "Traceback" not in host.stderr
+    both = doctor(cluster, "--netns", "/x", "--pod", "a/b")
+    assert both.returncode == 2 and "exactly one" in both.stderr

@@ -1,0 +1,173 @@
+"""The ZDS client side (what ztunnel does): hello, then serve the agent's requests with acks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+
+from nodeagent.dataplane import zds_pb2
+from zds_peer.proxy import PodProxy
+from zds_peer.stats import Stats
+
+MAX_DATAGRAM = 1024
+# The seed's log lines come from ztunnel::inpod::statemanager; ours carry our own target.
+log = logging.getLogger("zds_peer::inpod::statemanager")
+
+
+class Peer:
+    """Connects (retrying) to the agent's ZDS socket and runs one PodProxy per added pod."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        stats: Stats | None = None,
+        ack_delay_s: float = 0.0,
+        retry_interval_s: float = 0.1,
+    ) -> None:
+        self.socket_path = socket_path
+        self.stats = stats or Stats(None)
+        self.ack_delay_s = ack_delay_s
+        self.retry_interval_s = retry_interval_s
+        self.proxies: dict[str, PodProxy] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self.snapshots_seen = 0
+        self.connected = threading.Event()
+        self.snapshot_done = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> Peer:
+        self._thread = threading.Thread(target=self.run, name="zds-peer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            proxies = list(self.proxies.values())
+            self.proxies.clear()
+        for p in proxies:
+            p.stop()
+
+    def disconnect(self) -> None:
+        """Drop the current connection (the peer reconnects unless stopped)."""
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            sock = self._connect()
+            if sock is None:
+                return
+            try:
+                self._serve(sock)
+            except OSError as exc:
+                log.info("connection to %s lost: %s", self.socket_path, exc)
+            finally:
+                self.connected.clear()
+                self.stats.set("connected", False)
+                self._sock = None
+                with contextlib.suppress(OSError):
+                    sock.close()
+            if not self._stop.is_set():
+                time.sleep(self.retry_interval_s)
+
+    def _connect(self) -> socket.socket | None:
+        while not self._stop.is_set():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(self.socket_path)
+            except OSError:
+                sock.close()
+                time.sleep(self.retry_interval_s)
+                continue
+            self._sock = sock
+            log.info("handling new stream")
+            return sock
+        return None
+
+    # -- protocol -------------------------------------------------------------------------------------------
+    def _serve(self, sock: socket.socket) -> None:
+        sock.send(zds_pb2.ZdsHello(version=zds_pb2.V1).SerializeToString())
+        self.connected.set()
+        self.stats.set("connected", True)
+        in_snapshot: set[str] | None = set()  # uids named before SnapshotSent; None once it arrived
+        while not self._stop.is_set():
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_DATAGRAM, 4)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return
+            req = zds_pb2.WorkloadRequest()
+            error = ""
+            try:
+                req.ParseFromString(data)
+                kind = req.WhichOneof("payload")
+                if kind == "add":
+                    if not fds:
+                        raise ValueError("AddWorkload without a netns fd")
+                    self._add(req.add, fds[0])
+                    if in_snapshot is not None:
+                        in_snapshot.add(req.add.uid)
+                elif kind == "keep":
+                    if in_snapshot is not None:
+                        in_snapshot.add(req.keep.uid)
+                elif kind == "del":
+                    self._del(getattr(req, "del").uid)
+                elif kind == "snapshot_sent":
+                    log.info("pod received snapshot sent")
+                    if in_snapshot is not None:
+                        self._drop_all_but(in_snapshot)
+                    in_snapshot = None
+                    self.snapshots_seen += 1
+                    self.stats.incr("snapshots")
+                    self.snapshot_done.set()
+                else:
+                    raise ValueError(f"unknown request {kind!r}")
+            except Exception as exc:
+                error = str(exc) or exc.__class__.__name__
+                log.warning("request failed: %s", error)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if self.ack_delay_s:
+                time.sleep(self.ack_delay_s)
+            resp = zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=error))
+            sock.send(resp.SerializeToString())
+
+    def _add(self, add: zds_pb2.AddWorkload, fd: int) -> None:
+        uid = add.uid
+        log.info('pod WorkloadUid("%s") received netns, starting proxy', uid)
+        with self._lock:
+            old = self.proxies.pop(uid, None)
+        if old is not None:
+            old.stop()  # a re-add (maybe a new netns): replace the proxy
+        proxy = PodProxy(uid, fd, self.stats, add.workload_info.name, add.workload_info.namespace)
+        proxy.start()
+        with self._lock:
+            self.proxies[uid] = proxy
+
+    def _del(self, uid: str) -> None:
+        log.info('pod delete request, draining proxy uid="%s"', uid)
+        with self._lock:
+            proxy = self.proxies.pop(uid, None)
+        if proxy is not None:
+            proxy.stop()
+
+    def _drop_all_but(self, keep: set[str]) -> None:
+        with self._lock:
+            gone = [u for u in self.proxies if u not in keep]
+        for uid in gone:
+            log.info('pod WorkloadUid("%s") not in snapshot, draining proxy', uid)
+            self._del(uid)

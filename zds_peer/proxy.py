@@ -1,0 +1,213 @@
+"""One pod's proxy: listeners inside the pod netns and plain-TCP relays.
+
+- 15001 (outbound, nat REDIRECT target): the original destination comes from SO_ORIGINAL_DST.
+- 15006 (inbound plaintext, TPROXY target, IP_TRANSPARENT): the accepted socket's local address *is* the
+  original destination (a port of this pod).
+- 15008 (inbound "HBONE", TPROXY target): plain text here, no mTLS: the client sends
+  ``CONNECT <ip>:<port> HTTP/1.1\\r\\n\\r\\n``, gets ``HTTP/1.1 200 OK\\r\\n\\r\\n``, then raw bytes.
+Every connection the proxy opens is created inside the pod netns and carries SO_MARK 1337 (0x539), which the
+pod's rules exempt, so it is not captured again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+from zds_peer.nsworker import NetnsWorker
+from zds_peer.stats import Stats
+
+OUTBOUND_PORT = 15001
+INBOUND_PLAIN_PORT = 15006
+INBOUND_TUNNEL_PORT = 15008
+PROXY_MARK = 1337
+SO_ORIGINAL_DST = 80  # SOL_IP; IP6T_SO_ORIGINAL_DST has the same number at SOL_IPV6
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+SO_MARK = getattr(socket, "SO_MARK", 36)
+CONNECT_TIMEOUT_S = 5.0
+
+log = logging.getLogger("zds_peer.proxy")
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    if sock.family == socket.AF_INET:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+class PodProxy:
+    def __init__(self, uid: str, netns_fd: int, stats: Stats, name: str = "", namespace: str = "") -> None:
+        self.uid = uid
+        self.name = name
+        self.namespace = namespace
+        self._stats = stats
+        self._worker = NetnsWorker(netns_fd, name=f"ns-{uid[:8]}")
+        self._listeners: list[socket.socket] = []
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the three listeners (v4, and v6 when the netns has IPv6) inside the pod netns."""
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for port, transparent in (
+                (INBOUND_TUNNEL_PORT, True),
+                (INBOUND_PLAIN_PORT, True),
+                (OUTBOUND_PORT, False),
+            ):
+                try:
+                    lsock = self._worker.call(functools.partial(self._listen, family, port, transparent))
+                except OSError as exc:
+                    if family == socket.AF_INET6:
+                        log.debug("pod %s: no IPv6 listener on %d: %s", self.uid, port, exc)
+                        continue
+                    self.stop()
+                    raise
+                self._listeners.append(lsock)
+                handler = self._outbound if port == OUTBOUND_PORT else self._inbound
+                threading.Thread(
+                    target=self._accept_loop, args=(lsock, port, handler), name=f"acc-{port}", daemon=True
+                ).start()
+        self._stats.pod(self.uid, self.name, self.namespace, listening=True)
+
+    @staticmethod
+    def _listen(family: int, port: int, transparent: bool) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if transparent:
+                if family == socket.AF_INET:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.bind(("0.0.0.0" if family == socket.AF_INET else "::", port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for lsock in self._listeners:
+            with contextlib.suppress(OSError):
+                lsock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                lsock.close()
+        self._listeners.clear()
+        with self._lock:
+            conns = list(self._conns)
+            self._conns.clear()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.close()
+        self._worker.stop()
+        self._stats.pod(self.uid, listening=False)
+
+    # -- relaying -------------------------------------------------------------------------------------------
+    def _accept_loop(
+        self, lsock: socket.socket, port: int, handler: Callable[[socket.socket, int], None]
+    ) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._guarded, args=(handler, conn, port), daemon=True).start()
+
+    def _guarded(self, handler: Callable[[socket.socket, int], None], conn: socket.socket, port: int) -> None:
+        try:
+            handler(conn, port)
+        except Exception as exc:
+            log.info("pod %s: connection on %d failed: %s", self.uid, port, exc)
+            self._stats.error(self.uid)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _connect(self, family: int, dest: tuple[str, int]) -> socket.socket:
+        up = self._worker.socket(family)  # created inside the pod netns
+        try:
+            up.setsockopt(socket.SOL_SOCKET, SO_MARK, PROXY_MARK)
+            up.settimeout(CONNECT_TIMEOUT_S)
+            up.connect(dest)
+            up.settimeout(None)
+        except OSError:
+            up.close()
+            raise
+        return up
+
+    def _relay(self, down: socket.socket, up: socket.socket) -> None:
+        with self._lock:
+            self._conns.update((down, up))
+        t = threading.Thread(target=_pump, args=(up, down), daemon=True)
+        t.start()
+        _pump(down, up)
+        t.join()
+        with self._lock:
+            self._conns.discard(down)
+            self._conns.discard(up)
+        down.close()
+        up.close()
+
+    def _outbound(self, down: socket.socket, port: int) -> None:
+        dest = original_dst(down)
+        up = self._connect(down.family, dest)
+        self._stats.count(self.uid, port, f"{dest[0]}:{dest[1]}")
+        self._relay(down, up)
+
+    def _inbound(self, down: socket.socket, port: int) -> None:
+        if port == INBOUND_TUNNEL_PORT:
+            target = self._read_connect(down)
+        else:
+            host, dport = down.getsockname()[:2]
+            target = (host, dport)
+        family = socket.AF_INET6 if ipaddress.ip_address(target[0]).version == 6 else socket.AF_INET
+        up = self._connect(family, target)
+        if port == INBOUND_TUNNEL_PORT:
+            down.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        self._stats.count(self.uid, port, f"{target[0]}:{target[1]}")
+        self._relay(down, up)
+
+    @staticmethod
+    def _read_connect(down: socket.socket) -> tuple[str, int]:
+        down.settimeout(CONNECT_TIMEOUT_S)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = down.recv(1024)
+            if not chunk or len(buf) > 4096:
+                raise OSError("incomplete CONNECT request")
+            buf += chunk
+        down.settimeout(None)
+        parts = buf.split(b"\r\n", 1)[0].split()
+        if len(parts) < 2 or parts[0] != b"CONNECT":
+            raise OSError("not a CONNECT request")
+        host, _, port = parts[1].decode().rpartition(":")
+        return host.strip("[]"), int(port)
