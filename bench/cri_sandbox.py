@@ -130,9 +130,9 @@ def run(pods: int, warmup: int) -> tuple[Series, Series, Series, float]:
     finally:
         if node is not None:
             node.close()
-        for env in (plain_env, ours_env):
-            if env is not None:
-                env_mod.down(env)
+        for created in (plain_env, ours_env):
+            if created is not None:
+                env_mod.down(created)
 
 
 def report(baseline: Series, others: list[Series]) -> str:

@@ -134,6 +134,8 @@ def install_cmd(**kw: Any) -> None:
         if kw["default_cni_version"] not in SUPPORTED_VERSIONS:
             raise click.BadParameter(f"must be one of {', '.join(SUPPORTED_VERSIONS)}",
                                      param_hint="--default-cni-version")
+    if not kw["owned_file_name"].endswith(".conflist") or "/" in kw["owned_file_name"]:
+        raise click.BadParameter("must be a plain file name ending in .conflist", param_hint="--owned-file-name")
     from conflist.binary import default_source
 
     options = Options(
@@ -171,6 +173,10 @@ def install_cmd(**kw: Any) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+    except (click.ClickException, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise click.ClickException(f"unexpected failure: {type(exc).__name__}: {exc}") from None
 
 
 @click.command("uninstall")

@@ -101,6 +101,10 @@ class Watcher:
             self._report(str(exc), logging.ERROR)
             self.installer.set_ready(False)
             return None
+        except Exception as exc:  # never die with a traceback: report, stay unready, retry on the next event
+            self._report(f"install pass failed: {type(exc).__name__}: {exc}", logging.ERROR)
+            self.installer.set_ready(False)
+            return None
         changed = outcome.wrote or outcome.removed or outcome.binary_changed
         if changed:
             now = time.monotonic()

@@ -96,14 +96,14 @@ class Churn(threading.Thread):
             os.replace(tmp, self.conf / "10-calico.conflist")
 
 
-def test_sigkill_at_random_points_never_exposes_a_partial_config(tmp_path: Path) -> None:
-    conf, bindir = tmp_path / "net.d", tmp_path / "bin"
+def test_sigkill_at_random_points_never_exposes_a_partial_config(scratch: Path) -> None:
+    conf, bindir = scratch / "net.d", scratch / "bin"
     conf.mkdir()
     bindir.mkdir()
     (conf / "10-calico.conflist").write_bytes(PRIMARIES[0])
     (conf / "99-loopback.conflist").write_bytes(b'{"cniVersion":"0.3.1","name":"lo","plugins":[{"type":"loopback"}]}')
-    bundles = [make_fake_bundle(tmp_path / "b1", "v1"), make_fake_bundle(tmp_path / "b2", "v2")]
-    log_path = tmp_path / "installer.log"
+    bundles = [make_fake_bundle(scratch / "b1", "v1"), make_fake_bundle(scratch / "b2", "v2")]
+    log_path = scratch / "installer.log"
     rng = random.Random(4)
     observer, churn = Observer(conf, bindir), Churn(conf)
     observer.start()

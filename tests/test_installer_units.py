@@ -92,42 +92,42 @@ def test_sort_order_and_extensions_as_libcni() -> None:
     assert config_names(names) == [".h.conf", "00-a.conf", "05.json", "10-b.conf", "10-b.conflist", "Z.conf"]
 
 
-def test_scan_skips_invalid_and_subdirs(tmp_path: Path) -> None:
-    (tmp_path / "00-broken.conflist").write_text("{")
-    (tmp_path / "05-dir.conf").mkdir()
-    (tmp_path / "10-good.conf").write_text('{"cniVersion":"0.3.1","name":"g","type":"bridge"}')
-    listing = scan(str(tmp_path))
+def test_scan_skips_invalid_and_subdirs(scratch: Path) -> None:
+    (scratch / "00-broken.conflist").write_text("{")
+    (scratch / "05-dir.conf").mkdir()
+    (scratch / "10-good.conf").write_text('{"cniVersion":"0.3.1","name":"g","type":"bridge"}')
+    listing = scan(str(scratch))
     assert listing.names == ["00-broken.conflist", "10-good.conf"]
     assert "invalid JSON" in listing.invalid["00-broken.conflist"]
     assert listing.first_valid_name() == "10-good.conf"
-    assert scan(str(tmp_path / "missing")).names == []
-    assert scan(str(tmp_path / "05-dir.conf")).first_valid() is None
+    assert scan(str(scratch / "missing")).names == []
+    assert scan(str(scratch / "05-dir.conf")).first_valid() is None
 
 
 def _pair(dirs: Dirs) -> tuple[str, str]:
     return dirs.conf_dir, dirs.bin_dir
 
 
-def test_runtime_config_discovery(tmp_path: Path) -> None:
-    containerd = tmp_path / "config.toml"
+def test_runtime_config_discovery(scratch: Path) -> None:
+    containerd = scratch / "config.toml"
     containerd.write_text(
         'version = 2\n[plugins."io.containerd.grpc.v1.cri".cni]\n  bin_dir = "/b"\n  conf_dir = "/c"\n'
     )
-    crio = tmp_path / "crio.conf"
-    (tmp_path / "crio.conf.d").mkdir()
+    crio = scratch / "crio.conf"
+    (scratch / "crio.conf.d").mkdir()
     crio.write_text('[crio.network]\nnetwork_dir = "/crio/net"\nplugin_dirs = ["/crio/bin", "/x"]\n')
-    (tmp_path / "crio.conf.d" / "10-over.conf").write_text('[crio.network]\nnetwork_dir = "/crio/net2"\n')
-    none = str(tmp_path / "absent")
+    (scratch / "crio.conf.d" / "10-over.conf").write_text('[crio.network]\nnetwork_dir = "/crio/net2"\n')
+    none = str(scratch / "absent")
     assert _pair(resolve_dirs(None, None, str(containerd), none)) == ("/c", "/b")
     assert _pair(resolve_dirs("/flag", None, str(containerd), none)) == ("/flag", "/b"), "explicit flags win"
     assert _pair(resolve_dirs(None, None, none, str(crio))) == ("/crio/net2", "/crio/bin")
     assert _pair(resolve_dirs(None, None, none, none)) == (DEFAULT_CONF_DIR, DEFAULT_BIN_DIR)
-    v3 = tmp_path / "v3.toml"
+    v3 = scratch / "v3.toml"
     v3.write_text(
         'version = 3\n[plugins."io.containerd.cri.v1.runtime".cni]\n  bin_dirs = ["/b3"]\n  conf_dir = "/c3"\n'
     )
     assert _pair(resolve_dirs(None, None, str(v3), none)) == ("/c3", "/b3")
-    broken = tmp_path / "broken.toml"
+    broken = scratch / "broken.toml"
     broken.write_text("[[[")
     assert _pair(resolve_dirs(None, None, str(broken), none)) == (DEFAULT_CONF_DIR, DEFAULT_BIN_DIR)
 
@@ -138,29 +138,29 @@ def test_this_hosts_containerd_config_is_readable() -> None:
 
 
 # ---- atomic ------------------------------------------------------------------------------------------------
-def test_atomic_write_skips_identical_and_sweeps_temps(tmp_path: Path) -> None:
-    path = tmp_path / "f.conflist"
+def test_atomic_write_skips_identical_and_sweeps_temps(scratch: Path) -> None:
+    path = scratch / "f.conflist"
     assert atomic.write_atomic(str(path), b"a\n", 0o600)
     inode = path.stat().st_ino
     assert not atomic.write_atomic(str(path), b"a\n", 0o600)
     assert path.stat().st_ino == inode
     assert atomic.write_atomic(str(path), b"a\n", 0o640), "a mode change is a change"
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
-    (tmp_path / ".f.conflist.ambient-tmp.dead").write_text("partial")
-    assert atomic.sweep_temps(str(tmp_path)) == [".f.conflist.ambient-tmp.dead"]
-    assert atomic.is_temp_name(os.path.basename(atomic.temp_name(str(tmp_path), "x.conf")))
+    (scratch / ".f.conflist.ambient-tmp.dead").write_text("partial")
+    assert atomic.sweep_temps(str(scratch)) == [".f.conflist.ambient-tmp.dead"]
+    assert atomic.is_temp_name(os.path.basename(atomic.temp_name(str(scratch), "x.conf")))
 
 
 # ---- binary ------------------------------------------------------------------------------------------------
-def test_binary_install_upgrade_verify_uninstall(tmp_path: Path) -> None:
-    bindir = tmp_path / "bin"
+def test_binary_install_upgrade_verify_uninstall(scratch: Path) -> None:
+    bindir = scratch / "bin"
     bindir.mkdir()
-    v1, v2 = make_fake_bundle(tmp_path / "v1", "v1"), make_fake_bundle(tmp_path / "v2", "v2")
+    v1, v2 = make_fake_bundle(scratch / "v1", "v1"), make_fake_bundle(scratch / "v2", "v2")
     m1, m2 = binary.compute_manifest(str(v1)), binary.compute_manifest(str(v2))
     assert m1.digest != m2.digest
     assert binary.install(str(bindir), str(v1), m1)
     assert not binary.install(str(bindir), str(v1), m1), "idempotent"
-    out = subprocess.run([str(bindir / "ambient-cni")], input=b'{"run_dir":"%s"}' % str(tmp_path).encode(),
+    out = subprocess.run([str(bindir / "ambient-cni")], input=b'{"run_dir":"%s"}' % str(scratch).encode(),
                          env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=True)
     assert b"supportedVersions" in out.stdout
     assert binary.install(str(bindir), str(v2), m2)
@@ -177,9 +177,9 @@ def test_binary_install_upgrade_verify_uninstall(tmp_path: Path) -> None:
     assert os.listdir(bindir) == []
 
 
-def test_not_a_bundle(tmp_path: Path) -> None:
+def test_not_a_bundle(scratch: Path) -> None:
     with pytest.raises(binary.BinaryError, match="no 'ambient-cni' executable"):
-        binary.compute_manifest(str(tmp_path))
+        binary.compute_manifest(str(scratch))
 
 
 # ---- installer edge cases ----------------------------------------------------------------------------------
@@ -187,32 +187,32 @@ def _opts(conf: Path, mode: str = "owned") -> Options:
     return Options(conf_dir=str(conf), bin_dir="/nonexistent", entry=ENTRY, mode=mode)  # type: ignore[arg-type]
 
 
-def test_invalid_primary_is_held_not_replaced(tmp_path: Path) -> None:
+def test_invalid_primary_is_held_not_replaced(scratch: Path) -> None:
     """A primary that turns invalid (a non-atomic foreign write in progress) does not make us chain the next
     valid file; our chain stays as it was."""
-    (tmp_path / "10-a.conflist").write_text('{"cniVersion":"0.3.1","name":"a","plugins":[{"type":"calico"}]}')
-    (tmp_path / "99-lo.conflist").write_text('{"cniVersion":"0.3.1","name":"lo","plugins":[{"type":"loopback"}]}')
-    inst = Installer(_opts(tmp_path))
+    (scratch / "10-a.conflist").write_text('{"cniVersion":"0.3.1","name":"a","plugins":[{"type":"calico"}]}')
+    (scratch / "99-lo.conflist").write_text('{"cniVersion":"0.3.1","name":"lo","plugins":[{"type":"loopback"}]}')
+    inst = Installer(_opts(scratch))
     assert inst.run_pass().valid
-    before = (tmp_path / "00-ambient-cni.conflist").read_bytes()
-    (tmp_path / "10-a.conflist").write_text('{"cniVersion":"0.3.1","na')
+    before = (scratch / "00-ambient-cni.conflist").read_bytes()
+    (scratch / "10-a.conflist").write_text('{"cniVersion":"0.3.1","na')
     out = inst.run_pass()
     assert not out.valid and "keeping the chain built from its last valid content" in out.reason
-    assert (tmp_path / "00-ambient-cni.conflist").read_bytes() == before
+    assert (scratch / "00-ambient-cni.conflist").read_bytes() == before
 
 
-def test_mode_switch_removes_the_other_modes_files(tmp_path: Path) -> None:
-    (tmp_path / "10-a.conflist").write_text('{"cniVersion":"0.3.1","name":"a","plugins":[{"type":"calico"}]}')
-    assert Installer(_opts(tmp_path, "owned")).run_pass().valid
-    out = Installer(_opts(tmp_path, "inplace")).run_pass()
+def test_mode_switch_removes_the_other_modes_files(scratch: Path) -> None:
+    (scratch / "10-a.conflist").write_text('{"cniVersion":"0.3.1","name":"a","plugins":[{"type":"calico"}]}')
+    assert Installer(_opts(scratch, "owned")).run_pass().valid
+    out = Installer(_opts(scratch, "inplace")).run_pass()
     assert out.valid and "00-ambient-cni.conflist" in out.removed
-    assert json.loads((tmp_path / "10-a.conflist").read_text())["plugins"][-1]["type"] == "ambient-cni"
+    assert json.loads((scratch / "10-a.conflist").read_text())["plugins"][-1]["type"] == "ambient-cni"
 
 
-def test_inplace_foreign_rewrite_becomes_the_new_original(tmp_path: Path) -> None:
-    primary = tmp_path / "10-a.conflist"
+def test_inplace_foreign_rewrite_becomes_the_new_original(scratch: Path) -> None:
+    primary = scratch / "10-a.conflist"
     primary.write_text('{"cniVersion":"0.3.1","name":"a","plugins":[{"type":"calico"}]}')
-    inst = Installer(_opts(tmp_path, "inplace"))
+    inst = Installer(_opts(scratch, "inplace"))
     assert inst.run_pass().valid
     new_original = b'{"cniVersion":"0.3.1","name":"a","plugins":[{"type":"calico","mtu":1400}]}'
     primary.write_bytes(new_original)
@@ -221,10 +221,10 @@ def test_inplace_foreign_rewrite_becomes_the_new_original(tmp_path: Path) -> Non
     assert primary.read_bytes() == new_original
 
 
-def test_uninstall_without_backup_strips_our_entry(tmp_path: Path) -> None:
-    primary = tmp_path / "10-a.conflist"
+def test_uninstall_without_backup_strips_our_entry(scratch: Path) -> None:
+    primary = scratch / "10-a.conflist"
     primary.write_text('{"cniVersion":"0.3.1","name":"a","plugins":[{"type":"calico"},{"type":"ambient-cni"}]}')
-    Installer(_opts(tmp_path)).uninstall()
+    Installer(_opts(scratch)).uninstall()
     assert [p["type"] for p in json.loads(primary.read_text())["plugins"]] == ["calico"]
 
 
@@ -234,14 +234,14 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=installer_env(**env), timeout=60, check=False)
 
 
-def test_cli_env_vars_fill_the_entry(tmp_path: Path) -> None:
-    (tmp_path / "10-a.conflist").write_text('{"cniVersion":"1.0.0","name":"a","plugins":[{"type":"calico"}]}')
-    proc = _cli(str(tmp_path), str(tmp_path / "nobin"), "--once", "--skip-binary", "--ready-file", "",
+def test_cli_env_vars_fill_the_entry(scratch: Path) -> None:
+    (scratch / "10-a.conflist").write_text('{"cniVersion":"1.0.0","name":"a","plugins":[{"type":"calico"}]}')
+    proc = _cli(str(scratch), str(scratch / "nobin"), "--once", "--skip-binary", "--ready-file", "",
                 AMBIENT_CNI_EXCLUDE_NAMESPACES="kube-system, monitoring", AMBIENT_CNI_DEADLINE_MS="2500",
                 AMBIENT_CNI_RUN_DIR="/run/x", AMBIENT_CNI_LOG_LEVEL="debug", AMBIENT_CNI_FILE_MODE="0640",
                 AMBIENT_CNI_AGENT_POD_NAMESPACE="mesh", AMBIENT_CNI_LOG_FILE="none")
     assert proc.returncode == 0, proc.stderr
-    owned = tmp_path / "00-ambient-cni.conflist"
+    owned = scratch / "00-ambient-cni.conflist"
     entry = json.loads(owned.read_text())["plugins"][-1]
     assert entry == {"type": "ambient-cni", "run_dir": "/run/x", "exclude_namespaces": ["kube-system", "monitoring"],
                      "agent_pod_namespace": "mesh", "agent_pod_name_prefix": "ambient-cni-node-",
@@ -250,21 +250,22 @@ def test_cli_env_vars_fill_the_entry(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_errors_are_clear_and_without_traceback(tmp_path: Path) -> None:
-    (tmp_path / "10-a.conf").write_text('{"cniVersion":"0.2.0","name":"a","type":"bridge"}')
+def test_cli_errors_are_clear_and_without_traceback(scratch: Path) -> None:
+    (scratch / "10-a.conf").write_text('{"cniVersion":"0.2.0","name":"a","type":"bridge"}')
     cases = [
         (("--once", "--skip-binary", "--deadline-ms", "5"), "invalid plugin setting: deadline_ms"),
         (("--once", "--skip-binary", "--file-mode", "rw"), "not an octal mode"),
+        (("--once", "--skip-binary", "--owned-file-name", "00-x.conf"), "ending in .conflist"),
         (("--once", "--skip-binary"), "cniVersion '0.2.0' cannot carry a chained plugin"),
-        (("--once", "--source", str(tmp_path / "nothing")), "no plugin bundle at"),
+        (("--once", "--source", str(scratch / "nothing")), "no plugin bundle at"),
     ]
     for extra, message in cases:
-        proc = _cli(str(tmp_path), str(tmp_path), *extra)
+        proc = _cli(str(scratch), str(scratch), *extra)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
-    missing = _cli(str(tmp_path / "nope"), str(tmp_path), "--once", "--skip-binary")
+    missing = _cli(str(scratch / "nope"), str(scratch), "--once", "--skip-binary")
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
-    assert sorted(os.listdir(tmp_path)) == ["10-a.conf"], "nothing written"
+    assert sorted(os.listdir(scratch)) == ["10-a.conf"], "nothing written"
 
 
 def test_cli_help_shows_env_vars() -> None:

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from tests.installer_fixtures import (
     CONFLIST_FIXTURES,
     chain_types,
     installer_argv,
+    installer_env,
     make_fake_bundle,
     running_installer,
     wait_for,
@@ -48,12 +50,12 @@ class Node:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    conf, bindir, run = tmp_path / "net.d", tmp_path / "bin", tmp_path / "run"
+def node(scratch: Path) -> Node:
+    conf, bindir, run = scratch / "net.d", scratch / "bin", scratch / "run"
     for d in (conf, bindir, run):
         d.mkdir()
-    bundle = make_fake_bundle(tmp_path / "bundle")
-    return Node(conf, bindir, run / "install.ready", tmp_path / "installer.log", bundle)
+    bundle = make_fake_bundle(scratch / "bundle")
+    return Node(conf, bindir, run / "install.ready", scratch / "installer.log", bundle)
 
 
 def _argv(node: Node, *extra: str) -> list[str]:
@@ -184,3 +186,21 @@ def test_fight_is_throttled_and_warned(node: Node) -> None:
         gaps = [b - a for a, b in itertools.pairwise(repairs[4:])]
         assert min(gaps) >= 0.4, f"repairs not backed off: {gaps}"
         assert time.monotonic() - start < 15
+
+
+def test_inplace_primary_rewrite_is_rechained(node: Node) -> None:
+    """inplace mode: the primary CNI rewrites its file without our entry -> our entry is back within the bound,
+    the new content is the new original, and uninstall restores exactly it."""
+    primary = node.conf / "10-calico.conflist"
+    primary.write_bytes(CALICO)
+    with running_installer(_argv(node, "--mode", "inplace"), node.log):
+        wait_for(lambda: node.ready.exists(), timeout=20)
+        assert _chained(primary, ["calico", "portmap", "bandwidth"]) and not node.owned.exists()
+        elapsed = _timed(lambda: primary.write_bytes(FLANNEL), lambda: _chained(primary, ["flannel", "portmap"]))
+        assert elapsed < REPAIR_BOUND_S
+    proc = subprocess.run([*installer_argv(node.conf, node.bin)[:3], "uninstall", "--conf-dir", str(node.conf),
+                           "--bin-dir", str(node.bin), "--ready-file", str(node.ready)],
+                          capture_output=True, env=installer_env(), timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert primary.read_bytes() == FLANNEL
+    assert sorted(os.listdir(node.conf)) == ["10-calico.conflist"] and os.listdir(node.bin) == []

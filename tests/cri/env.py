@@ -238,6 +238,7 @@ def up(startup_timeout: float = 60.0) -> CriEnv:
     for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "nsenter", "gcc"):
         if shutil.which(tool) is None:
             raise EnvError(f"{tool} not found: run scripts/install-deps.sh")
+    reap_stale()
     tarball = image.pause_image_tarball()
     suffix = secrets.token_hex(3)
     name = f"accri{suffix}"
@@ -462,6 +463,20 @@ def load_all() -> list[CriEnv]:
             with contextlib.suppress(ValueError, TypeError, OSError):
                 envs.append(CriEnv(**json.loads(path.read_text())))
     return envs
+
+
+def reap_stale(min_age_s: float = 120.0) -> list[str]:
+    """Tear down environments whose containerd died with its owner (a killed test run); never a live one."""
+    reaped = []
+    for env in load_all():
+        try:
+            age = time.time() - _state_file(env).stat().st_mtime
+        except OSError:
+            continue
+        if env.pid and not _alive(env.pid) and age > min_age_s:
+            down(env)
+            reaped.append(env.name)
+    return reaped
 
 
 @contextlib.contextmanager

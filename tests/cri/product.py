@@ -273,7 +273,8 @@ class Node:
     # ------------------------------------------------------------------ doctor
 
     def doctor(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_product("doctor", "--run-dir", str(self.run_dir), *args)
+        extra = ["--peer-log", str(self.peer_log)] if self.peer_log.exists() else []
+        return run_product("doctor", "--run-dir", str(self.run_dir), "--health-addr", self.health_addr, *extra, *args)
 
     def close(self) -> None:
         self.stop_agent()
