@@ -127,7 +127,7 @@ def throwaway_node() -> Iterator[Node]:
         say("Clean-up: processes, network namespaces, files")
         node.close()
         signal.signal(signal.SIGTERM, previous)
-        left = [n for n in run("ip", "netns", "list", quiet=True).split() if n.startswith(f"acdemo-") and TAG in n]
+        left = [n for n in run("ip", "netns", "list", quiet=True).split() if n.startswith("acdemo-") and TAG in n]
         print("left behind:", left or "nothing")
 
 
@@ -233,7 +233,8 @@ def main() -> int:
         node.spawn(
             "ip", "netns", "exec", server_netns, PYTHON, "-c",
             "import socket\ns=socket.create_server(('0.0.0.0',8080))\n"
-            "while True:\n c,_=s.accept(); c.sendall(b'hello from server via '+str(c.getpeername()).encode()); c.close()",
+            "while True:\n"
+            " c,_=s.accept(); c.sendall(b'hello from server via '+str(c.getpeername()).encode()); c.close()",
             log=node.tmp / "server.out",
         )  # fmt: skip
         time.sleep(0.5)
@@ -242,10 +243,20 @@ def main() -> int:
             f"s=socket.create_connection(('{addresses['server']}',8080),timeout=5)\n"
             "print(s.recv(200).decode())"
         )
-        run("ip", "netns", "exec", pods["client"][1], PYTHON, "-c", client)
-        run("ip", "netns", "exec", pods["legacy"][1], PYTHON, "-c", client)
+        for name in ("client", "legacy"):
+            reply = run("ip", "netns", "exec", pods[name][1], PYTHON, "-c", client, quiet=True).strip()
+            print(f"  {pods[name][0]}/{name} -> server:8080: {reply!r}")
         if node.peer_stats.exists():
-            print("peer counters:", node.peer_stats.read_text().strip())
+            stats = json.loads(node.peer_stats.read_text())
+            for pod in stats.get("pods", {}).values():
+                print(f"  peer counters for {pod['namespace']}/{pod['name']}: {pod['ports']} {pod['destinations']}")
+        print("  (the unenrolled legacy pod's own egress is untouched; the enrolled server's inbound still")
+        print("   goes through its 15006, so the server only ever sees its own proxy as the peer)")
+        print("\n  iptables-save inside the client pod (the seed's check 3):")
+        rules = run("ip", "netns", "exec", pods["client"][1], "iptables-save", quiet=True)
+        for line in rules.splitlines():
+            if line.startswith(("*", "-A", ":ISTIO", "COMMIT")):
+                print("    " + line)
 
         say("7. ambient-cni doctor --pod ambient-demo/client (the seed's three checks)")
         run(
@@ -253,13 +264,29 @@ def main() -> int:
             "--health-addr", node.health, "--peer-log", str(node.peer_log), check=False,
         )  # fmt: skip
 
-        say("8. Pods are deleted: DEL through the chain; rules and listeners are gone")
+        say("8. Fail closed: with ztunnel gone, a new enrolled pod does not start")
+        peer = node.procs[1]
+        os.killpg(peer.pid, signal.SIGTERM)
+        peer.wait(timeout=10)
+        late_netns = node.add_netns("late")
+        late_uid = f"{secrets.token_hex(4)}-0000-4000-8000-{secrets.token_hex(6)}"
+        started = time.monotonic()
+        try:
+            cni(node, "add", late_netns, "late", "ambient-demo", late_uid)
+            print("  unexpected: ADD succeeded")
+        except SystemExit as exc:
+            error = next((line for line in str(exc).splitlines() if line.startswith("{")), str(exc))
+            print(f"  ADD refused after {1000 * (time.monotonic() - started):.0f} ms: {error}")
+        pods["late"] = ("ambient-demo", late_netns)
+        uids["late"] = late_uid
+
+        say("9. Pods are deleted: DEL through the chain; rules and listeners are gone")
         for name, (namespace, netns) in pods.items():
             cni(node, "del", netns, name, namespace, uids[name])
         rules = run("ip", "netns", "exec", pods["client"][1], "iptables-save", quiet=True)
         print("  ISTIO chains left in client netns:", "yes" if "ISTIO" in rules else "none")
-        print("  agent records:", run("curl", "-s", f"http://{node.health}/debug/pods", check=False, quiet=True)
-              if shutil.which("curl") else urllib.request.urlopen(f"http://{node.health}/debug/pods").read().decode())
+        with urllib.request.urlopen(f"http://{node.health}/debug/pods", timeout=5) as response:
+            print("  agent records:", response.read().decode().strip())
     return 0
 
 

@@ -316,6 +316,44 @@ def _remove_sandboxes(env: CriEnv) -> tuple[set[str], set[str]]:
     return ids, netns_paths
 
 
+def _discover_from_disk(env: CriEnv) -> tuple[set[str], set[str]]:
+    """Sandboxes and pod netns of ``env`` without asking containerd (it may be dead): sandbox ids are the
+    cgroup dirs under our cgroup parent; pod netns come from libcni's result cache for our network name and
+    from the network namespace of every process in our cgroups, matched against /run/netns/cni-* by inode."""
+    ids: set[str] = set()
+    netns_paths: set[str] = set()
+    pids: set[int] = set()
+    for base in _cgroup_dirs(env.cgroup_parent):
+        for child in base.iterdir():
+            if child.is_dir() and len(child.name) == 64:
+                ids.add(child.name)
+        for procs in base.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(p) for p in procs.read_text().split())
+    results = LIBCNI_CACHE / "results"
+    if results.is_dir():
+        for entry in results.glob(f"{env.net_name}-*"):
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+                doc = json.loads(entry.read_text())
+                ids.add(str(doc.get("containerId", "")))
+                for iface in (doc.get("result") or {}).get("interfaces") or []:
+                    if iface.get("sandbox"):
+                        netns_paths.add(str(iface["sandbox"]))
+    inodes: set[tuple[int, int]] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/ns/net")
+            inodes.add((st.st_dev, st.st_ino))
+    if inodes and NETNS_DIR.is_dir():
+        for ns in NETNS_DIR.glob("cni-*"):
+            with contextlib.suppress(OSError):
+                st = ns.stat()
+                if (st.st_dev, st.st_ino) in inodes:
+                    netns_paths.add(str(ns))
+    ids.discard("")
+    return ids, {p.replace("/var/run/", "/run/") for p in netns_paths} | netns_paths
+
+
 def _pids_with(needle: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -423,6 +461,10 @@ def down(env: CriEnv) -> list[str]:
         sandbox_ids, netns_paths = _remove_sandboxes(env)
     except Exception as err:
         problems.append(f"removing sandboxes: {err}")
+    # whatever CRI could not remove (containerd dead or stuck): find it on disk before killing processes
+    disk_ids, disk_netns = _discover_from_disk(env)
+    sandbox_ids |= disk_ids
+    netns_paths |= disk_netns
     _stop_process_group(env.pid)
     # shims re-parent to init and outlive containerd; they carry our socket address on their command line
     for pid in _pids_with(f"-address {env.socket}"):
