@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -91,7 +93,18 @@ def agent_add_ms(node: Node) -> float:
     return 1000.0 * total / count if count else float("nan")
 
 
-def run(pods: int, warmup: int) -> tuple[Series, Series, Series, float]:
+def plugin_exec_ms(bin_dir: Path, runs: int = 20) -> float:
+    """Median time of one exec of the installed plugin (CNI VERSION): its start-up cost, for attribution."""
+    plugin = bin_dir / "ambient-cni"
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([str(plugin)], env={"CNI_COMMAND": "VERSION"}, input=b"{}", capture_output=True, check=False)
+        samples.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(samples)
+
+
+def run(pods: int, warmup: int) -> tuple[Series, Series, Series, float, float]:
     require_product()
     plain_env = env_mod.up()
     ours_env: CriEnv | None = None
@@ -126,7 +139,7 @@ def run(pods: int, warmup: int) -> tuple[Series, Series, Series, float]:
                 shift = i % len(jobs)
                 for series, cri, env, namespace in jobs[shift:] + jobs[:shift]:
                     series.samples_ms.append(_one(cri, env, f"bench-{i}", namespace))
-        return baseline, enrolled, unenrolled, agent_add_ms(node)
+        return baseline, enrolled, unenrolled, agent_add_ms(node), plugin_exec_ms(ours_env.bin_dir)
     finally:
         if node is not None:
             node.close()
@@ -153,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pods", type=int, default=30, help="timed pods per series")
     parser.add_argument("--warmup", type=int, default=3, help="untimed pods per environment first")
     args = parser.parse_args(argv)
-    baseline, enrolled, unenrolled, agent_ms = run(args.pods, args.warmup)
+    baseline, enrolled, unenrolled, agent_ms, exec_ms = run(args.pods, args.warmup)
     ratio = enrolled.median / baseline.median
     print(f"RunPodSandbox, enrolled pod vs no plugin: {ratio:.2f}x (target <= {TARGET_RATIO:.2f}x)")
     print(f"RunPodSandbox, unenrolled pod vs no plugin: {unenrolled.median / baseline.median:.2f}x")
     print()
     print(report(baseline, [enrolled, unenrolled]))
     print()
+    print(f"one exec of the installed plugin (CNI VERSION), median: {exec_ms:.1f} ms")
     print(f"agent-side mean ADD (request -> reply; iptables in the pod netns, ZDS ack): {agent_ms:.1f} ms")
     return 0 if ratio <= TARGET_RATIO else 1
 

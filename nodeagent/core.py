@@ -21,7 +21,9 @@ from nodeagent.keyedlock import KeyedLocks
 from nodeagent.metrics import Metrics
 from nodeagent.store import PodRecord, PodStore
 
-VIEW_CATCHUP_MAX_S = 0.1  # how long an ADD waits for a pod missing from the view (istio: 10 x 10 ms)
+VIEW_CATCHUP_MAX_S = 0.1  # how long an ADD waits for a pod missing from a watched view (istio: 10 x 10 ms)
+# Views that only change when someone edits them (the cluster-state file) have no watch lag to wait out.
+_NO_CATCHUP_KINDS = frozenset({"file"})
 REPLY_MARGIN_S = 0.05  # the dataplane must finish this long before the plugin's deadline
 
 
@@ -142,7 +144,8 @@ class AgentCore:
         if not synced:
             return wire.Reply(request.id, ok=False, code=errors.TRY_AGAIN_LATER,
                               msg=f"node agent cannot decide enrollment yet: cluster view not synced ({why})")
-        enrolled, why_not, pod = self._decide(request, min(VIEW_CATCHUP_MAX_S, request.deadline_ms / 4000.0))
+        catchup_s = 0.0 if self.view.kind in _NO_CATCHUP_KINDS else VIEW_CATCHUP_MAX_S
+        enrolled, why_not, pod = self._decide(request, min(catchup_s, request.deadline_ms / 4000.0))
         if not enrolled:
             logs.emit(self._log, logging.INFO, "ADD: pod not enrolled", self._fields(request, reason=why_not))
             return wire.Reply(request.id, ok=True, enrolled=False)
