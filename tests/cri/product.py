@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -285,7 +284,3 @@ def require_product() -> Path:
     if not (PRODUCT.exists() and os.access(PRODUCT, os.X_OK)):
         raise ProductError(f"{PRODUCT} is missing: build it with `make build`")
     return PRODUCT
-
-
-if __name__ == "__main__":  # pragma: no cover - manual poking
-    print(require_product(), file=sys.stderr)
