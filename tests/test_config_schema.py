@@ -48,8 +48,10 @@ VALID: list[dict[str, Any]] = [
     _with(runtimeConfig={}),
     _with(runtimeConfig={"portmappings": []}),
     _with(runtimeConfig={"portmappings": [{"hostport": 0, "containerport": 65535}]}),
-    _with(runtimeConfig={"portmappings": [{"hostport": 80, "containerport": 8080, "protocol": "udp", "hostip": "1.2.3.4",
-                                           "extra": 1}], "bandwidth": {"x": 1}}),
+    _with(runtimeConfig={
+        "portmappings": [{"hostport": 80, "containerport": 8080, "protocol": "udp", "hostip": "1.2.3.4", "extra": 1}],
+        "bandwidth": {"x": 1},
+    }),
     {**BASE, "cni.dev/valid-attachments": [{"containerID": "abc", "ifname": "eth0", "extra": True}]},
     {**BASE, "cni.dev/valid-attachments": []},
     {**BASE, "cni.dev/valid-attachments": None},
@@ -172,7 +174,7 @@ def test_defaults_are_the_documented_ones() -> None:
 
 def test_generated_file_is_up_to_date() -> None:
     current = (REPO_ROOT / "cni_plugin" / "_generated_schema.py").read_text()
-    assert current == schema_gen.render(), "run `make cni_plugin/_generated_schema.py` (python -m cni_plugin.schema_gen)"
+    assert current == schema_gen.render(), "regenerate: make cni_plugin/_generated_schema.py"
 
 
 def test_defaults_are_not_shared_between_validations() -> None:

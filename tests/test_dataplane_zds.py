@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from google.protobuf.message import DecodeError
 
 from nodeagent.dataplane import zds_pb2
 from nodeagent.dataplane.api import DataplaneError, PodWork
@@ -40,7 +41,13 @@ class RawClient:
             if not data:
                 return
             req = zds_pb2.WorkloadRequest()
-            req.ParseFromString(data)
+            try:
+                req.ParseFromString(data)
+            except DecodeError:  # keep the evidence: the assertions on kinds() then show the bytes
+                self.got.append((f"corrupt:{data.hex()}:fds={len(fds)}", "", None))
+                for fd in fds:
+                    os.close(fd)
+                continue
             kind = req.WhichOneof("payload") or ""
             uid = getattr(getattr(req, kind), "uid", "") if kind != "snapshot_sent" else ""
             ino = os.fstat(fds[0]).st_ino if fds else None

@@ -8,6 +8,7 @@ the host. No agent runs: pods are in an excluded namespace (decided locally), ex
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def test_chain_lifecycle(
     )
     pod = netns_factory("acpod")
     common: dict[str, Any] = dict(
-        conf_dir=conf_dir, bin_dir=bins, cache_dir=cache_dir, node=node_netns, container_id="acpt-chain-1",
+        conf_dir=conf_dir, bin_dir=bins, cache_dir=cache_dir, node=node_netns,
+        container_id=f"acpt-chain-{secrets.token_hex(4)}",
         cni_args=EXCLUDED_POD_ARGS, cap_args=PORT_MAPPINGS if full_chain else None,
     )
 
@@ -111,10 +113,11 @@ def test_chain_lifecycle(
     assert deleted.code == 0 and deleted.stdout == "", deleted.describe()
 
     # ADD again, then the netns disappears before DEL (node reboot, runtime cleanup).
-    again = run_driver("add", with_plugin.name, pod.path, **{**common, "container_id": "acpt-chain-2"})
+    second = {**common, "container_id": f"acpt-chain-{secrets.token_hex(4)}"}  # unique: tuning keeps host state
+    again = run_driver("add", with_plugin.name, pod.path, **second)
     assert again.code == 0, again.describe()
     subprocess.run(["ip", "netns", "delete", pod.name], check=True)
-    gone = run_driver("del", with_plugin.name, pod.path, **{**common, "container_id": "acpt-chain-2"})
+    gone = run_driver("del", with_plugin.name, pod.path, **second)
     assert gone.code == 0 and gone.stdout == "", gone.describe()
 
 
@@ -142,7 +145,7 @@ def test_chain_output_equals_chain_without_plugin(
         pod = netns_factory("acpod")
         common: dict[str, Any] = dict(
             conf_dir=conf_dir, bin_dir=cni_bin_dir, cache_dir=cache_dir, node=node_netns,
-            container_id=f"acpt-same-{index}", cni_args=EXCLUDED_POD_ARGS,
+            container_id=f"acpt-same-{index}-{secrets.token_hex(4)}", cni_args=EXCLUDED_POD_ARGS,
         )
         added = run_driver("add", info.name, pod.path, **common)
         assert added.code == 0, added.describe()
@@ -166,7 +169,7 @@ def test_enrolled_pod_fails_closed_without_agent(
     info = write_conflist(conf_dir, "1.0.0", ipam_dir=ipam_dir, ambient=_ambient_entry(run_dir, portmap=False))
     common: dict[str, Any] = dict(
         conf_dir=conf_dir, bin_dir=cni_bin_dir, cache_dir=cache_dir, node=node_netns,
-        container_id="acpt-enrolled", cni_args=ENROLLED_POD_ARGS,
+        container_id=f"acpt-enrolled-{secrets.token_hex(4)}", cni_args=ENROLLED_POD_ARGS,
     )
     added = run_driver("add", info.name, pod_netns.path, **common)
     assert added.code == 1, added.describe()

@@ -19,7 +19,7 @@ from tests.plugin_fixtures import VERSIONS, assert_no_traceback
 SILENT_ON_SUCCESS = {"DEL", "CHECK", "GC", "STATUS"}
 RUN_DIR = Path(tempfile.gettempdir()) / f"acpt-property-run-{os.getpid()}"  # no agent there
 
-env_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+env_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=40)
 commands = st.one_of(st.sampled_from(["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"]), env_text.filter(bool))
 cni_args = st.one_of(
     env_text,

@@ -1,0 +1,1 @@
+$(PLUGIN): build/plugin_entry.py build/lazy_rthooks.py
