@@ -8,9 +8,10 @@ effort: a missing run dir or a failed write never affects the operation.
 
 from __future__ import annotations
 
-import json
 import os
 import time
+
+from cni_plugin import fastjson
 
 HINTS_DIR = "pods"
 
@@ -27,7 +28,7 @@ def write(run_dir: str, namespace: str, name: str, content: dict[str, object]) -
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        data = json.dumps({**content, "written_at": time.time()}, separators=(",", ":")).encode()
+        data = fastjson.dumps({**content, "written_at": time.time()}).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, data)
@@ -48,7 +49,7 @@ def remove(run_dir: str, namespace: str, name: str, container_id: str) -> None:
     path = hint_path(run_dir, namespace, name)
     try:
         with open(path, "rb") as handle:
-            current = json.loads(handle.read())
+            current = fastjson.loads(handle.read())
         if container_id and current.get("container_id") not in (container_id, None):
             return
         os.unlink(path)
@@ -68,7 +69,7 @@ def prune(run_dir: str, valid_container_ids: set[str]) -> int:
         path = os.path.join(directory, entry)
         try:
             with open(path, "rb") as handle:
-                container_id = json.loads(handle.read()).get("container_id")
+                container_id = fastjson.loads(handle.read()).get("container_id")
             if container_id not in valid_container_ids:
                 os.unlink(path)
                 removed += 1

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def _handlers() -> dict[str, Any]:
+    from cni_plugin.commands import HANDLERS
+
+    return dict(HANDLERS)
+
 
 def run() -> int:
-    from cni_plugin.commands import HANDLERS
     from cni_plugin.skel import dispatch
 
-    return dispatch(HANDLERS)
+    return dispatch(_handlers)

@@ -7,10 +7,11 @@ The agent tails the file and re-emits the lines under scope ``cni-plugin``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
+
+from cni_plugin import fastjson
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 MAX_LOG_BYTES = 5 * 1024 * 1024  # rotated to <file>.1 past this size
@@ -32,7 +33,12 @@ class PluginLog:
         if LEVELS[level] < self.threshold:
             return
         record = {"time": round(time.time(), 6), "level": level, "msg": msg, **self.context, **fields}
-        self._lines.append(json.dumps(record, default=str, separators=(",", ":")))
+        try:
+            line = fastjson.dumps(record)
+        except (TypeError, ValueError):
+            plain = {k: v if isinstance(v, str | int | float | bool) else str(v) for k, v in record.items()}
+            line = fastjson.dumps(plain)
+        self._lines.append(line)
 
     def debug(self, msg: str, **fields: object) -> None:
         self.log("debug", msg, **fields)

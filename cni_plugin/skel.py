@@ -6,12 +6,10 @@ successful DEL/CHECK/GC/STATUS). Anything else that tries to print while a comma
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 
-from cni_plugin import errors
+from cni_plugin import errors, fastjson
 from cni_plugin.plugin_log import LOG
 from cni_plugin.versions import LATEST, SUPPORTED_VERSIONS, at_least
 
@@ -29,8 +27,13 @@ _REQUIRED_ENV = {
     "GC": ("CNI_PATH",),
 }
 _MIN_VERSION = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
-_CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
-_NETWORK_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_NAME_CHARS = _ALNUM | frozenset("_.-")
+
+
+def valid_identifier(value: str) -> bool:
+    """``^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`` (libcni's rule for container IDs and network names), without ``re``."""
+    return bool(value) and value[0] in _ALNUM and all(c in _NAME_CHARS for c in value)
 _MAX_STDIN = 16 * 1024 * 1024
 
 
@@ -54,7 +57,7 @@ def check_env(command: str, env: Mapping[str, str]) -> None:
     if missing:
         raise errors.CniError(errors.INVALID_ENV, f"required env variables [{','.join(missing)}] missing")
     container_id = env.get("CNI_CONTAINERID", "")
-    if command in ("ADD", "DEL", "CHECK") and not _CONTAINER_ID.match(container_id):
+    if command in ("ADD", "DEL", "CHECK") and not valid_identifier(container_id):
         raise errors.CniError(
             errors.INVALID_ENV,
             f"invalid characters in CNI_CONTAINERID {container_id!r}",
@@ -81,8 +84,8 @@ def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) 
     later errors answer in that version.
     """
     try:
-        raw = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = fastjson.loads(stdin)
+    except ValueError as exc:
         raise errors.CniError(errors.DECODE_FAILURE, f"error parsing network configuration: {exc}") from exc
     if not isinstance(raw, dict):
         raise errors.CniError(errors.DECODE_FAILURE, "network configuration must be a JSON object")
@@ -104,7 +107,7 @@ def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) 
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise errors.CniError(errors.INVALID_CONFIG, "missing network name")
-    if not _NETWORK_NAME.match(name):
+    if not valid_identifier(name):
         raise errors.CniError(errors.INVALID_CONFIG, f"invalid characters in network name {name!r}")
     if isinstance(raw.get("runtimeConfig"), dict):
         raw["runtimeConfig"] = _lower_keys(raw["runtimeConfig"])
@@ -120,7 +123,7 @@ def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) 
 
 
 def _emit(stream: TextIO, document: dict[str, Any]) -> None:
-    stream.write(json.dumps(document))
+    stream.write(fastjson.dumps(document))
     stream.write("\n")
     stream.flush()
 
@@ -130,12 +133,15 @@ def _version_info() -> dict[str, Any]:
 
 
 def dispatch(
-    handlers: Mapping[str, Callable[[Invocation], dict[str, Any] | None]],
+    load_handlers: Callable[[], Mapping[str, Callable[[Invocation], dict[str, Any] | None]]],
     env: Mapping[str, str] | None = None,
     stdin: Any = None,
     stdout: TextIO | None = None,
 ) -> int:
-    """Run one CNI command. Returns the process exit code; never raises."""
+    """Run one CNI command. Returns the process exit code; never raises.
+
+    ``load_handlers`` is called only once a command needs them, so VERSION and refused input stay cheap.
+    """
     env = os.environ if env is None else env
     out = stdout or sys.stdout
     sys.stdout = sys.stderr  # nothing but our one document may reach the runtime's stdout
@@ -154,7 +160,7 @@ def dispatch(
         if len(data) > _MAX_STDIN:
             raise errors.CniError(errors.DECODE_FAILURE, "network configuration is larger than 16 MiB")
         invocation.conf = load_conf(data, command, invocation)
-        result = handlers[command](invocation)
+        result = load_handlers()[command](invocation)
         if result is not None:
             _emit(out, result)
         return 0

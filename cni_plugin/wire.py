@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import struct
 
-import msgpack
-
 from cni_plugin.record import Record
 
 TYPE_CHECKING = False
@@ -36,6 +34,8 @@ class WireError(Exception):
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
+    import msgpack  # imported on use: the plugin's local decisions never need it
+
     body = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise WireError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
@@ -53,6 +53,8 @@ def frame_length(header: bytes) -> int:
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
+    import msgpack
+
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several types for malformed input
