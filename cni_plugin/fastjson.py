@@ -45,6 +45,11 @@ def loads(data: bytes | str) -> Any:
         value, end = _scan_once(text, start)
     except StopIteration as exc:
         raise ValueError(f"Expecting value: char {exc.value}") from None
+    except SystemError:  # the scanner could not import json.decoder to build its error: let json say it
+        import json
+
+        json.loads(text)
+        raise
     finally:
         _ScannerContext.memo.clear()
     rest = text[end:]

@@ -1,4 +1,4 @@
-"""Publishes ``<run_dir>/enrollment.msgpack`` after view changes: debounced, atomic (temp + fsync + rename).
+"""Publishes ``<run_dir>/enrollment.json`` after view changes: debounced, atomic (temp + fsync + rename).
 
 Nothing is written before the view is synced: a snapshot from an incomplete view would let enrolled pods
 pass as "not enrolled". The file stays in place when the agent stops.

@@ -175,6 +175,6 @@ def test_enrolled_pod_fails_closed_without_agent(
     assert added.code == 1, added.describe()
     assert added.json is not None and added.json["code"] == 11, added.describe()
     assert str(run_dir) in added.json["msg"], added.json
-    assert "enrollment.msgpack" in added.json["msg"] or "cni.sock" in added.json["msg"], added.json
+    assert "enrollment.json" in added.json["msg"] or "cni.sock" in added.json["msg"], added.json
     deleted = run_driver("del", info.name, pod_netns.path, **common)
     assert deleted.code == 0 and deleted.stdout == "", deleted.describe()
