@@ -1,8 +1,9 @@
 """The enrollment snapshot the agent publishes in its run dir and the plugin reads on every ADD.
 
 Format (one JSON object, atomically replaced; JSON because the plugin parses it with CPython's C scanner
-without importing msgpack, whose import costs ~5 ms of every pod start): ``{"v": 1, "node": str, "generation": int, "written_at": float,
-"namespaces": {name: bool}, "pods": {"namespace/name": bool}}``. ``namespaces`` holds each namespace's
+without importing msgpack, whose import costs ~5 ms of every pod start):
+``{"v": 1, "node": str, "generation": int, "written_at": float, "namespaces": {name: bool},
+"pods": {"namespace/name": bool}}``. ``namespaces`` holds each namespace's
 verdict; ``pods`` holds the verdict of every pod the agent knows on this node (pod-level opt-ins and
 opt-outs, hostNetwork and sidecar pods included).
 """
