@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from bench.plugin_exec import PLUGIN, ROOT, Case, build_empty, exec_once, percentile
+from cni_plugin.snapshot import SNAPSHOT_NAME
 
 PODS = 110
 TARGET_RATIO = 2.0
@@ -67,7 +68,7 @@ def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     end = time.monotonic() + 30
     while time.monotonic() < end:
         port = _listening_port(proc.pid)
-        if port and (run_dir / "enrollment.msgpack").exists() and (run_dir / "cni.sock").exists():
+        if port and (run_dir / SNAPSHOT_NAME).exists() and (run_dir / "cni.sock").exists():
             return proc, f"127.0.0.1:{port}"
         time.sleep(0.05)
     proc.kill()
