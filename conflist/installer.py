@@ -149,19 +149,29 @@ class Installer:
             return f"primary {listing.invalid[last]}; keeping the chain built from its last valid content"
         return None
 
+    def _primary_or_reason(self, listing: Scan, out: Outcome) -> Primary | None:
+        """The primary config to chain, or None with ``out.reason`` saying why there is none to use now."""
+        ours = self.options.owned_names()
+        held = self._held(listing, ours)
+        if held:
+            out.reason = held
+            return None
+        primary = listing.first_valid(exclude=lambda n: n in ours)
+        if primary is None:
+            out.reason = (
+                f"waiting for a primary CNI config in {self.options.conf_dir} (no valid *.conf/*.conflist/*.json)"
+            )
+            return None
+        out.primary = primary.filename
+        return primary
+
     def _config_pass_owned(self, listing: Scan, out: Outcome) -> None:
         opts = self.options
         ours = opts.owned_names()
         present = [n for n in listing.names if n in ours]
-        held = self._held(listing, ours)
-        if held:
-            out.reason = held
-            return
-        primary = listing.first_valid(exclude=lambda n: n in ours)
+        primary = self._primary_or_reason(listing, out)
         if primary is None:
-            out.reason = f"waiting for a primary CNI config in {opts.conf_dir} (no valid *.conf/*.conflist/*.json)"
             return
-        out.primary = primary.filename
         self.last_primary = primary.filename
         name = owned_name_for(primary.filename, opts.owned_file_name)
         data = serialise(build_chain(primary, opts.entry, opts.default_cni_version))
@@ -208,15 +218,9 @@ class Installer:
     def _config_pass_inplace(self, listing: Scan, out: Outcome) -> None:
         opts = self.options
         ours = opts.owned_names()
-        held = self._held(listing, ours)
-        if held:
-            out.reason = held
-            return
-        primary = listing.first_valid(exclude=lambda n: n in ours)
+        primary = self._primary_or_reason(listing, out)
         if primary is None:
-            out.reason = f"waiting for a primary CNI config in {opts.conf_dir} (no valid *.conf/*.conflist/*.json)"
             return
-        out.primary = primary.filename
         stem, _ext = os.path.splitext(primary.filename)
         target = primary.filename if primary.is_list else stem + ".conflist"
         self.last_primary = target
