@@ -90,15 +90,7 @@ class Pod:
 
     def socket(self, family: int = socket.AF_INET) -> socket.socket:
         """A TCP socket created inside this pod's netns."""
-        fd = os.open(self.ns.path, os.O_RDONLY)
-        try:
-            worker = NetnsWorker(fd, "pod-sock")
-            try:
-                return worker.socket(family)
-            finally:
-                worker.stop()
-        finally:
-            os.close(fd)
+        return sock_in(self.ns.path, family)
 
 
 @dataclass
