@@ -1,0 +1,110 @@
+"""How the agent finds a running pod's netns without a CNI event (the seed's "already running" path).
+
+Pure parsing of /proc/<pid>/cgroup lines in the shapes kubelet's cgroup drivers produce, and one real case:
+a process started inside a test netns and moved into a real cgroup named after the pod uid is found through
+/proc, and the path it yields is that netns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from nodeagent import netns_finder
+
+UID = "1e054806-e667-4109-a5af-08b3e6ba0c42"
+
+
+@pytest.mark.parametrize(
+    "cgroup_text",
+    [
+        # cgroup v2, systemd driver
+        f"0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice/"
+        "cri-containerd-abc.scope\n",
+        # cgroup v2, cgroupfs driver
+        f"0::/kubepods/burstable/pod{UID}/0123456789abcdef\n",
+        # cgroup v1, several hierarchies
+        f"12:pids:/kubepods/pod{UID}/abc\n11:memory:/kubepods/pod{UID}/abc\n0::/\n",
+    ],
+)
+def test_cgroup_shapes_of_a_pod_are_recognised(cgroup_text: str) -> None:
+    assert netns_finder.cgroup_mentions_pod(cgroup_text, UID)
+
+
+@pytest.mark.parametrize(
+    "cgroup_text",
+    [
+        "0::/system.slice/containerd.service\n",
+        f"0::/kubepods/pod{UID}x/abc\n",  # another uid that merely starts with this one
+        f"0::/kubepods/pod{UID[:-1]}/abc\n",  # a prefix of the uid
+    ],
+)
+def test_other_cgroups_are_not_the_pod(cgroup_text: str) -> None:
+    assert not netns_finder.cgroup_mentions_pod(cgroup_text, UID)
+
+
+def test_no_uid_matches_nothing() -> None:
+    assert not netns_finder.cgroup_mentions_pod(f"0::/kubepods/pod{UID}/abc\n", "")
+
+
+def test_hint_parsing_is_tolerant_and_strict_where_it_matters() -> None:
+    hint = netns_finder.parse_hint(
+        '{"netns": "/var/run/netns/cni-1", "container_id": "c1", "ifname": "eth0", "uid": "u", '
+        '"ips": ["10.0.0.5/24", "fd00::5/64"], "written_at": 1.5}'
+    )
+    assert hint is not None and hint.netns == "/var/run/netns/cni-1" and hint.ips == ("10.0.0.5/24", "fd00::5/64")
+    for bad in ("", "not json", "[]", '{"netns": ""}', '{"container_id": "c1"}'):
+        assert netns_finder.parse_hint(bad) is None, bad
+
+
+@pytest.fixture
+def pod_cgroup() -> Iterator[Path]:
+    # cgroup v2 (unified) where mounted, else a v1 controller hierarchy, as on these machines
+    candidates = [Path("/sys/fs/cgroup"), *(Path("/sys/fs/cgroup") / c for c in ("pids", "cpu", "memory"))]
+    root = next((c for c in candidates if (c / "cgroup.procs").exists()), None)
+    if root is None:
+        pytest.fail("no writable cgroup hierarchy under /sys/fs/cgroup")
+    parent = root / f"acfind-{secrets.token_hex(3)}"
+    cgroup = parent / f"pod{UID}"
+    cgroup.mkdir(parents=True)
+    try:
+        yield cgroup
+    finally:
+        for directory in (cgroup, parent):
+            for _ in range(50):
+                try:
+                    directory.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def test_running_pod_is_found_through_proc(
+    netns_factory: Callable[..., object], pod_cgroup: Path
+) -> None:
+    ns = netns_factory("acfind")
+    path = ns.path  # type: ignore[attr-defined]
+    proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "30"])  # type: ignore[attr-defined]
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # wait until the exec happened (same pid, now sleep in the netns)
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(path).st_ino:
+                    break
+            time.sleep(0.02)
+        (pod_cgroup / "cgroup.procs").write_text(str(proc.pid))
+        found = netns_finder.from_proc(UID)
+        assert found is not None, "the pod's process was not found through /proc"
+        assert found.source == "proc"
+        assert found.inode == os.stat(path).st_ino
+        assert netns_finder.from_proc("00000000-0000-0000-0000-000000000000") is None
+    finally:
+        proc.kill()
+        proc.wait()
