@@ -380,3 +380,39 @@ def test_cli_errors_are_clear(scratch: Path) -> None:
                           capture_output=True, text=True, timeout=30, env=env)
     assert "still-bad" in done.stderr and "Traceback" not in done.stderr
     struct.pack(">I", 0)  # keep the import used for readers of the framing
+
+
+def test_reconcile_follows_a_replaced_netns_and_drops_a_gone_one(
+    scratch: Path, state_file: Path, netns_factory: Callable[..., Netns]
+) -> None:
+    """istio#61182: a pod whose netns was replaced under the same uid must not stay "enrolled" on a dead
+    netns. The agent compares the recorded inode with the live one on every reconcile pass."""
+    proc = AgentProcess(scratch / "agent-rc", cluster_state=state_file, extra_args=["--reconcile-interval", "0.2"])
+    proc.base.mkdir()
+    agent = proc.start()
+    try:
+        ns = netns_factory("acrc")
+        add = request("add", "cart-0", "shop", uid="uid-cart", netns=ns.path, container_id="cid-old")
+        assert call(agent.sock, add)["enrolled"] is True
+        old_inode = os.stat(ns.path).st_ino
+        # the sandbox is recreated: a new netns at the same path, with the plugin's hint for it
+        subprocess.run(["ip", "netns", "del", ns.name], check=True)
+        subprocess.run(["ip", "netns", "add", ns.name], check=True)
+        new_inode = os.stat(ns.path).st_ino
+        assert new_inode != old_inode
+        hints = agent.run_dir / "pods"
+        hints.mkdir(exist_ok=True)
+        (hints / "shop_cart-0").write_text(
+            f'{{"netns": "{ns.path}", "container_id": "cid-new", "ifname": "eth0", "uid": "uid-cart", '
+            '"ips": [], "written_at": 1}'
+        )
+        wait_until(
+            lambda: [(r["container_id"], r["netns_inode"]) for r in agent.records()] == [("cid-new", new_inode)],
+            what="record re-enrolled on the new netns",
+        )
+        # the netns disappears for good (and its hint with it): the record goes
+        (hints / "shop_cart-0").unlink()
+        subprocess.run(["ip", "netns", "del", ns.name], check=True)
+        wait_until(lambda: agent.records() == [], what="record removed once the netns is gone")
+    finally:
+        proc.kill()
