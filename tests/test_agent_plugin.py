@@ -39,6 +39,9 @@ def env(scratch: Path, conf_dir: Path, cache_dir: Path, ipam_dir: Path, cni_bin_
         pod("plain-0", uid="uid-plain-0", namespace="plain"),
         pod("coredns-0", uid="uid-coredns-0", namespace="kube-system"),
         pod("ambient-cni-node-abc", uid="uid-ambient-cni-node-abc", namespace="istio-system"),
+        # user_pain §17: redirecting a hostNetwork pod would rewrite the node's own rules
+        pod("hostnet-0", uid="uid-hostnet-0", namespace="shop", hostNetwork=True),
+        pod("sidecar-0", uid="uid-sidecar-0", namespace="shop", annotations={"sidecar.istio.io/status": "{}"}),
     ])
     agent = AgentProcess(scratch / "agent", cluster_state=state)
     agent.base.mkdir()
@@ -77,6 +80,8 @@ def _cni(env: dict[str, Any], command: str, netns: Netns, name: str, namespace: 
         ("plain-0", "plain", False),
         ("coredns-0", "kube-system", False),
         ("ambient-cni-node-abc", "istio-system", False),
+        ("hostnet-0", "shop", False),  # enrolled namespace, but hostNetwork: never redirected
+        ("sidecar-0", "shop", False),  # enrolled namespace, but a sidecar pod
         ("", "", False),  # not a Kubernetes pod: no K8S_* CNI_ARGS
     ],
 )
