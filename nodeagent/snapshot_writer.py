@@ -8,35 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 
 from cni_plugin import snapshot as snapshot_format
 from cni_plugin.enrollment import Exemptions
+from conflist.atomic import write_atomic
 from nodeagent import decide, logs
 from nodeagent.clusterview.model import ClusterState
 
 DEBOUNCE_S = 0.02
-
-
-def write_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".enrollment.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class SnapshotPublisher:
@@ -90,7 +72,7 @@ class SnapshotPublisher:
             self._published.set()
             return False
         self._generation += 1
-        write_atomically(self.path, snapshot_format.encode(snap, time.time()))
+        write_atomic(self.path, snapshot_format.encode(snap, time.time()), 0o644)
         self._last = fingerprint
         self.writes += 1
         self._published.set()

@@ -135,8 +135,3 @@ def run_in_netns(fd: int, fn: Callable[[], T], name: str = "netns-worker") -> T:
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["result"]  # type: ignore[return-value]
-
-
-def enter_netns_current_thread(fd: int) -> None:
-    """setns(2) for the calling thread only (use from a thread that never does other work)."""
-    _pr_netns.setns(fd)
