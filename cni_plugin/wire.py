@@ -15,6 +15,7 @@ from cni_plugin.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -33,10 +34,14 @@ class WireError(Exception):
         self.code = code
 
 
-def encode_frame(message: dict[str, Any]) -> bytes:
-    import msgpack  # imported on use: the plugin's local decisions never need it
+def encode_frame(message: dict[str, Any], packb: Callable[[Any], bytes] | None = None) -> bytes:
+    """Header + msgpack body. ``packb``: the encoder; by default the plugin's ``cni_plugin.minipack`` (no
+    library import on the hot path); the agent passes the msgpack library's (``nodeagent.server``)."""
+    if packb is None:
+        from cni_plugin import minipack
 
-    body = msgpack.packb(message, use_bin_type=True)
+        packb = minipack.packb
+    body = packb(message)
     if len(body) > MAX_FRAME:
         raise WireError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
     return HEADER.pack(len(body)) + body
@@ -52,11 +57,14 @@ def frame_length(header: bytes) -> int:
     return int(length)
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
-    import msgpack
+def decode_body(body: bytes, unpackb: Callable[[bytes], Any] | None = None) -> dict[str, Any]:
+    """One msgpack map. ``unpackb``: the decoder (default ``cni_plugin.minipack``; see ``encode_frame``)."""
+    if unpackb is None:
+        from cni_plugin import minipack
 
+        unpackb = minipack.unpackb
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        message = unpackb(body)
     except Exception as exc:  # msgpack raises several types for malformed input
         raise WireError(f"malformed msgpack body: {exc}") from exc
     if not isinstance(message, dict):

@@ -17,6 +17,9 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgpack
 
 from cni_plugin import errors, wire
 from nodeagent import logs
@@ -32,6 +35,16 @@ REQUIRED_PEER_UID = 0
 PERMISSION_DENIED = errors.AGENT_FAILURE  # code answered to a non-root peer (see docs/protocol.md)
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+# The agent speaks the wire format with the msgpack library (C, fast under load); the plugin with
+# cni_plugin.minipack (no import cost per pod). tests/test_minipack.py proves the two byte-compatible.
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpackb(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, strict_map_key=True)
 
 
 class ServerError(Exception):
@@ -204,7 +217,7 @@ class SocketServer:
     @staticmethod
     def _send(conn: socket.socket, reply: wire.Reply) -> None:
         conn.settimeout(WRITE_TIMEOUT_S)
-        conn.sendall(wire.encode_frame(reply.to_wire()))
+        conn.sendall(wire.encode_frame(reply.to_wire(), _packb))
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -227,7 +240,7 @@ class SocketServer:
         message: dict[str, object] = {}
         try:
             length = wire.frame_length(_recv_exact(conn, wire.HEADER.size, deadline))
-            message = wire.decode_body(_recv_exact(conn, length, deadline))
+            message = wire.decode_body(_recv_exact(conn, length, deadline), _unpackb)
             request = wire.parse_request(message)
         except wire.WireError as exc:
             self.core.metrics.requests.labels("unknown", "refused").inc()

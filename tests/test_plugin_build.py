@@ -13,7 +13,7 @@ from tests.harness.paths import PLUGIN
 from tests.harness.runners import run_plugin
 
 HEAVY = ("pydantic", "pydantic_core", "click", "kubernetes", "google", "grpc", "yaml", "urllib3", "logging",
-         "asyncio", "http", "ssl", "email", "conflist", "nodeagent")
+         "asyncio", "http", "ssl", "email", "conflist", "nodeagent", "msgpack")
 
 
 def _archive(executable: Path) -> tuple[list[str], list[str]]:

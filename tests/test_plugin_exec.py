@@ -2,7 +2,8 @@
 error cases are easier to pin one by one): every error code, pass-through per version, DEL tolerance.
 
 Where a test needs the node agent's side of the socket, a small fake agent speaks the real wire protocol
-(cni_plugin.wire framing, msgpack) on a real UNIX socket in a temp run dir: the agent is a separate part
+(cni_plugin.wire framing, the msgpack library as the agent uses it, so every exchange also checks the plugin's
+cni_plugin.minipack against the library) on a real UNIX socket in a temp run dir: the agent is a separate part
 with its own tests; this pins only what the plugin does with each kind of reply.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from cni_plugin import snapshot, wire
@@ -58,6 +60,14 @@ def _write_snapshot(run_dir: Path, namespaces: dict[str, bool], pods: dict[str, 
     (run_dir / snapshot.SNAPSHOT_NAME).write_bytes(snapshot.encode(snap, time.time()))
 
 
+def lib_packb(message: Any) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def lib_unpackb(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, strict_map_key=True)
+
+
 class FakeAgent:
     """Answers each request on ``<run_dir>/cni.sock`` with ``respond(request_map) -> bytes | None`` (raw
     frame bytes to send; None = never answer). Records the decoded requests."""
@@ -84,7 +94,7 @@ class FakeAgent:
                 conn.settimeout(5)
                 try:
                     length = wire.frame_length(_recv_exact(conn, wire.HEADER.size))
-                    request = wire.decode_body(_recv_exact(conn, length))
+                    request = wire.decode_body(_recv_exact(conn, length), lib_unpackb)
                 except (OSError, wire.WireError):
                     continue
                 self.requests.append(request)
@@ -118,7 +128,7 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
 def reply(ok: bool, code: int = 0, msg: str = "", enrolled: bool = True) -> Callable[[dict[str, Any]], bytes]:
     def respond(request: dict[str, Any]) -> bytes:
         return wire.encode_frame(wire.Reply(id=request.get("id", ""), ok=ok, enrolled=enrolled, code=code,
-                                            msg=msg).to_wire())
+                                            msg=msg).to_wire(), lib_packb)
     return respond
 
 
@@ -244,7 +254,7 @@ def test_status_without_agent_is_code_50(run_dir: Path, plugin_binary: Path) -> 
         (reply(False, 0, "something odd"), 100, "something odd"),
         (reply(False, 11, "no ztunnel connection"), 11, "no ztunnel connection"),
         (lambda request: wire.HEADER.pack(3) + b"\xc1\xc1\xc1", 103, "bad reply"),
-        (lambda request: wire.encode_frame({"v": 2, "id": "x", "ok": True}), 103, "version"),
+        (lambda request: wire.encode_frame({"v": 2, "id": "x", "ok": True}, lib_packb), 103, "version"),
         (lambda request: None, 11, "did not answer"),
     ],
     ids=["redirection-failed", "unclassified", "retryable", "garbage-reply", "wrong-protocol", "timeout"],
