@@ -115,3 +115,57 @@ def test_install_redirection_v4_only_pod_leaves_ip6tables_alone(netns_factory) -
     assert "ISTIO" in ns.iptables_save()
     assert "ISTIO" not in ns.iptables_save(v6=True)
     assert inpod.families_of(("10.1.0.5/24", "fd00::5/64")) == [Family.V4, Family.V6]
+
+
+def test_first_install_input_creates_chains_with_n() -> None:
+    text = rules.first_install_input(Family.V4)
+    assert text.count("COMMIT") == 2 and ":ISTIO" not in text and "-D " not in text
+    assert [ln for ln in text.splitlines() if ln.startswith("-N")] == [
+        "-N ISTIO_OUTPUT", "-N ISTIO_PRERT", "-N ISTIO_OUTPUT"]
+    # the same rules as the general input for an empty netns, only the chain declarations differ
+    general = rules.install_input(Family.V4, "")
+    assert [ln for ln in text.splitlines() if not ln.startswith("-N")] == [
+        ln for ln in general.splitlines() if not ln.startswith(":")]
+
+
+def test_both_families_at_once_match_the_goldens(netns_factory) -> None:  # noqa: F811
+    ns = netns_factory()
+    in_ns(ns, lambda: iptables.install_families([Family.V4, Family.V6]))
+    assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
+    assert ours(ns.iptables_save(v6=True)) == (GOLDEN / "ip6tables_save.txt").read_text()
+
+
+def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory) -> None:  # noqa: F811
+    """Our mangle chains gone, nat intact: the fresh-netns restore commits mangle and is refused for nat; the
+    general path then leaves exactly one copy of everything."""
+    ns = netns_factory()
+    in_ns(ns, lambda: iptables.install(Family.V4))
+    for cmd in (["-D", "PREROUTING", "-j", "ISTIO_PRERT"], ["-D", "OUTPUT", "-j", "ISTIO_OUTPUT"],
+                ["-F", "ISTIO_PRERT"], ["-F", "ISTIO_OUTPUT"], ["-X", "ISTIO_PRERT"], ["-X", "ISTIO_OUTPUT"]):
+        ns.run("iptables", "-t", "mangle", *cmd)
+    assert "ISTIO_PRERT" not in ns.iptables_save()
+    in_ns(ns, lambda: iptables.install(Family.V4))
+    assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
+
+
+def test_a_real_restore_failure_is_raised_and_meanwhile_still_runs(netns_factory) -> None:  # noqa: F811
+    ns = netns_factory()
+    ran: list[bool] = []
+    bad = rules.RuleParams(inbound_tunnel_port=99999)  # refused in mangle, the first table
+    with pytest.raises(iptables.IptablesError, match="iptables-restore --noflush failed"):
+        in_ns(ns, lambda: iptables.install_families([Family.V4], bad, meanwhile=lambda: ran.append(True)))
+    assert ran == [True]
+    assert "ISTIO" not in ns.iptables_save()
+
+
+def test_meanwhile_failure_waits_for_the_restores(netns_factory) -> None:  # noqa: F811
+    ns = netns_factory()
+
+    def boom() -> None:
+        raise RuntimeError("routes failed")
+
+    with pytest.raises(RuntimeError, match="routes failed"):
+        in_ns(ns, lambda: iptables.install_families([Family.V4, Family.V6], meanwhile=boom))
+    # the restores were waited for (no zombie, no half-applied table: each table is one transaction)
+    assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
+

@@ -35,10 +35,8 @@ def families_of(ips: tuple[str, ...]) -> list[Family]:
 
 
 def install_redirection(families: list[Family], params: RuleParams = DEFAULT_PARAMS) -> None:
-    """Rules + routes, in the calling thread's netns."""
-    for fam in families:
-        iptables.install(fam, params)
-    routes.install(families, params)
+    """Rules + routes, in the calling thread's netns (the routes are set while the iptables-restores run)."""
+    iptables.install_families(families, params, meanwhile=lambda: routes.install(families, params))
 
 
 def remove_redirection(families: list[Family], params: RuleParams = DEFAULT_PARAMS) -> None:
