@@ -169,3 +169,41 @@ def test_meanwhile_failure_waits_for_the_restores(netns_factory) -> None:  # noq
     # the restores were waited for (no zombie, no half-applied table: each table is one transaction)
     assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
 
+
+def _routing_state(ns: Netns) -> list[str]:
+    return [ns.run("ip", *fam, "-d", *what).stdout for fam in ([], ["-6"])
+            for what in (["rule", "show"], ["route", "show", "table", "100"])] + [ns.run("ip", "-o", "link", "show",
+                                                                                      "lo").stdout.split(">")[0]]
+
+
+def test_routes_batch_equals_what_iproute_sets(netns_factory) -> None:  # noqa: F811
+    """routes.install sends pre-encoded requests on a plain netlink socket; the kernel state must equal what
+    pyroute2's IPRoute calls (the previous implementation) leave."""
+    ours_ns, ref_ns = netns_factory(), netns_factory()
+    ref_ns.run("ip", "link", "set", "lo", "down")
+    ours_ns.run("ip", "link", "set", "lo", "down")
+
+    def with_iproute() -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ipr.link("set", index=1, state="up")
+            for af, dst in ((2, "0.0.0.0/0"), (10, "::/0")):
+                ipr.rule("add", family=af, fwmark=0x111, fwmask=0xFFF, table=100, priority=32764)
+                ipr.route("replace", family=af, dst=dst, type="local", oif=1, table=100, scope=254)
+
+    in_ns(ref_ns, with_iproute)
+    in_ns(ours_ns, lambda: routes.install([Family.V4, Family.V6]))
+    assert _routing_state(ours_ns) == _routing_state(ref_ns)
+    assert "proto static scope host" in _routing_state(ours_ns)[1]
+
+
+def test_routes_failure_names_the_request(netns_factory) -> None:  # noqa: F811
+    ns = netns_factory()
+    ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+    ns.run("sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1")
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with pytest.raises(NetlinkError, match="route replace"):
+        in_ns(ns, lambda: routes.install([Family.V4, Family.V6]))
+    assert "fwmark 0x111/0xfff lookup 100" in ns.run("ip", "rule").stdout  # the v4 part went through
