@@ -153,10 +153,13 @@ class SocketServer:
                 if os.stat(self.path).st_ino == self._socket_inode:  # ours, not a successor's
                     os.unlink(self.path)
             with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
         if self._accept_thread is not None:
+            # joined before the close: a thread about to block on a socket that is closed under it can end up
+            # on the reused fd number of the next socket (CPython reads the number after releasing the GIL)
             self._accept_thread.join(timeout=2)
+        if self._listener is not None:
+            self._listener.close()
         end = time.monotonic() + drain_timeout
         with self._inflight_cond:
             while self._inflight and (remaining := end - time.monotonic()) > 0:

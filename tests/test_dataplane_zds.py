@@ -23,8 +23,9 @@ from zds_peer.client import Peer
 class RawClient:
     """A scripted ZDS client: records (kind, uid, netns inode or None); acks per ``mode``."""
 
-    def __init__(self, path: str, mode: str = "ack") -> None:
+    def __init__(self, path: str, mode: str = "ack", ack_delay_s: float = 0.0) -> None:
         self.mode = mode  # "ack" | "silent" | "error"
+        self.ack_delay_s = ack_delay_s
         self.got: list[tuple[str, str, int | None]] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.connect(path)
@@ -40,32 +41,42 @@ class RawClient:
                 return
             if not data:
                 return
-            req = zds_pb2.WorkloadRequest()
             try:
-                req.ParseFromString(data)
-            except DecodeError:  # keep the evidence: the assertions on kinds() then show the bytes
-                self.got.append((f"corrupt:{data.hex()}:fds={len(fds)}", "", None))
+                self._handle(data, fds)
+            except Exception as exc:  # never die silently (no more acks would look like a server bug)
+                self.got.append((f"client error: {exc!r}", "", None))
+            finally:
                 for fd in fds:
-                    os.close(fd)
-                continue
-            kind = req.WhichOneof("payload") or ""
-            uid = getattr(getattr(req, kind), "uid", "") if kind != "snapshot_sent" else ""
-            ino = os.fstat(fds[0]).st_ino if fds else None
-            for fd in fds:
-                os.close(fd)
-            self.got.append((kind, uid, ino))
-            if self.mode == "silent" and kind == "add":
-                continue
-            err = "rejected by test" if self.mode == "error" and kind == "add" else ""
-            with contextlib.suppress(OSError):
-                self.sock.send(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=err)).SerializeToString())
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+    def _handle(self, data: bytes, fds: list[int]) -> None:
+        req = zds_pb2.WorkloadRequest()
+        try:
+            req.ParseFromString(data)
+        except DecodeError:  # keep the evidence: the assertions on kinds() then show the bytes
+            self.got.append((f"corrupt:{data.hex()}:fds={len(fds)}", "", None))
+            return
+        kind = req.WhichOneof("payload") or ""
+        uid = getattr(getattr(req, kind), "uid", "") if kind != "snapshot_sent" else ""
+        self.got.append((kind, uid, os.fstat(fds[0]).st_ino if fds else None))
+        if self.mode == "silent" and kind == "add":
+            return
+        if self.ack_delay_s:
+            time.sleep(self.ack_delay_s)
+        err = "rejected by test" if self.mode == "error" and kind == "add" else ""
+        with contextlib.suppress(OSError):
+            self.sock.send(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=err)).SerializeToString())
 
     def kinds(self) -> list[str]:
         return [k for k, _, _ in self.got]
 
     def close(self) -> None:
+        """Shut down, let the loop thread end, then close: never close a socket under a thread that may be
+        about to block on it (it could end up on the fd number's next owner; see zds_server)."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+        self._t.join(timeout=10)
         self.sock.close()
 
 
@@ -147,6 +158,42 @@ def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_fact
             second.close()
     finally:
         first.close()
+
+
+def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdir_short: str,  # noqa: F811
+                                                                          netns_factory) -> None:  # noqa: F811
+    """A reconnect snapshot takes a while (one ack per pod). A pod removed meanwhile has its netns handle closed
+    (its DelWorkload to the busy connection gives up), and the fd number is soon reused by another file: the
+    snapshot must still send the netns it listed (the server owns duplicates), never a stale number."""
+    dp = InPodDataplane(os.path.join(tmpdir_short, "zds2.sock"), ack_timeout_s=2.0)
+    a, x, b, other = netns_factory(), netns_factory(), netns_factory(), netns_factory()
+    first = RawClient(dp.zds.path)
+    reused: list[int] = []
+    try:
+        wait_for(lambda: first.kinds() == ["snapshot_sent"], what="empty snapshot")
+        pods = [pod_in(ns) for ns in (a, x, b)]
+        for pod in pods:
+            dp.add(pod, time.monotonic() + 5)
+        b_fd = dp._pods[pods[2].uid].handle.fd  # type: ignore[union-attr]
+        # acks 1.2 s apart: Add(a) at 0, Add(x) at 1.2 s, Add(b) at 2.4 s; the DEL below gives up at ~2 s
+        slow = RawClient(dp.zds.path, ack_delay_s=1.2)
+        try:
+            wait_for(lambda: slow.kinds()[:1] == ["add"], what="snapshot under way")
+            dp.remove(pods[2])  # closes b's handle once its DelWorkload to the busy connection gives up
+            for _ in range(64):  # take b's old fd number for another netns, as any new open would
+                reused.append(os.open(other.path, os.O_RDONLY | os.O_CLOEXEC))
+                if reused[-1] == b_fd:
+                    break
+            wait_for(lambda: "snapshot_sent" in slow.kinds(), timeout=15, what="snapshot")
+            got = {uid: ino for kind, uid, ino in slow.got if kind == "add"}
+            assert got == {pod.uid: os.stat(ns.path).st_ino for pod, ns in zip(pods, (a, x, b), strict=True)}
+        finally:
+            slow.close()
+    finally:
+        for fd in reused:
+            os.close(fd)
+        first.close()
+        dp.close()
 
 
 @pytest.mark.parametrize("mode", ["silent", "error"])

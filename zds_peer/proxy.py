@@ -146,9 +146,9 @@ class PodProxy:
         with self._lock:
             conns = list(self._conns)
             self._conns.clear()
-        for c in conns:
+        for c in conns:  # wakes both pumps; the relay thread closes the sockets once they are done with them
             with contextlib.suppress(OSError):
-                c.close()
+                c.shutdown(socket.SHUT_RDWR)
         self._worker.stop()
         self._stats.pod(self.uid, listening=False)
 

@@ -7,8 +7,10 @@ call's changes (fail closed) and raises DataplaneError; "no ztunnel" and "no ack
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -126,9 +128,23 @@ class InPodDataplane:
             return self._pod_locks.setdefault(key, threading.Lock())
 
     def _snapshot(self) -> list[SnapshotEntry]:
-        # Called by the ZDS server under its lock; must not block on pod locks.
+        """What a (re)connecting ztunnel gets: every pod, each with a *duplicate* of its netns fd that the ZDS
+        server owns and closes once sent. Sending takes one ack per pod, and meanwhile a DEL may close the
+        pod's own handle and the fd number be reused by any other file (measured: another pod's netns went out
+        under the removed pod's uid). Handles are closed only after their entry left ``_pods`` (under
+        ``_lock``), so every handle seen here is open. Called under the ZDS server's lock: no pod locks."""
+        entries: list[SnapshotEntry] = []
         with self._lock:
-            return [_entry(e.pod, e.handle.fd if e.handle else None) for e in self._pods.values()]
+            try:
+                for e in self._pods.values():
+                    fd = fcntl.fcntl(e.handle.fd, fcntl.F_DUPFD_CLOEXEC, 0) if e.handle is not None else None
+                    entries.append(_entry(e.pod, fd))
+            except OSError:
+                for entry in entries:
+                    if entry.fd is not None:
+                        os.close(entry.fd)
+                raise
+        return entries
 
     def _add_locked(self, key: str, pod: PodWork, deadline: float) -> int:
         if not self.zds.connected():

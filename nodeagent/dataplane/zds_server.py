@@ -41,7 +41,7 @@ class SnapshotEntry:
     name: str = ""
     namespace: str = ""
     service_account: str = ""
-    fd: int | None = None  # None: the netns is gone -> KeepWorkload
+    fd: int | None = None  # None: the netns is gone -> KeepWorkload. Ownership: see ZdsServer
 
 
 def add_request(entry: SnapshotEntry) -> zds_pb2.WorkloadRequest:
@@ -92,17 +92,31 @@ class _Connection:
                     self._acks.put(resp.ack)
         finally:
             self.close()
+            self._release()
 
     def close(self) -> None:
+        """End the connection: wake the reader (shutdown) and any request waiting for an ack.
+
+        The socket itself is closed later, by the reader as it exits and under ``send_lock`` (``_release``), so
+        that no thread can still be entering a call on it. CPython reads a socket's fd number only after
+        releasing the GIL; a socket closed under a thread that is about to block on it lets that thread, if
+        preempted there, use the number after it went to a new socket (the next connection, the next
+        listener): a stale reader then steals another connection's acks (whose request times out and closes
+        that connection, so its snapshot never completes) or reads foreign bytes.
+        """
         if self._closed.is_set():
             return
         self._closed.set()
         self._acks.put(None)  # wake a waiting request
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.sock.close()
         self._on_close(self)
+        if self._reader is None:  # never started (the hello failed): this thread is the socket's only user
+            self.sock.close()
+
+    def _release(self) -> None:
+        with self.send_lock:  # a request mid-send finishes first (it fails fast: the socket is shut down)
+            self.sock.close()
 
     def request_locked(self, req: zds_pb2.WorkloadRequest, fd: int | None, timeout: float) -> None:
         """Send one request and wait for its ack; the caller holds ``send_lock``. Raises ZdsError."""
@@ -144,7 +158,8 @@ class _Connection:
 
 
 class ZdsServer:
-    """Listens for ztunnel. ``snapshot_source`` returns what to replay to every new connection."""
+    """Listens for ztunnel. ``snapshot_source`` returns what to replay to every new connection; the fds in those
+    entries belong to the server, which closes them once sent (``add`` only borrows the caller's fd)."""
 
     def __init__(
         self,
@@ -181,11 +196,12 @@ class ZdsServer:
         self._stop.set()
         if self._listener is not None:
             with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=2)  # before the close: see _Connection.close
+        if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.close()
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout=2)
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
@@ -222,7 +238,11 @@ class ZdsServer:
             with self._lock:
                 self._next_id += 1
                 cid = self._next_id
-            threading.Thread(target=self._handle, args=(sock, cid), name=f"zds-hello-{cid}", daemon=True).start()
+            try:
+                threading.Thread(target=self._handle, args=(sock, cid), name=f"zds-hello-{cid}", daemon=True).start()
+            except RuntimeError as exc:  # no thread for it (resource limits): refuse, keep accepting
+                log.warning("zds connection %d: cannot serve it: %s", cid, exc)
+                sock.close()
 
     def _handle(self, sock: socket.socket, cid: int) -> None:
         conn = _Connection(sock, cid, self._forget)
@@ -240,11 +260,15 @@ class ZdsServer:
             log.warning("zds connection %d: hello failed: %s", cid, exc)
             conn.close()
             return
+        if self._stop.is_set():  # the server closed while this connection said hello
+            conn.close()
+            return
         log.info("zds: ztunnel connected (connection %d), sending snapshot", cid)
         conn.start_reader()
         # Register and take the snapshot under the server lock, holding the connection's send lock: any add
         # routed to this (newest) connection afterwards queues behind the snapshot.
         conn.send_lock.acquire()
+        entries: list[SnapshotEntry] = []
         try:
             with self._lock:
                 self._conns.append(conn)
@@ -268,8 +292,15 @@ class ZdsServer:
             log.info("zds: snapshot of %d pods sent on connection %d", len(entries), cid)
         except ZdsError as exc:
             log.warning("zds connection %d: snapshot failed: %s", cid, exc.msg)
+        except OSError as exc:  # the snapshot source could not duplicate the netns fds (e.g. out of fds)
+            log.warning("zds connection %d: snapshot failed, closing: %s", cid, exc)
+            conn.close()
         finally:
             conn.send_lock.release()
+            for entry in entries:  # the snapshot's fds are ours (SnapshotEntry): sent or not, close them
+                if entry.fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(entry.fd)
 
     # -- requests -----------------------------------------------------------------------------------------------
     def add(self, entry: SnapshotEntry, timeout: float) -> None:
