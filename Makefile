@@ -9,7 +9,7 @@ PLUGIN := $(DIST)/ambient-cni
 CNITOOL := tests/tools/bin/cnitool
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv build driver test lint typecheck demo bench clean
+.PHONY: all deps venv build driver test lint typecheck demo bench bench-readme clean
 
 all: build
 
@@ -51,8 +51,13 @@ test: deps build driver lint
 demo: deps build driver
 	$(PY) -m demo
 
+# Prints every row (missed targets marked); fails only on a broken run; a full run writes docs/benchmarks.md
+# and the README's summary table (bench/report.py).
 bench: deps build driver
 	$(PY) -m bench
+
+bench-readme:
+	$(PY) -m bench.report sync-readme
 
 clean:
 	rm -rf $(DIST) .pyi-work tests/tools/bin $(GENERATED)

@@ -7,7 +7,7 @@ One run measures, round-robin: the empty PyInstaller onedir executable built wit
 socket round trip, agent decision, recording dataplane, SQLite record; a DEL between runs so every ADD
 enrolls for real). Then 110 concurrent ADDs of distinct enrolled pods (each its own real netns): wall time,
 p50/p99 per exec, failures; and the agent's RSS with those 110 pods enrolled.
-Targets: ADD median <= 2x empty; failures = 0; RSS <= 60 MB.
+Targets: ADD median <= 1.35x empty; failures = 0; RSS <= 60 MB.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from bench.plugin_exec import PLUGIN, ROOT, Case, build_empty, exec_once, percentile
+from bench import report
+from bench.plugin_exec import PLUGIN, ROOT, Case, build_empty, cpu_median, exec_once, percentile
 from cni_plugin.snapshot import SNAPSHOT_NAME
 
 PODS = 110
-TARGET_RATIO = 2.0
+TARGET_RATIO = 1.35
 TARGET_RSS_MB = 60.0
 BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -182,26 +183,27 @@ def _run(workdir: Path, empty: Path, names: list[str], agent: subprocess.Popen[b
 
     empty_med, add_med = statistics.median(empty_ms), statistics.median(add_ms)
     ratio = add_med / empty_med
-    ok_ratio, ok_fail, ok_rss = ratio <= TARGET_RATIO, not failures and records == PODS, rss <= TARGET_RSS_MB
-    print(f"empty frozen exec median {empty_med:.1f} ms; enrolled ADD median {add_med:.1f} ms; ratio {ratio:.2f}x")
-    print()
-    print("| measurement | value | target | ok |")
-    print("|---|---|---|---|")
-    print(f"| empty frozen executable (baseline), median of {runs} | {empty_med:.1f} ms | | |")
-    print(f"| enrolled ADD via agent, median (p90 {percentile(add_ms, 90):.1f} ms) | {add_med:.1f} ms | | |")
-    print(f"| agent share: enrolled ADD over the socket, no exec, median | {statistics.median(wire_ms):.2f} ms"
-          " | | |")
-    print(f"| ratio ADD / empty | {ratio:.2f}x | <= {TARGET_RATIO:g}x | {'yes' if ok_ratio else 'NO'} |")
-    print(f"| {PODS} concurrent enrolled ADDs, wall | {wall_ms:.0f} ms | | |")
-    print(f"| {PODS} concurrent, p50 / p99 per exec | {percentile(latencies, 50):.0f} / "
-          f"{percentile(latencies, 99):.0f} ms | | |")
-    print(f"| {PODS} concurrent, failures / records | {len(failures)} / {records} | 0 / {PODS} | "
-          f"{'yes' if ok_fail else 'NO'} |")
-    print(f"| agent RSS with {records} pods enrolled | {rss:.1f} MB | <= {TARGET_RSS_MB:g} MB | "
-          f"{'yes' if ok_rss else 'NO'} |")
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    report.header(f"Enrolled ADD exec through a real agent (record dataplane) vs the empty frozen executable: "
+                  f"{runs} runs each, round-robin; then {PODS} concurrent ADDs of distinct pods")
+    report.row(f"empty frozen executable (baseline), median of {runs}", f"{empty_med:.1f} ms")
+    report.row("agent share: the same ADD over the socket from the benchmark (no exec), median",
+               f"{statistics.median(wire_ms):.2f} ms")
+    report.row("enrolled ADD exec via the agent (record dataplane), median",
+               f"{add_med:.1f} ms (p90 {percentile(add_ms, 90):.1f}) = {ratio:.2f}x empty",
+               f"<= {TARGET_RATIO:g}x empty", ratio <= TARGET_RATIO)
+    report.row("CPU time per exec (user + sys, median): empty / enrolled ADD",
+               f"{cpu_median(empty_case):.1f} / {cpu_median(add_case):.1f} ms = "
+               f"{cpu_median(add_case) / cpu_median(empty_case):.2f}x (the agent's CPU not included)")
+    report.row(f"{PODS} concurrent enrolled ADD execs: wall; p50 / p99 per exec",
+               f"{wall_ms:.0f} ms; {p50:.0f} / {p99:.0f} ms")
+    report.row(f"{PODS} concurrent enrolled ADD execs: failures / agent records", f"{len(failures)} / {records}",
+               f"0 / {PODS}", not failures and records == PODS)
+    report.row(f"agent RSS with {records} pods enrolled", f"{rss:.1f} MB", f"<= {TARGET_RSS_MB:g} MB",
+               rss <= TARGET_RSS_MB)
     if failures:
         print(f"first failure: {failures[0]}", file=sys.stderr)
-    return 0 if ok_fail else 1
+    return 0
 
 
 if __name__ == "__main__":

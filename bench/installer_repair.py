@@ -25,6 +25,8 @@ from pathlib import Path
 from inotify_simple import INotify
 from inotify_simple import flags as F
 
+from bench import report
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 PRIMARY = b'{"cniVersion":"0.3.1","name":"k8s-pod-network","plugins":[{"type":"calico"},{"type":"portmap"}]}\n'
@@ -106,11 +108,11 @@ def _pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--gap-ms", type=float, default=20.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="acbench-inst-"))
     results: dict[str, list[float]] = {}
     try:
@@ -148,15 +150,15 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     base = statistics.median(results["baseline: inotify responder"])
-    print(f"\nRepair latency, foreign rewrite -> valid chain, {args.rounds} rewrites each (ms)\n")
-    print("| what | p50 | p99 | max | p50 ratio vs baseline |")
-    print("|---|---|---|---|---|")
+    report.header(f"Installer repair latency, foreign rewrite -> valid chain, {args.rounds} rewrites each")
     for name, samples in results.items():
         p50, p99 = _pct(samples, 0.5), _pct(samples, 0.99)
-        print(f"| {name} | {p50:.2f} | {p99:.2f} | {max(samples):.2f} | {p50 / base:.2f}x |")
+        report.row(f"{name}: p50 / p99 / max", f"{p50:.2f} / {p99:.2f} / {max(samples):.2f} ms "
+                   f"(p50 {p50 / base:.2f}x the bare responder's)")
     p99 = _pct(results["ambient-cni install (watch)"], 0.99)
-    print(f"\ntarget p99 <= 100 ms: {'met' if p99 <= 100 else 'MISSED'} ({p99:.2f} ms)")
+    report.row("ambient-cni install (watch): repair p99", f"{p99:.2f} ms", "<= 100 ms", p99 <= 100)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
