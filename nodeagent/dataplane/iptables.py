@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 
 from nodeagent.dataplane import rules
-from nodeagent.dataplane.rules import Family, RuleParams
+from nodeagent.dataplane.rules import DEFAULT_VARIANT, Family, RuleParams, Variant
 
 TIMEOUT_S = 10.0
 
@@ -45,9 +45,9 @@ def restore(family: Family, text: str) -> None:
         _run([family.restore_cmd, "--noflush"], stdin=text)
 
 
-def install(family: Family, params: RuleParams = rules.DEFAULT_PARAMS) -> None:
-    """Install (or refresh) our chains: one iptables-restore, one transaction per table."""
-    restore(family, rules.install_input(family, save(family), params))
+def install(family: Family, params: RuleParams = rules.DEFAULT_PARAMS, variant: Variant = DEFAULT_VARIANT) -> None:
+    """Install (or refresh) our chains for ``variant``: one iptables-restore, one transaction per table."""
+    restore(family, rules.install_input(family, save(family), params, variant))
 
 
 def remove(family: Family) -> bool:

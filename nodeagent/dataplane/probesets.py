@@ -1,0 +1,140 @@
+"""The probe sets ``istio-inpod-probes-v4``/``-v6`` over netlink (pyroute2's ipset support; no ``ipset`` binary).
+
+Use an instance from one thread only, the one inside the node netns (``NetnsWorker``): the netlink socket is
+created lazily by that thread and so belongs to that netns. Sets are ``hash:ip`` with comments; every entry's
+comment is the UID of the pod that owns the IP.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from pyroute2 import IPSet
+from pyroute2.netlink.exceptions import IPSetError, NetlinkError
+from pyroute2.netlink.nfnetlink.ipset import IPSET_ERR_EXIST, IPSET_ERR_REFERENCED
+
+from nodeagent.dataplane.hostrules import SetEntry
+from nodeagent.dataplane.rules import DEFAULT_PARAMS, Family, RuleParams
+
+SET_TYPE = "hash:ip"
+
+
+class ProbeSetError(Exception):
+    pass
+
+
+def _af(family: Family) -> int:
+    return socket.AF_INET if family is Family.V4 else socket.AF_INET6
+
+
+def _describe(exc: Exception) -> str:
+    code = getattr(exc, "code", None)
+    if code == IPSET_ERR_EXIST:
+        return "a set of that name exists with another type or options"
+    if code == IPSET_ERR_REFERENCED:
+        return "the set is still referenced by an iptables rule"
+    if code == errno.ENOENT:
+        return "no such set"
+    if code in (errno.EPERM, errno.EACCES):
+        return "permission denied (the agent needs CAP_NET_ADMIN in the node netns)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ProbeSets:
+    def __init__(self, params: RuleParams = DEFAULT_PARAMS) -> None:
+        self.params = params
+        self._ipset: Any = None
+
+    def _conn(self) -> Any:
+        if self._ipset is None:
+            self._ipset = IPSet()
+        return self._ipset
+
+    def name(self, family: Family) -> str:
+        return self.params.probe_set(family)
+
+    def close(self) -> None:
+        if self._ipset is not None:
+            self._ipset.close()
+            self._ipset = None
+
+    # -- sets ---------------------------------------------------------------------------------------------------
+    def exists(self, family: Family) -> bool:
+        try:
+            return bool(list(self._conn().headers(self.name(family))))
+        except (IPSetError, NetlinkError) as exc:
+            if getattr(exc, "code", None) == errno.ENOENT:
+                return False
+            raise ProbeSetError(f"cannot read set {self.name(family)}: {_describe(exc)}") from None
+
+    def ensure(self, family: Family) -> bool:
+        """Create the set unless it exists (an existing one is reused as is). Returns whether it was created."""
+        if self.exists(family):
+            return False
+        try:
+            self._conn().create(self.name(family), stype=SET_TYPE, family=_af(family), comment=True, exclusive=False)
+        except (IPSetError, NetlinkError) as exc:
+            raise ProbeSetError(f"cannot create set {self.name(family)} ({SET_TYPE}): {_describe(exc)}") from None
+        return True
+
+    def destroy(self, family: Family) -> bool:
+        try:
+            self._conn().destroy(self.name(family))
+        except (IPSetError, NetlinkError) as exc:
+            if getattr(exc, "code", None) == errno.ENOENT:
+                return False
+            raise ProbeSetError(f"cannot destroy set {self.name(family)}: {_describe(exc)}") from None
+        return True
+
+    def flush(self, family: Family) -> None:
+        """Empty a set (tests use this to simulate lost state)."""
+        try:
+            self._conn().flush(self.name(family))
+        except (IPSetError, NetlinkError) as exc:
+            raise ProbeSetError(f"cannot flush set {self.name(family)}: {_describe(exc)}") from None
+
+    # -- entries ------------------------------------------------------------------------------------------------
+    def upsert(self, entry: SetEntry, uid: str) -> None:
+        """Add ``entry`` with comment ``uid``, replacing the comment of an existing entry: one netlink call."""
+        try:
+            self._conn().add(self.name(entry.family), entry.ip, family=_af(entry.family), comment=uid,
+                             exclusive=False)
+        except (IPSetError, NetlinkError) as exc:
+            raise ProbeSetError(f"cannot add {entry.ip} to {self.name(entry.family)}: {_describe(exc)}") from None
+
+    def delete(self, entry: SetEntry) -> bool:
+        try:
+            self._conn().delete(self.name(entry.family), entry.ip, family=_af(entry.family), exclusive=False)
+        except (IPSetError, NetlinkError) as exc:
+            if getattr(exc, "code", None) in (IPSET_ERR_EXIST, errno.ENOENT):
+                return False  # already gone
+            raise ProbeSetError(
+                f"cannot delete {entry.ip} from {self.name(entry.family)}: {_describe(exc)}"
+            ) from None
+        return True
+
+    def entries(self, families: Iterable[Family]) -> dict[SetEntry, str]:
+        """Every entry of the sets with its comment (sets that do not exist contribute nothing)."""
+        out: dict[SetEntry, str] = {}
+        for family in families:
+            try:
+                messages = list(self._conn().list(self.name(family)))
+            except (IPSetError, NetlinkError) as exc:
+                if getattr(exc, "code", None) == errno.ENOENT:
+                    continue
+                raise ProbeSetError(f"cannot list set {self.name(family)}: {_describe(exc)}") from None
+            for msg in messages:
+                adt = msg.get_attr("IPSET_ATTR_ADT")
+                if adt is None:
+                    continue
+                for data in adt.get_attrs("IPSET_ATTR_DATA"):
+                    ip_from = data.get_attr("IPSET_ATTR_IP_FROM")
+                    if ip_from is None:
+                        continue
+                    ip = ip_from.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip_from.get_attr("IPSET_ATTR_IPADDR_IPV6")
+                    if ip:
+                        out[SetEntry(family.value, str(ip))] = str(data.get_attr("IPSET_ATTR_COMMENT") or "")
+        return out
