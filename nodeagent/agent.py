@@ -43,6 +43,14 @@ class AgentConfig:
     reconcile_interval: float = 30.0
     log_level: str = "info"
     drain_timeout: float = 10.0
+    # dataplane (inpod): where the probe path goes (None: the agent's own netns), the redirection defaults
+    host_netns: str | None = None
+    dns_capture: bool = False
+    redirect_mode: str = "tproxy"
+    probe_snat_ip: str = "169.254.7.127"
+    probe_snat_ipv6: str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+    # a real uninstall on stop (not a restart): the node-side probe path is removed after draining
+    uninstall_on_stop: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -67,15 +75,26 @@ def make_view(config: AgentConfig) -> ClusterView:
         raise AgentError(str(exc)) from exc
 
 
+OWN_NETNS = "/proc/self/ns/net"
+
+
 def make_dataplane(config: AgentConfig) -> Dataplane:
     if config.dataplane == "record":
         return RecordingDataplane()
     try:
+        from nodeagent.dataplane.hostprobe import HostProbeError
         from nodeagent.dataplane.inpod import InPodDataplane  # type: ignore[import-not-found,unused-ignore]
+        from nodeagent.dataplane.rules import RedirectMode, RuleParams
     except ImportError as exc:
         raise AgentError(f"the inpod dataplane is not available in this build ({exc}); use --dataplane record") from exc
+    params = RuleParams(probe_v4=config.probe_snat_ip, probe_v6=config.probe_snat_ipv6)
     try:
-        dataplane: Dataplane = InPodDataplane(config.zds_socket)
+        dataplane: Dataplane = InPodDataplane(
+            config.zds_socket, params=params, mode=RedirectMode(config.redirect_mode),
+            dns_capture=config.dns_capture, host_netns=config.host_netns or OWN_NETNS,
+        )
+    except HostProbeError as exc:
+        raise AgentError(str(exc)) from exc
     except OSError as exc:
         raise AgentError(f"cannot start the inpod dataplane on {config.zds_socket}: {exc.strerror or exc}") from exc
     return dataplane
@@ -111,7 +130,17 @@ class Agent:
         view = make_view(config)
         dataplane = make_dataplane(config)
         readiness = Readiness()
-        core = AgentCore(view, store, dataplane, config.exemptions, metrics, readiness)
+        annotator = None
+        patch = getattr(view, "patch_pod_annotation", None)
+        if patch is not None:
+            from nodeagent.decide import REDIRECTION_ANNOTATION
+            from nodeagent.podstatus import RedirectionAnnotator
+
+            def patch_redirection(namespace: str, name: str, uid: str, value: str | None) -> None:
+                patch(namespace, name, uid, REDIRECTION_ANNOTATION, value)
+
+            annotator = RedirectionAnnotator(patch_redirection, metrics).start()
+        core = AgentCore(view, store, dataplane, config.exemptions, metrics, readiness, annotator)
         publisher = SnapshotPublisher(config.run_dir, config.node_name, config.exemptions, view.state, view.synced)
         readiness.snapshot_published = lambda: publisher.published
         reconciler = Reconciler(core, config.run_dir, config.reconcile_interval)
@@ -126,14 +155,15 @@ class Agent:
         from nodeagent.server import ServerError as _ServerError
 
         try:
-            health = HealthServer(config.health_addr, core.ready, metrics, store)
+            health = HealthServer(config.health_addr, core.ready, metrics, store, dataplane.debug_info)
         except HealthError as exc:
             raise AgentError(str(exc)) from exc
         tailer = PluginLogTailer(config.run_dir, on_line=metrics.plugin_log_lines.inc)
         logs.emit(self.log, logging.INFO, "node agent starting",
                   {"node": config.node_name, "view": view.kind, "dataplane": config.dataplane,
                    "run_dir": config.run_dir, "state_dir": config.state_dir, "pid": os.getpid(),
-                   "records": store.count()})
+                   "records": store.count(), "host_netns": config.host_netns or OWN_NETNS,
+                   "redirect_mode": config.redirect_mode, "dns_capture": config.dns_capture})
         health.start()
         view.start()
         publisher.start()
@@ -155,6 +185,14 @@ class Agent:
         tailer.stop()
         publisher.stop()
         view.stop()
+        if annotator is not None:
+            annotator.stop()
+        if config.uninstall_on_stop:
+            try:
+                removed = dataplane.uninstall()
+                logs.emit(self.log, logging.INFO, "uninstall: node-side probe path removed", {"removed": removed})
+            except Exception as exc:
+                logs.emit(self.log, logging.ERROR, "uninstall: removing the probe path failed", {"error": str(exc)})
         try:
             dataplane.close()
         except Exception as exc:

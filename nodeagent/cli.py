@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from typing import Any
@@ -14,8 +15,21 @@ DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"
 
 
 def _opt(flag: str, **kwargs: Any) -> Any:
-    env = "AMBIENT_CNI_" + flag.lstrip("-").replace("-", "_").upper()
+    env = "AMBIENT_CNI_" + flag.lstrip("-").split("/")[0].replace("-", "_").upper()
     return click.option(flag, envvar=env, show_envvar=True, **kwargs)
+
+
+def _address(version: int) -> Any:
+    def check(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not an IP address") from None
+        if ip.version != version:
+            raise click.BadParameter(f"{value!r} is not an IPv{version} address")
+        return str(ip)
+
+    return check
 
 
 def default_node_name() -> str:
@@ -44,6 +58,17 @@ def default_node_name() -> str:
 @_opt("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 @_opt("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
       help="Seconds to wait for in-flight requests on SIGTERM.")
+@_opt("--host-netns", type=click.Path(dir_okay=False), default=None,
+      help="The node's network namespace: the probe SNAT rule and probe sets go there. "
+      "[default: the agent's own network namespace]")
+@_opt("--dns-capture/--no-dns-capture", default=False, show_default=True,
+      help="Capture pods' DNS (UDP/TCP 53 -> 15053); a pod's ambient.istio.io/dns-capture annotation overrides.")
+@_opt("--redirect-mode", type=click.Choice(["tproxy", "redirect"]), default="tproxy", show_default=True,
+      help="tproxy: the seed's rules (TPROXY inbound); redirect: Istio's current rules (nat REDIRECT inbound).")
+@_opt("--probe-snat-ip", default="169.254.7.127", show_default=True, callback=_address(4),
+      help="Source address kubelet probes are SNATed to (and let through inside pods).")
+@_opt("--probe-snat-ipv6", default="fd16:9254:7127:1337:ffff:ffff:ffff:ffff", show_default=True,
+      callback=_address(6), help="IPv6 twin of --probe-snat-ip.")
 def agent_cmd(
     run_dir: str,
     state_dir: str,
@@ -59,6 +84,11 @@ def agent_cmd(
     reconcile_interval: float,
     log_level: str,
     drain_timeout: float,
+    host_netns: str | None,
+    dns_capture: bool,
+    redirect_mode: str,
+    probe_snat_ip: str,
+    probe_snat_ipv6: str,
 ) -> None:
     """Run the node agent: plugin socket, enrollment view and snapshot, redirection, reconcile."""
     from nodeagent.agent import Agent, AgentConfig, AgentError
@@ -80,6 +110,11 @@ def agent_cmd(
         reconcile_interval=reconcile_interval,
         log_level=log_level,
         drain_timeout=drain_timeout,
+        host_netns=host_netns,
+        dns_capture=dns_capture,
+        redirect_mode=redirect_mode,
+        probe_snat_ip=probe_snat_ip,
+        probe_snat_ipv6=probe_snat_ipv6,
     )
     try:
         code = Agent(config).run()

@@ -16,9 +16,10 @@ from cni_plugin import errors, wire
 from cni_plugin.enrollment import Exemptions, exemption_reason
 from nodeagent import decide, logs
 from nodeagent.clusterview.model import ClusterState, ClusterView, Pod
-from nodeagent.dataplane.api import Dataplane, DataplaneError, PodWork
+from nodeagent.dataplane.api import DEFAULT_CONTROLS, Dataplane, DataplaneError, PodControls, PodWork
 from nodeagent.keyedlock import KeyedLocks
 from nodeagent.metrics import Metrics
+from nodeagent.podstatus import RedirectionAnnotator
 from nodeagent.store import PodRecord, PodStore
 
 VIEW_CATCHUP_MAX_S = 0.1  # how long an ADD waits for a pod missing from a watched view (istio: 10 x 10 ms)
@@ -33,7 +34,9 @@ class Readiness:
     snapshot_published: Callable[[], bool] = lambda: False
 
 
-def work_from_record(record: PodRecord, service_account: str = "") -> PodWork:
+def work_from_record(
+    record: PodRecord, service_account: str = "", controls: PodControls = DEFAULT_CONTROLS
+) -> PodWork:
     return PodWork(
         uid=record.uid,
         name=record.name,
@@ -44,6 +47,7 @@ def work_from_record(record: PodRecord, service_account: str = "") -> PodWork:
         ips=record.ips,
         service_account=service_account,
         netns_inode=record.netns_inode,
+        controls=controls,
     )
 
 
@@ -56,8 +60,10 @@ class AgentCore:
         exemptions: Exemptions,
         metrics: Metrics,
         readiness: Readiness | None = None,
+        annotator: RedirectionAnnotator | None = None,
     ) -> None:
         self.view = view
+        self.annotator = annotator  # Kubernetes view: ambient.istio.io/redirection on the pod
         self.store = store
         self.dataplane = dataplane
         self.exemptions = exemptions
@@ -166,6 +172,7 @@ class AgentCore:
             ips=request.ips,
             service_account=pod.service_account if pod else "",
             netns_inode=inode,
+            controls=decide.controls_of(pod),
         )
         pod_key = (request.pod.namespace, request.pod.name)
         self.adding.add(pod_key)
@@ -270,6 +277,8 @@ class AgentCore:
         )
         self.live_keys.add(record.key)
         self.metrics.enrolled.set(self.store.count())
+        if self.annotator is not None:
+            self.annotator.enabled(work.namespace, work.name, work.uid)
         return record
 
     def unenroll(self, record: PodRecord, why: str) -> None:
@@ -282,9 +291,17 @@ class AgentCore:
         self.store.delete(*record.key)
         self.live_keys.discard(record.key)
         self.metrics.enrolled.set(self.store.count())
+        if self.annotator is not None and not self.store.by_uid(record.uid):
+            self.annotator.removed(record.namespace, record.name, record.uid)
         logs.emit(self._log, logging.INFO, "pod removed from the mesh",
                   logs.pod_fields(record.namespace, record.name, record.uid, reason=why,
                                   container_id=record.container_id, ifname=record.ifname))
+
+
+    def sync_host(self, prune: bool = True) -> dict[str, int]:
+        """Node-side probe state made to match the enrolled pods (after a reconcile pass)."""
+        known = [work_from_record(r) for r in self.store.all()]
+        return self.dataplane.sync_host(known, prune)
 
 
 def _inode(path: str) -> int | None:

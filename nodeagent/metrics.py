@@ -33,6 +33,12 @@ class Metrics:
         self.snapshot_writes = Counter(
             "ambient_cni_agent_snapshot_writes", "Enrollment snapshots written", registry=self.registry
         )
+        self.annotation_patches = Counter(
+            "ambient_cni_agent_annotation_patches",
+            "Pod annotation patches (ambient.istio.io/redirection) by result (ok, failed: retried, gone)",
+            ["result"],
+            registry=self.registry,
+        )
         self.plugin_log_lines = Counter(
             "ambient_cni_agent_plugin_log_lines", "Plugin log lines re-emitted", registry=self.registry
         )

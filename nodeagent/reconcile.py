@@ -8,7 +8,9 @@ Runs on start, every ``interval`` seconds and shortly after each view change:
     view is not undone), was replaced (uid changed), finished, or is no longer enrolled: remove it;
 (c) a record whose netns is gone or was replaced (inode changed): re-enroll the new netns or remove it;
 (d) a record from a previous run of the agent (not yet "live" in this process): hand it to the dataplane
-    again so that it can rebuild its state (e.g. the ZDS snapshot for ztunnel); retried until it works.
+    again so that it can rebuild its state (e.g. the ZDS snapshot for ztunnel); retried until it works;
+(e) after the pass: the node-side probe path (SNAT rule, probe sets) repaired and synced to the enrolled
+    pods; stale entries pruned unless an enrolled pod has no known IP.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections import Counter
 from dataclasses import replace
 
 from nodeagent import decide, logs, netns_finder
-from nodeagent.clusterview.model import ClusterState
+from nodeagent.clusterview.model import ClusterState, Pod
 from nodeagent.core import AgentCore, work_from_record
 from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.store import PodRecord
@@ -95,7 +97,9 @@ class Reconciler:
                     continue
                 if pod.key in self.core.adding:
                     continue  # a CNI ADD is on it
-                self._enroll_running(pod.namespace, pod.name, pod.uid, pod.service_account, actions)
+                self._enroll_running(pod, actions)
+            for action, count in self.core.sync_host(prune=True).items():
+                actions[action] += count
             self.passes += 1
         for action, count in actions.items():
             self.core.metrics.reconcile.labels(action).inc(count)
@@ -125,13 +129,14 @@ class Reconciler:
             inode = netns_finder.netns_inode(current.netns_path)
             if inode == current.netns_inode:
                 if current.key not in self.core.live_keys:
-                    self._restore(current, pod.service_account, actions)
+                    self._restore(current, pod, actions)
                 return
-            self._netns_changed(current, pod.service_account, actions)
+            self._netns_changed(current, pod, actions)
 
-    def _restore(self, record: PodRecord, service_account: str, actions: Counter[str]) -> None:
+    def _restore(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> None:
+        work = work_from_record(record, pod.service_account, decide.controls_of(pod))
         try:
-            self.core.dataplane.add(work_from_record(record, service_account), time.monotonic() + DATAPLANE_TIMEOUT_S)
+            self.core.dataplane.add(work, time.monotonic() + DATAPLANE_TIMEOUT_S)
         except DataplaneError as exc:
             actions["failed"] += 1
             logs.emit(self._log, logging.WARNING, "could not restore a recorded pod into the dataplane; will retry",
@@ -140,7 +145,7 @@ class Reconciler:
         self.core.live_keys.add(record.key)
         actions["restore"] += 1
 
-    def _netns_changed(self, record: PodRecord, service_account: str, actions: Counter[str]) -> None:
+    def _netns_changed(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> None:
         location = netns_finder.find(self.run_dir, record.namespace, record.name, record.uid, self.proc_root)
         fields = logs.pod_fields(record.namespace, record.name, record.uid, old_netns=record.netns_path,
                                  old_inode=record.netns_inode)
@@ -157,7 +162,8 @@ class Reconciler:
         work = PodWork(
             uid=record.uid, name=record.name, namespace=record.namespace, netns_path=location.netns_path,
             container_id=location.container_id or record.container_id, ifname=location.ifname or record.ifname,
-            ips=location.ips or record.ips, service_account=service_account, netns_inode=location.inode,
+            ips=location.ips or record.ips, service_account=pod.service_account, netns_inode=location.inode,
+            controls=decide.controls_of(pod),
         )
         try:
             self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile")
@@ -166,9 +172,8 @@ class Reconciler:
             actions["failed"] += 1
             logs.emit(self._log, logging.WARNING, "re-enrolling failed; will retry", {**fields, "error": exc.msg})
 
-    def _enroll_running(
-        self, namespace: str, name: str, uid: str, service_account: str, actions: Counter[str]
-    ) -> None:
+    def _enroll_running(self, pod: Pod, actions: Counter[str]) -> None:
+        namespace, name, uid, service_account = pod.namespace, pod.name, pod.uid, pod.service_account
         location = netns_finder.find(self.run_dir, namespace, name, uid, self.proc_root)
         if location is None:
             return  # not running on this node (yet): the CNI ADD will come
@@ -176,7 +181,7 @@ class Reconciler:
         work = PodWork(
             uid=uid, name=name, namespace=namespace, netns_path=location.netns_path, container_id=container_id,
             ifname=location.ifname or "eth0", ips=location.ips, service_account=service_account,
-            netns_inode=location.inode,
+            netns_inode=location.inode, controls=decide.controls_of(pod),
         )
         fields = logs.pod_fields(namespace, name, uid, netns=location.netns_path, found_by=location.source)
         with self.core.locks.hold(container_id):

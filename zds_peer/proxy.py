@@ -1,12 +1,18 @@
-"""One pod's proxy: listeners inside the pod netns and plain-TCP relays.
+"""One pod's proxy: listeners inside the pod netns and plain relays.
 
 - 15001 (outbound, nat REDIRECT target): the original destination comes from SO_ORIGINAL_DST.
-- 15006 (inbound plaintext, TPROXY target, IP_TRANSPARENT): the accepted socket's local address *is* the
-  original destination (a port of this pod).
-- 15008 (inbound "HBONE", TPROXY target): plain text here, no mTLS: the client sends
-  ``CONNECT <ip>:<port> HTTP/1.1\\r\\n\\r\\n``, gets ``HTTP/1.1 200 OK\\r\\n\\r\\n``, then raw bytes.
+- 15006 (inbound plaintext): with TPROXY rules (IP_TRANSPARENT listener) the accepted socket's local address
+  *is* the original destination (a port of this pod); with REDIRECT rules the local address is the pod's own
+  15006 and the original destination comes from SO_ORIGINAL_DST. The local port tells which.
+- 15008 (inbound "HBONE", TPROXY target, or reached directly under REDIRECT rules): plain text here, no mTLS:
+  the client sends ``CONNECT <ip>:<port> HTTP/1.1\\r\\n\\r\\n``, gets ``HTTP/1.1 200 OK\\r\\n\\r\\n``, then
+  raw bytes.
+- 15053 (DNS, UDP and TCP, on the pod's loopback as ztunnel's DNS proxy binds it): opened in every pod, as ztunnel
+  does with its DNS proxy on (ZDS carries no DNS setting); only pods whose rules capture DNS send anything
+  there. The peer answers by relaying to the original destination: SO_ORIGINAL_DST for TCP, the pod's
+  conntrack entry (looked up over netlink inside the pod netns) for UDP.
 Every connection the proxy opens is created inside the pod netns and carries SO_MARK 1337 (0x539), which the
-pod's rules exempt, so it is not captured again.
+pod's rules exempt, so it is not captured again (and, for DNS, lands in conntrack zone 1).
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from zds_peer.stats import Stats
 OUTBOUND_PORT = 15001
 INBOUND_PLAIN_PORT = 15006
 INBOUND_TUNNEL_PORT = 15008
+DNS_PORT = 15053
+DNS_TIMEOUT_S = 3.0
+MAX_DNS_DATAGRAM = 65535
 PROXY_MARK = 1337
 SO_ORIGINAL_DST = 80  # SOL_IP; IP6T_SO_ORIGINAL_DST has the same number at SOL_IPV6
 IP_TRANSPARENT = 19
@@ -74,7 +83,8 @@ class PodProxy:
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the three listeners (v4, and v6 when the netns has IPv6) inside the pod netns."""
+        """Open the proxy listeners (v4, and v6 when the netns has IPv6) inside the pod netns."""
+        self._start_dns()
         for family in (socket.AF_INET, socket.AF_INET6):
             for port, transparent in (
                 (INBOUND_TUNNEL_PORT, True),
@@ -110,6 +120,38 @@ class PodProxy:
                     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
             sock.bind(("0.0.0.0" if family == socket.AF_INET else "::", port))
             sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _start_dns(self) -> None:
+        """DNS on the pod's loopback, UDP and TCP (v6 only where the pod's lo has ::1)."""
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                try:
+                    sock = self._worker.call(functools.partial(self._bind_dns, family, kind, host))
+                except OSError as exc:
+                    if family == socket.AF_INET6:
+                        log.debug("pod %s: no IPv6 DNS listener: %s", self.uid, exc)
+                        continue
+                    raise
+                self._listeners.append(sock)
+                if kind == socket.SOCK_DGRAM:
+                    target: Callable[..., None] = self._dns_udp_loop
+                    args: tuple[object, ...] = (sock,)
+                else:
+                    target, args = self._accept_loop, (sock, DNS_PORT, self._outbound)
+                threading.Thread(target=target, args=args, name=f"dns-{kind}", daemon=True).start()
+
+    @staticmethod
+    def _bind_dns(family: int, kind: int, host: str) -> socket.socket:
+        sock = socket.socket(family, kind)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, DNS_PORT))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(128)
         except OSError:
             sock.close()
             raise
@@ -188,13 +230,41 @@ class PodProxy:
             target = self._read_connect(down)
         else:
             host, dport = down.getsockname()[:2]
-            target = (host, dport)
+            # TPROXY keeps the original destination as the local address; REDIRECT rewrote it to our port
+            target = original_dst(down) if dport == port else (host, dport)
         family = socket.AF_INET6 if ipaddress.ip_address(target[0]).version == 6 else socket.AF_INET
         up = self._connect(family, target)
         if port == INBOUND_TUNNEL_PORT:
             down.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
         self._stats.count(self.uid, port, f"{target[0]}:{target[1]}")
         self._relay(down, up)
+
+    # -- DNS over UDP ---------------------------------------------------------------------------------------
+    def _dns_udp_loop(self, sock: socket.socket) -> None:
+        while not self._stopped.is_set():
+            try:
+                query, client = sock.recvfrom(MAX_DNS_DATAGRAM)
+            except OSError:
+                return
+            threading.Thread(target=self._dns_udp_one, args=(sock, query, client), daemon=True).start()
+
+    def _dns_udp_one(self, sock: socket.socket, query: bytes, client: tuple[str, int]) -> None:
+        try:
+            local = sock.getsockname()[:2]
+            dest = self._worker.call(lambda: udp_original_dst(sock.family, local, client[:2]))
+            up = self._worker.socket(sock.family, socket.SOCK_DGRAM)
+            try:
+                up.setsockopt(socket.SOL_SOCKET, SO_MARK, PROXY_MARK)
+                up.settimeout(DNS_TIMEOUT_S)
+                up.sendto(query, dest)
+                answer = up.recv(MAX_DNS_DATAGRAM)
+            finally:
+                up.close()
+            sock.sendto(answer, client)
+            self._stats.count(self.uid, DNS_PORT, f"{dest[0]}:{dest[1]}/udp")
+        except Exception as exc:
+            log.info("pod %s: DNS query from %s failed: %s", self.uid, client, exc)
+            self._stats.error(self.uid)
 
     @staticmethod
     def _read_connect(down: socket.socket) -> tuple[str, int]:
@@ -211,3 +281,18 @@ class PodProxy:
             raise OSError("not a CONNECT request")
         host, _, port = parts[1].decode().rpartition(":")
         return host.strip("[]"), int(port)
+
+
+def udp_original_dst(family: int, local: tuple[str, int], client: tuple[str, int]) -> tuple[str, int]:
+    """The destination a REDIRECTed UDP datagram was sent to, from this netns's conntrack table (call in the
+    pod netns). SO_ORIGINAL_DST only works for TCP; the NAT entry's reply tuple is (local -> client)."""
+    from pyroute2.conntrack import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    reply = NFCTAttrTuple(family=family, saddr=local[0], daddr=client[0], proto=socket.IPPROTO_UDP,
+                          sport=local[1], dport=client[1])
+    with Conntrack(nfgen_family=family) as ct:
+        for entry in ct.dump_entries(tuple_reply=reply):
+            orig = entry.tuple_orig
+            return str(orig.daddr), int(orig.dport)
+    raise OSError(f"no conntrack entry for a UDP datagram from {client[0]}:{client[1]}")

@@ -178,6 +178,19 @@ class KubeClusterView(ViewHolder):
         logs.emit(self._log, logging.WARNING, "list/watch failed; reconnecting with backoff",
                   {"resource": resource, "error": error})
 
+    def patch_pod_annotation(self, namespace: str, name: str, uid: str, key: str, value: str | None) -> None:
+        """JSON merge patch of one pod annotation (``None`` removes it). The patch names the pod's UID: a pod
+        re-created under the same name is refused by the API server (the UID is immutable) instead of patched.
+        Raises ``ApiException`` (``.status``) or a connection error."""
+        metadata: dict[str, Any] = {"annotations": {key: value}}
+        if uid:
+            metadata["uid"] = uid
+        response: Any = self.api.patch_namespaced_pod(  # raw response: no V1Pod deserialization
+            name, namespace, {"metadata": metadata}, _content_type="application/merge-patch+json",
+            _preload_content=False, _request_timeout=(CONNECT_TIMEOUT_S, 10),
+        )
+        response.release_conn()
+
     def _watch_once(self, resource: str, rv: str) -> str:
         """One watch request; returns the last resourceVersion seen (the server ends it at its timeout)."""
         w = _RawWatch()

@@ -8,9 +8,35 @@ per pod (a second ``add`` of the same pod leaves one copy of everything).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cni_plugin import errors
+from nodeagent.dataplane.rules import RedirectMode, Variant
+
+
+@dataclass(frozen=True)
+class PodControls:
+    """A pod's own redirection controls (its annotations), decided by the agent and carried in ``PodWork``.
+
+    ``dns_capture`` None: the agent's default. ``problem``: why the annotations cannot be honoured (the
+    enrollment is then refused with that message)."""
+
+    dns_capture: bool | None = None
+    bypass_inbound: bool = False
+    reroute_interfaces: tuple[str, ...] = ()
+    problem: str = ""
+
+    def variant(self, mode: RedirectMode, dns_default: bool) -> Variant:
+        """The rule set for this pod under the agent's mode and DNS default (ValueError on a bad interface)."""
+        return Variant(
+            mode=mode,
+            dns_capture=dns_default if self.dns_capture is None else self.dns_capture,
+            inbound_capture=not self.bypass_inbound,
+            reroute_interfaces=self.reroute_interfaces,
+        )
+
+
+DEFAULT_CONTROLS = PodControls()
 
 
 @dataclass(frozen=True)
@@ -27,6 +53,7 @@ class PodWork:
     service_account: str = ""
     netns_inode: int = 0  # filled in by the dataplane on add; 0 when unknown
     extra: dict[str, str] = field(default_factory=dict)
+    controls: PodControls = DEFAULT_CONTROLS  # the pod's annotations, from the agent's cluster view
 
 
 class DataplaneError(Exception):
@@ -56,6 +83,19 @@ class Dataplane(Protocol):
         """Whether ADDs can be served now (e.g. a ztunnel is connected), with a reason when not."""
         ...
 
+    def sync_host(self, known: list[PodWork], prune: bool) -> dict[str, int]:
+        """After a reconcile pass: node-side state (probe rules and sets) made to match the enrolled pods
+        (``known``: recorded pods the dataplane may not hold yet). Returns counts of what was repaired."""
+        ...
+
+    def uninstall(self) -> list[str]:
+        """Remove the node-side state (a real uninstall, not a restart). Returns what was removed."""
+        ...
+
+    def debug_info(self) -> dict[str, Any]:
+        """What ``doctor`` needs to know about the dataplane (mode, DNS default, node netns, pod variants)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -74,6 +114,15 @@ class RecordingDataplane:
 
     def ready(self) -> tuple[bool, str]:
         return True, ""
+
+    def sync_host(self, known: list[PodWork], prune: bool) -> dict[str, int]:
+        return {}
+
+    def uninstall(self) -> list[str]:
+        return []
+
+    def debug_info(self) -> dict[str, Any]:
+        return {"dataplane": "record"}
 
     def close(self) -> None:
         return None

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from pyroute2 import IPSet
+from pyroute2.ipset import IPSet
 from pyroute2.netlink.exceptions import IPSetError, NetlinkError
 from pyroute2.netlink.nfnetlink.ipset import IPSET_ERR_EXIST, IPSET_ERR_REFERENCED
 
