@@ -32,6 +32,7 @@ VARIANTS = [
         (False, True, ()),
         (True, True, ()),
         (False, False, ()),
+        (True, False, ()),
         (False, True, VIFS),
         (False, False, VIFS),
         (True, False, VIFS),

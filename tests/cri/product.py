@@ -167,6 +167,9 @@ class Node:
                     str(self.zds_socket),
                     "--health-addr",
                     self.health_addr,
+                    # network safety: the probe path goes to the environment's node netns, never this machine's
+                    "--host-netns",
+                    self.env.netns_path,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
