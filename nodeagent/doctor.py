@@ -1,9 +1,11 @@
-"""``ambient-cni doctor``: the seed's three debugging checks for one pod, with the evidence.
+"""``ambient-cni doctor``: the seed's three debugging checks for one pod, plus the probe path, with the evidence.
 
 Resolves ``--pod NAMESPACE/NAME`` to its netns through the agent's ``/debug/pods`` (falling back to the plugin's
 netns hint ``<run_dir>/pods/<namespace>_<name>``), or takes ``--netns PATH``; then reads the logs, the listening
-sockets and the iptables rules inside the netns (``nsenter --net``: read-only commands). Exit 1 when a check
-fails, 2 when the pod cannot be found.
+sockets and the iptables rules inside the netns (``nsenter --net``: read-only commands). The fourth check reads
+the node netns (the agent's ``--host-netns``, as ``/debug/dataplane`` reports it, or ``--host-netns``): its nat
+table and the probe sets (a netlink dump). The pod's variant (mode, DNS capture, annotations) comes from the agent,
+else from the pod's own rules. Exit 1 when a check fails, 2 when the pod cannot be found.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 
 import click
 
-from nodeagent.dataplane import diagnose
+from nodeagent.dataplane import diagnose, rules
 from nodeagent.dataplane.netns import NetnsError, open_netns
-from nodeagent.dataplane.rules import Family
+from nodeagent.dataplane.rules import DEFAULT_VARIANT, Family, RuleParams, Variant
 
 DEFAULT_RUN_DIR = "/var/run/ambient-cni"
 DEFAULT_HEALTH_ADDR = "127.0.0.1:8000"
@@ -45,6 +47,15 @@ def fetch_records(health_addr: str, timeout: float = 3.0) -> list[dict[str, Any]
     with urllib.request.urlopen(f"http://{health_addr}/debug/pods", timeout=timeout) as resp:
         data = json.loads(resp.read())
     return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def fetch_dataplane(health_addr: str, timeout: float = 3.0) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://{health_addr}/debug/dataplane", timeout=timeout) as resp:
+            data = json.loads(resp.read())
+    except (OSError, urllib.error.URLError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _from_record(rec: dict[str, Any], source: str) -> Target:
@@ -114,8 +125,13 @@ def _read(path: str) -> str | None:
 @_opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True, help="The agent's run dir (agent.log, hints).")
 @_opt("--health-addr", default=DEFAULT_HEALTH_ADDR, show_default=True, help="The agent's HOST:PORT (/debug/pods).")
 @_opt("--peer-log", default=None, help="ztunnel's (or the zds_peer's) log file, to show its lines for the pod.")
-def doctor_cmd(pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None) -> None:
-    """Check one pod's redirection the way the seed's guide does: logs, sockets, iptables rules."""
+@_opt("--host-netns", default=None,
+      help="The node's network namespace to check the probe path in. [default: the one the agent reports]")
+def doctor_cmd(
+    pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None, host_netns: str | None
+) -> None:
+    """Check one pod's redirection the way the seed's guide does (logs, sockets, iptables rules), and the
+    node-side probe path with the pod's redirection variant."""
     if bool(pod) == bool(netns):
         raise click.UsageError("give exactly one of --pod NAMESPACE/NAME or --netns PATH")
     target, notes = resolve(pod, netns, run_dir, health_addr)
@@ -151,6 +167,9 @@ def doctor_cmd(pod: str | None, netns: str | None, run_dir: str, health_addr: st
     if any(":" in ip for ip in target.ips) or "ISTIO" in v6_save:
         families.append(Family.V6)
     saves = {Family.V4: _in_netns(target.netns_path, "iptables-save")}
+    info = fetch_dataplane(health_addr)
+    variant, variant_source = _variant(info, target, saves[Family.V4])
+    params = _params(info)
     routes = {Family.V4: _in_netns(target.netns_path, "ip", "rule")
               + _in_netns(target.netns_path, "ip", "route", "show", "table", "100")}
     if Family.V6 in families:
@@ -158,8 +177,60 @@ def doctor_cmd(pod: str | None, netns: str | None, run_dir: str, health_addr: st
         routes[Family.V6] = _in_netns(target.netns_path, "ip", "-6", "rule") + _in_netns(
             target.netns_path, "ip", "-6", "route", "show", "table", "100"
         )
-    results.append(diagnose.check_rules(saves, routes))
+    results.append(diagnose.check_rules(saves, routes, variant, params))
+    results.append(_check_probe_path(info, target, host_netns, variant, variant_source, saves, params))
 
     click.echo(diagnose.render(header, results))
     if any(r.status == diagnose.FAIL for r in results):
         raise SystemExit(1)
+
+
+def _variant(info: dict[str, Any], target: Target, v4_save: str) -> tuple[Variant, str]:
+    raw = (info.get("pods") or {}).get(target.uid, {}).get("variant") if target.uid else None
+    if isinstance(raw, dict):
+        try:
+            return Variant.from_json(raw), "the agent"
+        except ValueError:
+            pass
+    found = rules.detect_variant(v4_save)
+    if found is not None:
+        return found, "the pod's rules (agent has no variant for it)"
+    return DEFAULT_VARIANT, "the default (no rules in the pod)"
+
+
+def _params(info: dict[str, Any]) -> RuleParams:
+    snat = (info.get("host") or {}).get("snat") or {}
+    base = RuleParams()
+    return RuleParams(probe_v4=str(snat.get("v4", base.probe_v4)), probe_v6=str(snat.get("v6", base.probe_v6)))
+
+
+def _check_probe_path(
+    info: dict[str, Any], target: Target, host_netns: str | None, variant: Variant, variant_source: str,
+    pod_saves: dict[Family, str], params: RuleParams,
+) -> diagnose.CheckResult:
+    host = info.get("host") or {}
+    path = host_netns or str(host.get("netns_for_others") or "")
+    addresses = list(target.ips)
+    pod_info = (info.get("pods") or {}).get(target.uid, {}) if target.uid else {}
+    if not addresses and isinstance(pod_info, dict):
+        addresses = [str(a) for a in pod_info.get("addresses") or []]
+    if not addresses:
+        out = _in_netns(target.netns_path, "ip", "-o", "addr", "show", "scope", "global")
+        addresses = [line.split()[3] for line in out.splitlines() if len(line.split()) > 3]
+    host_saves: dict[Family, str] | None = None
+    entries = None
+    reason = path
+    if path:
+        try:
+            from nodeagent.dataplane.hostprobe import HostProbe
+
+            probe = HostProbe(path, params)
+            try:
+                entries = probe.entries()
+                host_saves = probe.saves()
+            finally:
+                probe.close()
+        except Exception as exc:  # HostProbeError, a netlink or iptables failure: reported, never a traceback
+            host_saves, entries, reason = None, None, f"{path}: {exc}"
+    return diagnose.check_probe_path(host_saves, entries, addresses, target.uid, variant, variant_source,
+                                     pod_saves, reason, params)

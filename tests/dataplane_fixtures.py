@@ -277,6 +277,34 @@ def kubelet_probe(node_ns: Netns, dest: tuple[str, int], payload: str = "probe")
     return proc.stdout
 
 
+def node_sets(node_path: str) -> dict[str, str]:
+    """The probe sets of a test's node netns: {ip: uid comment} (read only)."""
+    from nodeagent.dataplane.hostprobe import HostProbe
+
+    probe = HostProbe(node_path)
+    try:
+        return {e.ip: uid for e, uid in probe.entries().items()}
+    finally:
+        probe.close()
+
+
+def edit_node_sets(node_path: str, fn: Callable[[Any], Any]) -> Any:
+    """Run ``fn(ProbeSets)`` in a test's node netns: changes behind the agent's back (lost state, strangers)."""
+    from nodeagent.dataplane.probesets import ProbeSets
+
+    fd = os.open(node_path, os.O_RDONLY)
+    try:
+        worker = NetnsWorker(fd, "test-sets")
+    finally:
+        os.close(fd)
+    sets = ProbeSets()
+    try:
+        return worker.call(lambda: fn(sets))
+    finally:
+        worker.call(sets.close)
+        worker.stop()
+
+
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -21,13 +21,11 @@ from typing import Any
 
 import pytest
 
-from nodeagent.dataplane.hostprobe import HostProbe
 from nodeagent.dataplane.hostrules import set_entry
-from nodeagent.dataplane.netns import NetnsWorker
 from nodeagent.dataplane.probesets import ProbeSets
 from nodeagent.dataplane.rules import Family
 from tests.agent_fixtures import AMBIENT, AgentProcess, call, pod, request, wait_until, write_state
-from tests.dataplane_fixtures import PeerProcess
+from tests.dataplane_fixtures import PeerProcess, edit_node_sets, node_sets
 from tests.harness.netns import Netns
 from tests.harness.paths import REPO_ROOT, VENV_PYTHON
 
@@ -35,26 +33,11 @@ UIDS = {name: f"uid-{name}" for name in ("a", "b", "c", "d")}
 
 
 def read_sets(node: Netns) -> dict[str, str]:
-    probe = HostProbe(node.path)  # read only: entries() lists the sets
-    try:
-        return {e.ip: uid for e, uid in probe.entries().items()}
-    finally:
-        probe.close()
+    return node_sets(node.path)
 
 
 def edit_sets(node: Netns, fn: Callable[[ProbeSets], Any]) -> Any:
-    """Change the node's sets behind the agent's back (what another actor or a lost state would do)."""
-    fd = os.open(node.path, os.O_RDONLY)
-    try:
-        worker = NetnsWorker(fd, "test-sets")
-    finally:
-        os.close(fd)
-    sets = ProbeSets()
-    try:
-        return worker.call(lambda: fn(sets))
-    finally:
-        worker.call(sets.close)
-        worker.stop()
+    return edit_node_sets(node.path, fn)
 
 
 def host_rule_first(node: NodeNs, v6: bool = False) -> bool:

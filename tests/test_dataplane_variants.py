@@ -204,3 +204,24 @@ def test_host_save_golden(netns_factory) -> None:  # noqa: F811
         assert probe.entries() == {}
     finally:
         probe.close()
+
+
+def test_doctor_probe_path_check_is_pure_and_names_each_problem() -> None:
+    from nodeagent.dataplane import diagnose
+
+    v4 = Family.V4
+    host = {v4: f"*nat\n{hostrules.HOST_JUMP}\n{hostrules.host_chain_rule(v4)}\nCOMMIT\n"}
+    pod_plain = {v4: "*nat\n" + "\n".join(rules.expected_rules(v4)["nat"]) + "\nCOMMIT\n"}
+    ok = diagnose.check_probe_path(host, {hostrules.set_entry("10.1.0.5"): "u1"}, ["10.1.0.5/24"], "u1",
+                                   rules.DEFAULT_VARIANT, "the agent", pod_plain, "/run/netns/node")
+    assert ok.status == diagnose.PASS, ok.problems
+    chain_rule = hostrules.host_chain_rule(v4)
+    moved = {v4: f"*nat\n-A POSTROUTING -j MASQUERADE\n{hostrules.HOST_JUMP}\n{chain_rule}\nCOMMIT\n"}
+    bad = diagnose.check_probe_path(moved, {hostrules.set_entry("10.1.0.5"): "u2"}, ["10.1.0.5/24"], "u1",
+                                    Variant(dns_capture=True), "the agent", pod_plain, "/run/netns/node")
+    assert bad.status == diagnose.FAIL
+    assert any("is not the first POSTROUTING rule" in p for p in bad.problems)
+    assert any("belongs to pod uid u2, not u1" in p for p in bad.problems)
+    assert any("DNS capture is on for the pod but" in p for p in bad.problems)
+    unknown = diagnose.check_probe_path(None, None, [], "u1", rules.DEFAULT_VARIANT, "x", pod_plain, "")
+    assert unknown.status == diagnose.SKIP and "use --host-netns" in unknown.problems[-1]

@@ -109,7 +109,7 @@ def test_redirect_mode_and_pod_annotations_from_the_file_view(cluster: Cluster, 
     from pathlib import Path
 
     from nodeagent.dataplane import rules
-    from nodeagent.dataplane.hostprobe import HostProbe
+    from tests.dataplane_fixtures import node_sets
 
     golden = Path(__file__).parent / "golden" / "dataplane" / "variants"
     a_ns, a_uid = cluster.add_pod(netns_factory, "client")
@@ -131,15 +131,6 @@ def test_redirect_mode_and_pod_annotations_from_the_file_view(cluster: Cluster, 
         server.close()
 
     node_path = cluster.agent.argv()[cluster.agent.argv().index("--host-netns") + 1]
-    probe = HostProbe(node_path)
-    try:
-        entries = {e.ip: uid for e, uid in probe.entries().items()}
-    finally:
-        probe.close()
-    assert entries == {a.ip: a_uid, b.ip: b_uid, pod_ip(d_ns): d_uid}
+    assert node_sets(node_path) == {a.ip: a_uid, b.ip: b_uid, pod_ip(d_ns): d_uid}
     cluster.del_pod(a_ns, "client", a_uid)
-    probe = HostProbe(node_path)
-    try:
-        assert {e.ip for e in probe.entries()} == {b.ip, pod_ip(d_ns)}
-    finally:
-        probe.close()
+    assert node_sets(node_path) == {b.ip: b_uid, pod_ip(d_ns): d_uid}
