@@ -1,7 +1,9 @@
 """The host-side probe path, in the node's network namespace (``--host-netns``): SNAT rule + probe sets.
 
-Everything runs on one ``NetnsWorker`` thread inside that netns, so operations are serialised (the UID check
-before a delete cannot race an add) and the netlink socket and the ``iptables-*`` children live there.
+Everything runs on one ``NetnsWorker`` thread inside that netns (the netlink sockets and the ``iptables-*``
+children live there), except the ADD hot path: the upsert is sent from the caller's thread on a netlink socket
+that thread opened in the node netns (no hop, no fork). One lock serialises every set change, so the UID check
+before a delete cannot race an add.
 
 Lifecycle (the agent drives it):
 - ``start``: sets created or reused, rules checked and (re)written only when they differ; retried, then an error.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -78,9 +81,15 @@ class HostProbe:
         finally:
             handle.close()
         self._sets = ProbeSets(params)
+        self._lock = threading.Lock()  # every change of the sets
         self.families: list[Family] = [Family.V4]
-        if self._call(_ipv6_enabled):
-            self.families.append(Family.V6)
+        try:
+            if self._call(_ipv6_enabled):
+                self.families.append(Family.V6)
+            self._call(self._sets.open_fast_path)
+        except (ProbeSetError, OSError) as exc:
+            self.close()
+            raise HostProbeError(f"no ipset over netlink in the node netns {netns_path}: {exc}") from None
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], T], timeout: float = CALL_TIMEOUT_S) -> T:
@@ -99,7 +108,8 @@ class HostProbe:
         last = ""
         for attempt in range(1, attempts + 1):
             try:
-                return self._call(self._ensure)
+                with self._lock:
+                    return self._call(self._ensure)
             except (ProbeSetError, iptables.IptablesError) as exc:
                 last = str(exc)
                 log.warning("host probe path: attempt %d/%d failed: %s", attempt, attempts, last)
@@ -124,14 +134,11 @@ class HostProbe:
         return [e for e in hostrules.entries_of(addresses) if e.family in self.families]
 
     def add(self, uid: str, addresses: Iterable[str]) -> list[SetEntry]:
+        """Upsert the pod's IPs with comment ``uid``: one netlink request per IP, from the calling thread."""
         entries = self._entries_for(addresses)
-
-        def body() -> None:
+        with self._lock:
             for entry in entries:
-                self._sets.upsert(entry, uid)
-
-        if entries:
-            self._call(body)
+                self._sets.fast_upsert(entry, uid)
         return entries
 
     def remove(self, uid: str, addresses: Iterable[str]) -> list[SetEntry]:
@@ -142,7 +149,10 @@ class HostProbe:
             current = self._sets.entries(sorted({e.family for e in entries}, key=lambda f: f.value))
             return [e for e in entries if current.get(e) == uid and self._sets.delete(e)]
 
-        return self._call(body) if entries else []
+        if not entries:
+            return []
+        with self._lock:
+            return self._call(body)
 
     def entries(self) -> dict[SetEntry, str]:
         return self._call(lambda: self._sets.entries(self.families))
@@ -163,7 +173,8 @@ class HostProbe:
             result.prune_skipped = plan.prune_skipped
             return result
 
-        return self._call(body)
+        with self._lock:
+            return self._call(body)
 
     # -- uninstall / status -----------------------------------------------------------------------------------
     def uninstall(self) -> list[str]:
@@ -184,7 +195,8 @@ class HostProbe:
             return removed
 
         try:
-            return self._call(body)
+            with self._lock:
+                return self._call(body)
         except (ProbeSetError, iptables.IptablesError) as exc:
             raise HostProbeError(f"removing the probe path from {self.path} failed: {exc}") from None
 
