@@ -121,6 +121,12 @@ def _ask_agent(
             errors.TRY_AGAIN_LATER,
             f"ambient-cni: the node agent at {path} did not answer {request.op} for {who} within {budget_ms} ms",
         ) from exc
+    except notifier.AgentWentAway as exc:
+        raise errors.CniError(
+            errors.TRY_AGAIN_LATER,
+            f"ambient-cni: the node agent at {path} went away mid-request ({request.op} for {who}: {exc}); "
+            "it crashed or restarted. Check the ambient-cni agent on this node; the runtime retries.",
+        ) from exc
     except wire.WireError as exc:
         raise errors.CniError(
             errors.PROTOCOL_ERROR, f"ambient-cni: bad reply from the node agent at {path}: {exc}"

@@ -146,8 +146,13 @@ def test_status_without_agent_is_code_50(run_dir: Path, plugin_binary: Path) -> 
         (lambda request: wire.HEADER.pack(3) + b"\xc1\xc1\xc1", 103, "bad reply"),
         (lambda request: wire.encode_frame({"v": 2, "id": "x", "ok": True}), 103, "version"),
         (lambda request: None, 11, "did not answer"),
+        # the agent dies mid-request: it is the agent failing (retry), not a protocol breach
+        (lambda request: b"", 11, "went away mid-request"),
+        (lambda request: wire.HEADER.pack(40) + b"\x85\xa1v\x01", 11, "went away mid-request"),
+        (lambda request: b"\x00\x00", 11, "went away mid-request"),
     ],
-    ids=["redirection-failed", "unclassified", "retryable", "garbage-reply", "wrong-protocol", "timeout"],
+    ids=["redirection-failed", "unclassified", "retryable", "garbage-reply", "wrong-protocol", "timeout",
+         "closed-before-reply", "closed-mid-body", "closed-mid-header"],
 )
 def test_agent_failures_become_cni_errors(
     respond: Callable[[dict[str, Any]], bytes | None], code: int, needle: str,
