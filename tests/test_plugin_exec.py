@@ -89,6 +89,14 @@ ERROR_CASES: list[tuple[str, dict[str, str] | None, Any, int, str]] = [
     ("bad-portmapping", None, {"runtimeConfig": {"portMappings": [{"hostPort": "80", "containerPort": 80}]}},
      7, "hostport"),
     ("bad-prevresult-ips", None, {"prevResult": {"cniVersion": "1.0.0", "ips": "10.0.0.1"}}, 6, "ips"),
+    # nothing on stdin is an internal error (102): depth past the recursion limit, strings no encoder takes
+    ("stdin-deeply-nested", None, b"[" * 100_000 + b"]" * 100_000, 6, "recursion"),
+    ("prevresult-deeply-nested", None, {"prevResult": {"cniVersion": "1.0.0", "x": json.loads("[" * 200 + "]" * 200)}},
+     6, "nested"),
+    ("runtimeconfig-deeply-nested", None, {"runtimeConfig": {"x": json.loads("[" * 900 + "]" * 900)}}, 6, "nested"),
+    ("lone-surrogate", None, {"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.1/24\ud800"}]}},
+     6, "surrogate"),
+    ("run-dir-nul", None, {"run_dir": "/tmp/ac\x00x"}, 7, "run_dir"),
 ]
 
 

@@ -15,6 +15,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ from tests.plugin_fixtures import (
     FakeAgent,
     assert_error,
     assert_no_traceback,
+    assert_silent_success,
+    reply,
+    write_snapshot,
 )
 
 CONTAINER_ID = "ac0123456789abcdef"
@@ -116,7 +120,205 @@ def area(scratch: Path) -> Area:
     return area
 
 
+def traversal_cases(area: Area) -> list[tuple[str, dict[str, str], str]]:
+    """(id, CNI_ARGS fields, the key the error names)."""
+    ns, name, uid, infra = "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID", "K8S_POD_INFRA_CONTAINER_ID"
+    return [
+        ("ns-parent", {ns: "../../../canary/victim", name: "1"}, ns),
+        ("ns-absolute", {ns: f"{area.canary}/abs", name: "1"}, ns),
+        ("ns-dotdot", {ns: ".."}, ns),
+        ("ns-upper", {ns: "Shop"}, ns),
+        ("ns-underscore", {ns: "sh_op"}, ns),  # would share hint names with another pod
+        ("ns-too-long", {ns: "a" * 64}, ns),
+        ("ns-non-utf8", {ns: "sh\udcffop"}, ns),
+        ("name-slash", {name: "../../../canary/victim_1"}, name),
+        ("name-dotdot", {name: ".."}, name),
+        ("name-empty-label", {name: "cart..0"}, name),
+        ("name-too-long", {name: "a" * 254}, name),
+        ("name-space", {name: "cart 0"}, name),
+        ("name-non-utf8", {name: "cart-\udce9"}, name),
+        ("uid-traversal", {uid: "../../canary/x"}, uid),
+        ("uid-too-long", {uid: "a" * 129}, uid),
+        ("uid-non-utf8", {uid: "u\udcff"}, uid),
+        ("infra-slash", {infra: "abc/../x"}, infra),
+        ("infra-too-long", {infra: "a" * 129}, infra),
+    ]
+
+
+CASE_IDS = [case[0] for case in traversal_cases(Area(Path("/x")))]
+
+
+def _case(area: Area, case_id: str) -> tuple[dict[str, str], str]:
+    for cid, fields, key in traversal_cases(area):
+        if cid == case_id:
+            return fields, key
+    raise KeyError(case_id)
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+@pytest.mark.parametrize("command", ["ADD", "CHECK"])
+def test_bad_pod_identity_is_code_4_and_touches_no_file(
+    case_id: str, command: str, area: Area, plugin_binary: Path
+) -> None:
+    fields, key = _case(area, case_id)
+    write_snapshot(area.run_dir, {"shop": True})
+    before = tree(area.root)
+    conf = netconf("1.0.0", run_dir=area.run_dir, prevResult={"cniVersion": "1.0.0", "ips": []})
+    result = run_plugin(plugin_env(command, cni_args=cni_args(**fields)), conf)
+    assert_no_lone_surrogates(assert_error(result, 4, key))
+    assert changes(before, tree(area.root), only_logs) == []
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_bad_pod_identity_on_del_and_gc_succeeds_doing_nothing(
+    case_id: str, area: Area, agent_in_area: Callable[..., FakeAgent], plugin_binary: Path
+) -> None:
+    fields, _ = _case(area, case_id)
+    agent = agent_in_area(reply(True))
+    before = tree(area.root)
+    env = plugin_env("DEL", cni_args=cni_args(**fields))
+    assert_silent_success(run_plugin(env, netconf("1.0.0", run_dir=area.run_dir)))
+    gc_conf = netconf("1.1.0", run_dir=area.run_dir)
+    gc_conf["cni.dev/valid-attachments"] = [{"containerID": "other", "ifname": "eth0"}]
+    assert_silent_success(run_plugin(plugin_env("GC", container_id=None, netns=None, ifname=None), gc_conf))
+    assert changes(before, tree(area.root), lambda n: only_logs(n) or n == "node/run/cni.sock") == []
+    assert [r["op"] for r in agent.requests] == ["gc"], "the agent never hears of a pod Kubernetes cannot name"
+
+
+def test_valid_identity_still_writes_its_hint_inside_the_run_dir(area: Area, plugin_binary: Path) -> None:
+    name = "web-7d9f8c6b5-x2k4q." + "a" * 40
+    args = cni_args(K8S_POD_NAME=name, K8S_POD_UID="1e054806-e667-4109-a5af-08b3e6ba0c42")
+    run_plugin(plugin_env("ADD", cni_args=args, netns="/var/run/netns/acpodh"), netconf("1.0.0", run_dir=area.run_dir))
+    assert sorted(p.name for p in area.pods.iterdir()) == [f"shop_{name}"]
+    assert stat.S_IMODE((area.pods / f"shop_{name}").stat().st_mode) == 0o600
+
+
+# ----------------------------------------------------------------------------------- non-UTF-8 environment
+
+
+@pytest.mark.parametrize(
+    ("env_overrides", "code", "needle"),
+    [
+        ({"netns": "/var/run/netns/ac\udcff"}, 4, "CNI_NETNS"),
+        ({"ifname": "eth\udcff"}, 4, "CNI_IFNAME"),
+        ({"container_id": "ac\udcff"}, 4, "CNI_CONTAINERID"),
+        ({"cni_args": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0;X\udcff=1"}, 4, "CNI_ARGS"),
+        ({"cni_args": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0;K8S_POD_UID=\udcff\udcfe=1"}, 4, "CNI_ARGS"),
+    ],
+    ids=["netns", "ifname", "container-id", "unknown-key", "bad-pair"],
+)
+def test_non_utf8_environment_on_add_is_code_4(
+    env_overrides: dict[str, str], code: int, needle: str, area: Area, agent_in_area: Callable[..., FakeAgent],
+    plugin_binary: Path,
+) -> None:
+    write_snapshot(area.run_dir, {"shop": True})
+    agent_in_area(reply(True))
+    overrides = {"cni_args": cni_args(), **env_overrides}
+    result = run_plugin(plugin_env("ADD", **overrides), netconf("1.0.0", run_dir=area.run_dir))
+    assert_no_lone_surrogates(assert_error(result, code, needle))
+
+
+def test_non_utf8_netns_on_del_still_tells_the_agent(
+    area: Area, agent_in_area: Callable[..., FakeAgent], plugin_binary: Path
+) -> None:
+    agent = agent_in_area(reply(True))
+    env = plugin_env("DEL", cni_args=cni_args(), netns="/var/run/netns/ac\udcff")
+    assert_silent_success(run_plugin(env, netconf("1.0.0", run_dir=area.run_dir)))
+    assert [(r["op"], r["netns"], r["container_id"]) for r in agent.requests] == [("del", "", CONTAINER_ID)]
+
+
+# ------------------------------------------------------------------------------------------- hint files
+
 DEEP = b"[" * 200_000 + b"]" * 200_000
+HINT_CONTENTS = {
+    "list": b"[]",
+    "number": b"1",
+    "string": b'"x"',
+    "null": b"null",
+    "deep-list": DEEP,
+    "deep-in-object": b'{"container_id": ' + DEEP + b"}",
+    "container-id-number": b'{"container_id": 5, "netns": "/x"}',
+    "container-id-object": b'{"container_id": {"a": 1}}',
+    "garbage": b"\xff\xfe\x00garbage",
+    "invalid-utf8-string": b'{"container_id": "\xff"}',
+    "truncated": b'{"container_id": "ac01',
+}
+
+
+def _del_and_gc(area: Area) -> tuple[PluginResult, PluginResult, float]:
+    started = time.monotonic()
+    deleted = run_plugin(plugin_env("DEL", cni_args=cni_args()), netconf("1.0.0", run_dir=area.run_dir), timeout=10)
+    gc_conf = netconf("1.1.0", run_dir=area.run_dir)
+    gc_conf["cni.dev/valid-attachments"] = [{"containerID": CONTAINER_ID, "ifname": "eth0"}]
+    collected = run_plugin(plugin_env("GC", container_id=None, netns=None, ifname=None), gc_conf, timeout=10)
+    return deleted, collected, time.monotonic() - started
+
+
+@pytest.mark.parametrize("content", list(HINT_CONTENTS.values()), ids=list(HINT_CONTENTS))
+def test_del_and_gc_never_fail_on_hint_content(content: bytes, area: Area, plugin_binary: Path) -> None:
+    (area.pods / "shop_cart-0").write_bytes(content)
+    (area.pods / "shop_other-0").write_bytes(content)
+    deleted, collected, _ = _del_and_gc(area)
+    assert_silent_success(deleted)
+    assert_silent_success(collected)
+    assert not (area.pods / "shop_cart-0").exists(), "DEL removes its pod's unusable hint"
+    assert not (area.pods / "shop_other-0").exists(), "GC removes unusable hints"
+
+
+def test_del_and_gc_never_fail_on_a_huge_hint(area: Area, plugin_binary: Path) -> None:
+    with open(area.pods / "shop_cart-0", "wb") as handle:
+        handle.write(b'{"container_id": "' + b"a" * (50 << 20) + b'"}')
+    deleted, collected, elapsed = _del_and_gc(area)
+    assert_silent_success(deleted)
+    assert_silent_success(collected)
+    assert elapsed < 3, elapsed
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink-outside", "symlink-dev-zero", "directory", "dangling-symlink"])
+def test_del_and_gc_never_follow_or_block_on_odd_hint_files(kind: str, area: Area, plugin_binary: Path) -> None:
+    outside = area.canary / "victim_1"
+    hints = [area.pods / "shop_cart-0", area.pods / "shop_other-0"]
+    for hint in hints:
+        if kind == "fifo":
+            os.mkfifo(hint)
+        elif kind == "symlink-outside":
+            hint.symlink_to(outside)
+        elif kind == "symlink-dev-zero":
+            hint.symlink_to("/dev/zero")
+        elif kind == "dangling-symlink":
+            hint.symlink_to(area.canary / "nothing-here")
+        else:
+            hint.mkdir()
+    canary_before = tree(area.canary)
+    deleted, collected, elapsed = _del_and_gc(area)
+    assert_silent_success(deleted)
+    assert_silent_success(collected)
+    assert elapsed < 3, f"DEL + GC took {elapsed:.1f} s"
+    assert tree(area.canary) == canary_before, "nothing outside the run dir is read through or removed"
+    if kind != "directory":
+        assert not any(os.path.lexists(h) for h in hints), "the odd entries themselves are removed"
+
+
+def test_add_replaces_a_symlinked_hint_without_writing_through_it(area: Area, plugin_binary: Path) -> None:
+    (area.pods / "shop_cart-0").symlink_to(area.canary / "victim_1")
+    before = tree(area.canary)
+    run_plugin(plugin_env("ADD", cni_args=cni_args()), netconf("1.0.0", run_dir=area.run_dir))
+    assert tree(area.canary) == before
+    hint = area.pods / "shop_cart-0"
+    assert not hint.is_symlink() and json.loads(hint.read_text())["container_id"] == CONTAINER_ID
+
+
+def test_a_symlinked_hints_dir_is_never_used(area: Area, plugin_binary: Path) -> None:
+    area.pods.rmdir()
+    area.pods.symlink_to(area.canary)
+    before = tree(area.canary)
+    for command in ("ADD", "DEL"):
+        run_plugin(plugin_env(command, cni_args=cni_args(K8S_POD_NAME="1", K8S_POD_NAMESPACE="victim")),
+                   netconf("1.0.0", run_dir=area.run_dir))
+    gc_conf = netconf("1.1.0", run_dir=area.run_dir)
+    gc_conf["cni.dev/valid-attachments"] = []
+    assert_silent_success(run_plugin(plugin_env("GC", container_id=None, netns=None, ifname=None), gc_conf))
+    assert tree(area.canary) == before
 
 
 # ------------------------------------------------------------------------------------- enrollment snapshot
