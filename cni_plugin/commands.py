@@ -39,16 +39,21 @@ def _exemptions(conf: dict[str, Any]) -> Exemptions:
     )
 
 
-def _pod(inv: Invocation, tolerant: bool = False) -> wire.PodRef:
-    try:
-        pod = cniargs.pod_ref(cniargs.parse(inv.env.get("CNI_ARGS", "")))
-    except errors.CniError:
-        if not tolerant:
-            raise
-        pod = wire.PodRef()
+def _pod(inv: Invocation) -> wire.PodRef:
+    """The pod named in CNI_ARGS, validated before any use; bad CNI_ARGS raise CniError (code 4)."""
+    pod = cniargs.pod_ref(cniargs.parse(inv.env.get("CNI_ARGS", "")))
     if pod.name:
         LOG.context["pod"] = f"{pod.namespace}/{pod.name}"
     return pod
+
+
+def _pod_if_valid(inv: Invocation) -> wire.PodRef | None:
+    """DEL's view: None when CNI_ARGS are unusable; nothing may be done for a pod the plugin cannot name."""
+    try:
+        return _pod(inv)
+    except errors.CniError as exc:
+        LOG.warning("unusable CNI_ARGS: nothing to do for this pod", error=exc.msg)
+        return None
 
 
 def _socket_path(conf: dict[str, Any]) -> str:
@@ -121,6 +126,12 @@ def _ask_agent(
             errors.TRY_AGAIN_LATER,
             f"ambient-cni: the node agent at {path} did not answer {request.op} for {who} within {budget_ms} ms",
         ) from exc
+    except notifier.AgentWentAway as exc:
+        raise errors.CniError(
+            errors.TRY_AGAIN_LATER,
+            f"ambient-cni: the node agent at {path} went away mid-request ({request.op} for {who}: {exc}); "
+            "it crashed or restarted. Check the ambient-cni agent on this node; the runtime retries.",
+        ) from exc
     except wire.WireError as exc:
         raise errors.CniError(
             errors.PROTOCOL_ERROR, f"ambient-cni: bad reply from the node agent at {path}: {exc}"
@@ -147,12 +158,9 @@ def cmd_add(inv: Invocation) -> dict[str, Any]:
         LOG.info("not enrolled: " + reason)
         return result
     ips = pod_ips(conf["prevResult"])
-    hints.write(
-        conf["run_dir"],
-        pod.namespace,
-        pod.name,
-        {"netns": inv.netns, "container_id": inv.container_id, "ifname": inv.ifname, "uid": pod.uid, "ips": ips},
-    )
+    hint = hints.Hint(netns=inv.netns, container_id=inv.container_id, ifname=inv.ifname, uid=pod.uid, ips=ips)
+    if not hints.write(conf["run_dir"], pod.namespace, pod.name, hint):
+        LOG.debug("netns hint not written")
     from cni_plugin.snapshot import Verdict
 
     verdict = _verdict(conf, pod)
@@ -177,8 +185,8 @@ def cmd_add(inv: Invocation) -> dict[str, Any]:
 def cmd_del(inv: Invocation) -> None:
     conf = inv.conf
     _configure_log(inv)
-    pod = _pod(inv, tolerant=True)
-    if exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
+    pod = _pod_if_valid(inv)
+    if pod is None or exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
         return None
     hints.remove(conf["run_dir"], pod.namespace, pod.name, inv.container_id)
     if not os.path.exists(_socket_path(conf)):

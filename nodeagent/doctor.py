@@ -1,11 +1,12 @@
 """``ambient-cni doctor``: the seed's three debugging checks for one pod, plus the probe path, with the evidence.
 
-Resolves ``--pod NAMESPACE/NAME`` to its netns through the agent's ``/debug/pods`` (falling back to the plugin's
-netns hint ``<run_dir>/pods/<namespace>_<name>``), or takes ``--netns PATH``; then reads the logs, the listening
-sockets and the iptables rules inside the netns (``nsenter --net``: read-only commands). The fourth check reads
-the node netns (the agent's ``--host-netns``, as ``/debug/dataplane`` reports it, or ``--host-netns``): its nat
-table and the probe sets (a netlink dump). The pod's variant (mode, DNS capture, annotations) comes from the agent,
-else from the pod's own rules. Exit 1 when a check fails, 2 when the pod cannot be found.
+Resolves ``--pod NAMESPACE/NAME`` (checked as Kubernetes checks names) to its netns through the agent's
+``/debug/pods`` (falling back to the plugin's netns hint ``<run_dir>/pods/<namespace>_<name>``, read through
+``cni_plugin.hints``), or takes ``--netns PATH``; then reads the logs, the listening sockets and the iptables
+rules inside the netns (``nsenter --net``: read-only commands). The fourth check reads the node netns (the
+agent's ``--host-netns``, as ``/debug/dataplane`` reports it, or ``--host-netns``): its nat table and the probe
+sets (a netlink dump). The pod's variant (mode, DNS capture, annotations) comes from the agent, else from the
+pod's own rules. Exit 1 when a check fails, 2 when the pod cannot be found.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import click
 
+from cni_plugin import hints, k8snames
 from nodeagent.dataplane import diagnose, rules
 from nodeagent.dataplane.netns import NetnsError, open_netns
 from nodeagent.dataplane.rules import DEFAULT_VARIANT, Family, RuleParams, Variant
@@ -86,21 +88,23 @@ def resolve(pod: str | None, netns: str | None, run_dir: str, health_addr: str) 
     namespace, _, name = pod.partition("/")
     if not namespace or not name:
         raise click.UsageError("--pod must be NAMESPACE/NAME")
+    if not k8snames.is_pod_name_pair(namespace, name):
+        raise click.UsageError(
+            f"--pod {k8snames.shown(pod)}: NAMESPACE must be a DNS-1123 label and NAME a DNS-1123 subdomain "
+            "(lower-case letters, digits, '-', and '.' in NAME)"
+        )
     match = [r for r in records if r.get("namespace") == namespace and r.get("name") == name]
     if match:
         return _from_record(match[-1], "agent /debug/pods"), notes
-    hint = os.path.join(run_dir, "pods", f"{namespace}_{name}")
-    try:
-        with open(hint) as fh:
-            h = json.load(fh)
-        t = _from_record({**h, "namespace": namespace, "name": name}, f"netns hint {hint}")
+    hint_path = hints.path(run_dir, namespace, name)
+    hint = hints.read(run_dir, namespace, name)
+    if hint is not None:
         notes.append("the agent has no record of this pod (not enrolled?)")
-        return t, notes
-    except (OSError, ValueError):
-        pass
+        return Target(namespace=namespace, name=name, uid=hint.uid, netns_path=hint.netns, ips=hint.ips,
+                      source=f"netns hint {hint_path}"), notes
     raise click.ClickException(
-        f"pod {pod} not found: the agent ({health_addr}) has no record of it and there is no netns hint {hint}"
-        + (f"; {notes[0]}" if notes else "")
+        f"pod {pod} not found: the agent ({health_addr}) has no record of it and there is no usable netns hint "
+        f"{hint_path}" + (f"; {notes[0]}" if notes else "")
     )
 
 

@@ -1,18 +1,17 @@
 """Find a running pod's network namespace without a CNI event.
 
-Two sources, tried in order: the plugin's netns hint file ``<run_dir>/pods/<namespace>_<name>`` (JSON
-``{"netns","container_id","ifname","uid","ips","written_at"}``), then a scan of ``/proc/*/cgroup`` for the pod
-UID (``pod<uid>`` with dashes, or with underscores as the systemd cgroup driver writes it) using
-``/proc/<pid>/ns/net``. Parsing is pure; the reading functions are thin.
+Two sources, tried in order: the plugin's netns hint ``<run_dir>/pods/<namespace>_<name>`` (read through
+``cni_plugin.hints``, the format's one reader: confined to that directory, bounded, never blocking), then a
+scan of ``/proc/*/cgroup`` for the pod UID (``pod<uid>`` with dashes, or with underscores as the systemd cgroup
+driver writes it) using ``/proc/<pid>/ns/net``. Parsing is pure; the reading functions are thin.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
-HINTS_DIR = "pods"
+from cni_plugin import hints
 
 
 @dataclass(frozen=True)
@@ -25,40 +24,7 @@ class NetnsLocation:
     source: str = "hint"  # "hint" or "proc"
 
 
-@dataclass(frozen=True)
-class NetnsHint:
-    netns: str
-    container_id: str
-    ifname: str
-    uid: str
-    ips: tuple[str, ...]
-    written_at: float
-
-
 # -- pure ------------------------------------------------------------------------------------------
-def hint_file_name(namespace: str, name: str) -> str:
-    return f"{namespace}_{name}"
-
-
-def parse_hint(text: str) -> NetnsHint | None:
-    try:
-        raw = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("netns"), str) or not raw.get("netns"):
-        return None
-    ips = raw.get("ips") or []
-    written_at = raw.get("written_at", 0)
-    return NetnsHint(
-        netns=raw["netns"],
-        container_id=str(raw.get("container_id") or ""),
-        ifname=str(raw.get("ifname") or "eth0"),
-        uid=str(raw.get("uid") or ""),
-        ips=tuple(str(ip) for ip in ips) if isinstance(ips, list) else (),
-        written_at=float(written_at) if isinstance(written_at, int | float) else 0.0,
-    )
-
-
 def uid_patterns(uid: str) -> tuple[str, ...]:
     if not uid:
         return ()
@@ -92,12 +58,8 @@ def netns_inode(path: str) -> int | None:
         return None
 
 
-def read_hint(run_dir: str, namespace: str, name: str) -> NetnsHint | None:
-    try:
-        with open(os.path.join(run_dir, HINTS_DIR, hint_file_name(namespace, name)), encoding="utf-8") as handle:
-            return parse_hint(handle.read(65536))
-    except OSError:
-        return None
+def read_hint(run_dir: str, namespace: str, name: str) -> hints.Hint | None:
+    return hints.read(run_dir, namespace, name)
 
 
 def from_hint(run_dir: str, namespace: str, name: str, uid: str) -> NetnsLocation | None:

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.harness import netns as netns_mod
 from tests.harness.cni import make_bin_dir
 from tests.harness.netns import Netns
 from tests.harness.paths import require_driver, require_plugin
+from tests.plugin_fixtures import FakeAgent
 
 
 def _machine_probe_sets() -> list[str] | None:
@@ -151,3 +153,20 @@ def node_netns(netns_factory: Callable[..., Netns]) -> Netns:
 @pytest.fixture
 def pod_netns(netns_factory: Callable[..., Netns]) -> Netns:
     return netns_factory("acpod")
+
+
+@pytest.fixture
+def fake_agent(run_dir: Path) -> Iterator[Callable[..., FakeAgent]]:
+    """``start(respond) -> FakeAgent`` on ``<run_dir>/cni.sock`` (see ``tests.plugin_fixtures.FakeAgent``)."""
+    agents: list[FakeAgent] = []
+
+    def start(respond: Callable[[dict[str, Any]], bytes | None]) -> FakeAgent:
+        agent = FakeAgent(run_dir, respond)
+        agents.append(agent)
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in agents:
+            agent.close()

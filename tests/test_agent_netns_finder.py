@@ -8,6 +8,7 @@ a process started inside a test netns and moved into a real cgroup named after t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin import hints
 from nodeagent import netns_finder
 
 UID = "1e054806-e667-4109-a5af-08b3e6ba0c42"
@@ -55,13 +57,39 @@ def test_no_uid_matches_nothing() -> None:
 
 
 def test_hint_parsing_is_tolerant_and_strict_where_it_matters() -> None:
-    hint = netns_finder.parse_hint(
+    hint = hints.parse(
         '{"netns": "/var/run/netns/cni-1", "container_id": "c1", "ifname": "eth0", "uid": "u", '
         '"ips": ["10.0.0.5/24", "fd00::5/64"], "written_at": 1.5}'
     )
     assert hint is not None and hint.netns == "/var/run/netns/cni-1" and hint.ips == ("10.0.0.5/24", "fd00::5/64")
-    for bad in ("", "not json", "[]", '{"netns": ""}', '{"container_id": "c1"}'):
-        assert netns_finder.parse_hint(bad) is None, bad
+    for bad in ("", "not json", "[]", "1", "null", '"x"', '{"netns": ""}', '{"container_id": "c1"}',
+                '{"netns": 5}', '{"netns": "/x", "ips": "10.0.0.5/24"}', '{"netns": "/x", "ips": [1]}',
+                '{"netns": "/x", "uid": "../u"}', '{"netns": "/x", "written_at": "now"}',
+                '{"netns": "/x\\u0000y"}', '{"netns": "/x\\ud800"}', "[" * 100_000 + "]" * 100_000):
+        assert hints.parse(bad) is None, bad[:80]
+
+
+def test_the_agent_reads_hints_only_inside_the_hints_dir(tmp_path: Path) -> None:
+    """A crafted hint outside ``<run_dir>/pods`` is never reached: not by a traversing name, not through a
+    symlink, and a FIFO in its place does not block the reader."""
+    run_dir = tmp_path / "run"
+    (run_dir / "pods").mkdir(parents=True)
+    outside = tmp_path / "evil_x"
+    outside.write_text(json.dumps({"netns": "/proc/self/ns/net", "uid": "u"}))
+    for namespace, name in (("../../evil", "x"), (str(tmp_path / "evil"), "x"), ("..", "evil_x")):
+        assert netns_finder.read_hint(str(run_dir), namespace, name) is None
+    (run_dir / "pods" / "shop_cart-0").symlink_to(outside)
+    assert netns_finder.read_hint(str(run_dir), "shop", "cart-0") is None
+    (run_dir / "pods" / "shop_cart-0").unlink()
+    os.mkfifo(run_dir / "pods" / "shop_cart-0")
+    started = time.monotonic()
+    assert netns_finder.find(str(run_dir), "shop", "cart-0", "") is None
+    assert time.monotonic() - started < 1
+    (run_dir / "pods").rename(tmp_path / "real-pods")
+    (run_dir / "pods").symlink_to(tmp_path / "real-pods")
+    (tmp_path / "real-pods" / "shop_cart-0").unlink()
+    (tmp_path / "real-pods" / "shop_cart-0").write_text(json.dumps({"netns": "/proc/self/ns/net"}))
+    assert netns_finder.read_hint(str(run_dir), "shop", "cart-0") is None, "a symlinked hints dir is refused"
 
 
 @pytest.fixture
