@@ -8,7 +8,8 @@ Runs on start, every ``interval`` seconds and shortly after each view change:
     view is not undone), was replaced (uid changed), finished, or is no longer enrolled: remove it;
 (c) a record whose netns is gone or was replaced (inode changed): re-enroll the new netns or remove it;
 (d) a record from a previous run of the agent (not yet "live" in this process): hand it to the dataplane
-    again so that it can rebuild its state (e.g. the ZDS snapshot for ztunnel); retried until it works.
+    again so that it can rebuild its state (e.g. the ZDS snapshot for ztunnel); retried until it works;
+(e) the plugin's remembered container identities whose pod is gone (``identity_gc``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-from nodeagent import decide, logs, netns_finder
+from nodeagent import decide, identity_gc, logs, netns_finder
 from nodeagent.clusterview.model import ClusterState
 from nodeagent.core import AgentCore, work_from_record
 from nodeagent.dataplane.api import DataplaneError, PodWork
@@ -96,6 +97,9 @@ class Reconciler:
                 if pod.key in self.core.adding:
                     continue  # a CNI ADD is on it
                 self._enroll_running(pod.namespace, pod.name, pod.uid, pod.service_account, actions)
+            forgotten = identity_gc.prune_identities(self.run_dir, state, self.core.store, self.gone_grace_s)
+            if forgotten:
+                actions["forget_identity"] += forgotten
             self.passes += 1
         for action, count in actions.items():
             self.core.metrics.reconcile.labels(action).inc(count)
