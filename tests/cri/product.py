@@ -80,6 +80,7 @@ class Node:
     agent: subprocess.Popen[bytes] | None = None
     peer: subprocess.Popen[bytes] | None = None
     health_port: int = 0
+    agent_args: list[str] = field(default_factory=list)  # extra `ambient-cni agent` flags
 
     @property
     def base(self) -> Path:
@@ -184,6 +185,7 @@ class Node:
                     str(self.zds_socket),
                     "--health-addr",
                     self.health_addr,
+                    *self.agent_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
