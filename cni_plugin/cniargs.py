@@ -45,13 +45,19 @@ def parse(raw: str) -> dict[str, str]:
 
 def pod_ref(pairs: dict[str, str]) -> PodRef:
     """The pod named in CNI_ARGS. Raises CniError(INVALID_ENV) naming the first value Kubernetes would not
-    have produced (see ``k8snames``); absent values are empty."""
+    have produced (see ``k8snames``); absent values are empty. Without a namespace it is not a Kubernetes pod
+    and nothing is validated (or kept, but a loggable name)."""
     pod = PodRef(
         name=pairs.get(k8snames.NAME_KEY, ""),
         namespace=pairs.get(k8snames.NAMESPACE_KEY, ""),
         uid=pairs.get(k8snames.UID_KEY, ""),
         infra_container_id=pairs.get(k8snames.INFRA_CONTAINER_ID_KEY, ""),
     )
+    if not pod.namespace:
+        # Not a Kubernetes pod: without a namespace the other keys are the runtime's own words (podman sends its
+        # container name, which may hold "_" or capitals, as K8S_POD_NAME). Nothing is built from them; keep
+        # only a name that is safe to log, so a plain container is never refused for its name.
+        return PodRef(name=pod.name if k8snames.is_dns1123_subdomain(pod.name) else "")
     problem = k8snames.pod_problem(pod.namespace, pod.name, pod.uid, pod.infra_container_id)
     if problem is not None:
         key, message = problem

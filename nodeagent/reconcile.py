@@ -10,7 +10,8 @@ Runs on start, every ``interval`` seconds and shortly after each view change:
 (d) a record from a previous run of the agent (not yet "live" in this process): hand it to the dataplane
     again so that it can rebuild its state (e.g. the ZDS snapshot for ztunnel); retried until it works;
 (e) after the pass: the node-side probe path (SNAT rule, probe sets) repaired and synced to the enrolled
-    pods; stale entries pruned unless an enrolled pod has no known IP.
+    pods; stale entries pruned unless an enrolled pod has no known IP;
+(f) the plugin's remembered container identities whose pod is gone (``identity_gc``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-from nodeagent import decide, logs, netns_finder
+from nodeagent import decide, identity_gc, logs, netns_finder
 from nodeagent.clusterview.model import ClusterState, Pod
 from nodeagent.core import AgentCore, work_from_record
 from nodeagent.dataplane.api import DataplaneError, PodWork
@@ -100,6 +101,9 @@ class Reconciler:
                 self._enroll_running(pod, actions)
             for action, count in self.core.sync_host(prune=True).items():
                 actions[action] += count
+            forgotten = identity_gc.prune_identities(self.run_dir, state, self.core.store, self.gone_grace_s)
+            if forgotten:
+                actions["forget_identity"] += forgotten
             self.passes += 1
         for action, count in actions.items():
             self.core.metrics.reconcile.labels(action).inc(count)

@@ -7,6 +7,7 @@ APT_PACKAGES=(
   golang-go golang-github-appc-cni-dev   # the libcni test driver, built offline
   iptables iproute2 procps psmisc
   containerd runc               # the real runtime tests (issue 6)
+  podman                        # the second real runtime (4.3, CNI backend); tests configure it through CONTAINERS_CONF
   hyperfine                     # benchmarks
   build-essential               # static pause binary (containerd tests)
   python3-venv libpython3.11    # the project venv; PyInstaller needs the shared libpython
