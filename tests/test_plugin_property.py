@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cni_plugin import hints
+from cni_plugin import hints, identity_cache
 from tests.harness.cni import netconf
 from tests.harness.paths import require_plugin
 from tests.harness.runners import run_plugin
@@ -168,9 +168,12 @@ def _area_tree() -> dict[str, tuple[int, int, int]]:
 
 
 def _may_change(name: str) -> bool:
-    """Inside the run dir: the log, and hints named by a valid pod identity; nothing anywhere else."""
-    if name in ("node/run/plugin.log", "node/run/plugin.log.1", "node/run/pods"):
+    """Inside the run dir: the log, hints named by a valid pod identity and the remembered identity of the
+    container (named by its validated id); nothing anywhere else."""
+    if name in ("node/run/plugin.log", "node/run/plugin.log.1", "node/run/pods", "node/run/identities"):
         return True
+    if name.startswith("node/run/identities/"):
+        return identity_cache.valid_container_id(name[len("node/run/identities/"):])
     prefix = "node/run/pods/"
     return name.startswith(prefix) and hints.is_hint_name(name[len(prefix):])
 
