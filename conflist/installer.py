@@ -333,8 +333,10 @@ class Installer:
                 atomic.remove(path)
 
     # ---- uninstall ----------------------------------------------------------------------------------------
-    def uninstall(self) -> Outcome:
-        """Config first (owned files removed, chained primaries restored), readiness, binary last."""
+    def uninstall(self, remove_binary: bool = True) -> Outcome:
+        """Config first (owned files removed, chained primaries restored), readiness, binary last.
+        ``remove_binary=False`` leaves the binary for the caller to remove later (``ambient-cni node`` stops its
+        agent in between)."""
         opts = self.options
         out = Outcome(True)
         self.set_ready(False)
@@ -356,7 +358,9 @@ class Installer:
                         os.unlink(os.path.join(backups, leftover))
                 with contextlib.suppress(OSError):
                     os.rmdir(backups)
-        if opts.source is not None or os.path.lexists(os.path.join(opts.bin_dir, binary.EXECUTABLE)):
+        if remove_binary and (
+            opts.source is not None or os.path.lexists(os.path.join(opts.bin_dir, binary.EXECUTABLE))
+        ):
             out.binary_changed = binary.uninstall(opts.bin_dir)
         return out
 
