@@ -85,11 +85,10 @@ def node_cmd(**params: Any) -> None:
     everything for a restart or upgrade, or uninstalls (config first, binary last), see --uninstall-on-stop.
     """
     from ambient_cni.node.kubeapi import LifecycleApi
-    from ambient_cni.node.process import NodeProcess, NodeSettings
-    from conflist import logs as install_logs
+    from ambient_cni.node.process import NodeProcess, NodeSettings, setup_logging
     from conflist.cli import install_options
 
-    install_logs.setup(params["installer_log_level"])  # until the node process switches to JSON lines
+    setup_logging(params["installer_log_level"], params["log_level"])  # JSON lines on stderr from the start
     taint = "" if params["node_taint"] in ("", DISABLED) else params["node_taint"]
     needs_api = params["uninstall_on_stop"] == "auto" or bool(taint)
     api = LifecycleApi(_api_client(params["kubeconfig"])) if needs_api else None

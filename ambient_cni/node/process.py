@@ -56,9 +56,10 @@ class _Scope(logging.Filter):
         return True
 
 
-def setup_logging(installer_level: str) -> None:
-    """JSON lines on stderr for everything: the agent's logger (set up by the agent), the installer's logger,
-    and whatever a library logs at warning or above."""
+def setup_logging(installer_level: str, agent_level: str) -> None:
+    """JSON lines on stderr for everything: the agent's logger (the agent adds its agent.log later), the
+    installer's logger, and whatever a library logs at warning or above."""
+    logs.setup(None, agent_level)
     for name, scope, level in ((INSTALL_LOGGER, "install", installer_level.upper()), ("", "lib", "WARNING")):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logs.JsonFormatter())
@@ -123,8 +124,7 @@ class NodeProcess:
     # -- the run ------------------------------------------------------------------------------------
     def run(self, handle_signals: bool = True) -> int:
         settings = self.settings
-        setup_logging(settings.installer_log_level)
-        logs.setup(None, settings.agent.log_level)  # stderr now; the agent adds <run_dir>/agent.log
+        setup_logging(settings.installer_log_level, settings.agent.log_level)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
