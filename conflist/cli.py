@@ -162,6 +162,7 @@ def install_options(kw: dict[str, Any]) -> Options:
         source=None if kw["skip_binary"] else (kw["source"] or default_source()),
         ready_file=_ready_file(kw["ready_file"], kw["run_dir"]),
         default_cni_version=kw["default_cni_version"],
+        verify_plugin=True,
     )
     log.info("conf_dir=%s bin_dir=%s (from %s) mode=%s", dirs.conf_dir, dirs.bin_dir, dirs.source, options.mode)
     return options
