@@ -9,3 +9,6 @@ $(IMAGE_TAR): $(PLUGIN) $(wildcard nodeimage/*.py)
 
 image-refresh: $(PLUGIN)
 	$(PY) -m nodeimage --bundle $(DIST)/ambient-cni.bundle --out $(IMAGE_TAR) --refresh
+
+# the image tests and the containerd node-image test need the archive
+test: image
