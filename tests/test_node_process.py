@@ -161,3 +161,14 @@ def test_no_api_at_all_with_a_file_view(scratch: Path, plugin_binary: Path) -> N
                           "--bin-dir", str(node.bin_dir)], capture_output=True, text=True, timeout=60, env=CLEAN_ENV)
     assert res.returncode == 2, res.stderr
     assert "need the Kubernetes API" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_refused_list_is_not_an_empty_view(node: NodeProc, fake: FakeKube) -> None:
+    """401/403/5xx on the namespace/pod lists must keep the agent unready, never read as 'nothing enrolled'."""
+    fake.lifecycle.fail(403)
+    node.start("--uninstall-on-stop", "never")
+    _wait(lambda: "cannot list" in node.wait_http("/readyz", status=503), "the view's reason")
+    assert not (node.run_dir / "enrollment.json").exists()  # no snapshot from a view that never synced
+    fake.lifecycle.fail(None)
+    node.wait_http("/readyz")
+    assert node.stop() == 0
