@@ -74,7 +74,7 @@ AGENT_OPTIONS: list[Any] = [
     _opt("--proc-root", default="/proc", show_default=True,
          help="The host's /proc, scanned to find running pods' netns (e.g. /host/proc in a container)."),
     _opt("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-         show_default=True),
+         show_default=True, help="Agent log level (with `ambient-cni node` also the plugin entry's log_level)."),
     _opt("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
          help="Seconds to wait for in-flight requests on SIGTERM."),
     _opt("--host-netns", type=click.Path(dir_okay=False), default=None,
