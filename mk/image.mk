@@ -12,3 +12,4 @@ image-refresh: $(PLUGIN)
 
 # the image tests and the containerd node-image test need the archive
 test: image
+bench: image

@@ -58,10 +58,13 @@ def fetch(cache: Path, packages: tuple[str, ...] = PACKAGES, refresh: bool = Fal
                 for old in cache.glob(f"{p}_*.deb"):
                     old.unlink()
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        res = subprocess.run(["apt-get", "download", "-q", *missing], cwd=cache, capture_output=True, text=True,
-                             env=env, check=False)
+        download = ["apt-get", "download", "-q", *missing]
+        res = subprocess.run(download, cwd=cache, capture_output=True, text=True, env=env, check=False)
+        if res.returncode != 0:  # a fresh machine has no package lists yet: update once, then try again
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, check=False)
+            res = subprocess.run(download, cwd=cache, capture_output=True, text=True, env=env, check=False)
         if res.returncode != 0:
-            raise DebError(f"apt-get download {' '.join(missing)} failed (run apt-get update?): {res.stderr.strip()}")
+            raise DebError(f"apt-get download {' '.join(missing)} failed: {res.stderr.strip()}")
     debs = []
     for package in packages:
         path = cached(cache, package)
