@@ -102,11 +102,23 @@ def apply_options(options: Sequence[Any]) -> Callable[[FC], FC]:
     return decorate
 
 
+def option_names(options: Sequence[Any]) -> set[str]:
+    """The parameter names a list of option decorators defines."""
+
+    def probe() -> None:
+        return None
+
+    for option in options:
+        probe = option(probe)
+    return {str(p.name) for p in getattr(probe, "__click_params__", [])}
+
+
 def agent_config(params: Mapping[str, Any]) -> AgentConfig:
-    """The agent's config from parsed options: every option named like an ``AgentConfig`` field is taken."""
+    """The agent's config from parsed options: every option of ``AGENT_OPTIONS`` named like an ``AgentConfig``
+    field is taken (only those: another command's option of the same name is not the agent's)."""
     from nodeagent.agent import AgentConfig
 
-    names = {f.name for f in dataclasses.fields(AgentConfig)}
+    names = {f.name for f in dataclasses.fields(AgentConfig)} & option_names(AGENT_OPTIONS)
     values = {k: v for k, v in params.items() if k in names}
     values["node_name"] = params.get("node_name") or default_node_name()
     values["exclude_namespaces"] = tuple(

@@ -33,6 +33,9 @@ def test_an_option_added_to_the_agent_list_reaches_node_and_the_config() -> None
     with pytest.raises(AssertionError, match="defined twice with different meanings"):
         union_options(AGENT_OPTIONS, [clash])
     config = agent_config({"run_dir": "/r", "exclude_namespaces": "a, b", "node_name": "n1", "proc_root": "/host/proc",
-                           "not_an_agent_field": 1})
-    assert (config.run_dir, config.exclude_namespaces, config.node_name, config.proc_root) == (
-        "/r", ("a", "b"), "n1", "/host/proc")
+                           "not_an_agent_field": 1, "uninstall_on_stop": "auto", "dns_capture": True})
+    assert (config.run_dir, config.exclude_namespaces, config.node_name, config.proc_root, config.dns_capture) == (
+        "/r", ("a", "b"), "n1", "/host/proc", True)
+    # node's --uninstall-on-stop (auto|always|never) is not the agent's field of the same name: the node process
+    # sets that one itself, only when it decided to uninstall
+    assert config.uninstall_on_stop is False

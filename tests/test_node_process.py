@@ -99,7 +99,8 @@ def test_a_deleted_daemonset_uninstalls_config_first_binary_last(node: NodeProc,
     assert not (node.run_dir / "enrollment.json").exists()
     messages = node.messages()
     order = [messages.index(m) for m in ("stop: uninstall", "uninstall: CNI config removed",
-                                         "node state removed (uninstall)", "uninstall: plugin binary removed")]
+                                         "uninstall: node-side probe path removed",
+                                         "uninstall: enrollment snapshot removed", "uninstall: plugin binary removed")]
     assert order == sorted(order), messages
 
 

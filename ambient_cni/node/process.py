@@ -181,7 +181,7 @@ class NodeProcess:
             self._emit(logging.INFO, "uninstall: CNI config removed", wrote=outcome.wrote, removed=outcome.removed)
         except OSError as exc:
             self._emit(logging.ERROR, "uninstall: removing the CNI config failed", error=str(exc))
-        self.agent.uninstall_on_stop = True
+        self.agent.config.uninstall_on_stop = True  # the agent removes the node-side state and the snapshot
         self._stop_agent(agent_thread)
         try:
             removed = binary.uninstall(self.settings.install.bin_dir)
