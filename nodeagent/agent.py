@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -41,6 +42,7 @@ class AgentConfig:
     agent_pod_namespace: str = "istio-system"
     agent_pod_name_prefix: str = "ambient-cni-node-"
     reconcile_interval: float = 30.0
+    proc_root: str = "/proc"
     log_level: str = "info"
     drain_timeout: float = 10.0
     # dataplane (inpod): where the probe path goes (None: the agent's own netns), the redirection defaults
@@ -100,11 +102,31 @@ def make_dataplane(config: AgentConfig) -> Dataplane:
     return dataplane
 
 
+ReadyGate = Callable[[], tuple[bool, str]]
+
+
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    """``run()`` blocks until ``request_stop``. Hooks for ``ambient-cni node`` (installer + agent in one process):
+    ``ready_gates`` join /readyz, ``handle_signals=False`` leaves SIGTERM to the caller, and
+    ``config.uninstall_on_stop`` (set before the stop) removes the node-side state and the snapshot after the drain
+    instead of leaving them for the next agent."""
+
+    def __init__(self, config: AgentConfig, ready_gates: Sequence[ReadyGate] = (), handle_signals: bool = True) -> None:
         self.config = config
         self.stop_requested = threading.Event()
+        self.serving = threading.Event()
+        self.ready_gates = tuple(ready_gates)
+        self.handle_signals = handle_signals
+        self._core_ready: ReadyGate = lambda: (False, "node agent starting")
         self.log = logs.get_logger()
+
+    def ready(self) -> tuple[bool, str]:
+        """What /readyz answers: the agent core's readiness, then every gate."""
+        for check in (self._core_ready, *self.ready_gates):
+            ok, reason = check()
+            if not ok:
+                return False, reason
+        return True, ""
 
     def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
         logs.emit(self.log, logging.INFO, "stop requested", {"signal": signal.Signals(signum).name})
@@ -120,8 +142,9 @@ class Agent:
         except (ServerError, OSError) as exc:
             raise AgentError(f"cannot prepare run dir {config.run_dir}: {exc}") from exc
         logs.setup(config.run_dir, config.log_level)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.request_stop)
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self.request_stop)
         metrics = Metrics()
         try:
             store = PodStore(config.state_dir)
@@ -143,7 +166,8 @@ class Agent:
         core = AgentCore(view, store, dataplane, config.exemptions, metrics, readiness, annotator)
         publisher = SnapshotPublisher(config.run_dir, config.node_name, config.exemptions, view.state, view.synced)
         readiness.snapshot_published = lambda: publisher.published
-        reconciler = Reconciler(core, config.run_dir, config.reconcile_interval)
+        reconciler = Reconciler(core, config.run_dir, config.reconcile_interval, proc_root=config.proc_root)
+        self._core_ready = core.ready
 
         def on_view_change(state: object) -> None:
             publisher.notify()
@@ -155,7 +179,7 @@ class Agent:
         from nodeagent.server import ServerError as _ServerError
 
         try:
-            health = HealthServer(config.health_addr, core.ready, metrics, store, dataplane.debug_info)
+            health = HealthServer(config.health_addr, self.ready, metrics, store, dataplane.debug_info)
         except HealthError as exc:
             raise AgentError(str(exc)) from exc
         tailer = PluginLogTailer(config.run_dir, on_line=metrics.plugin_log_lines.inc)
@@ -178,6 +202,7 @@ class Agent:
         reconciler.start()
         tailer.start()
         logs.emit(self.log, logging.INFO, "node agent serving", {"socket": server.path, "health": health.address})
+        self.serving.set()
         self.stop_requested.wait()
         # Shutdown: stop taking requests, drain, then stop the rest. The snapshot stays in place.
         drained = server.stop(config.drain_timeout)
@@ -193,6 +218,7 @@ class Agent:
                 logs.emit(self.log, logging.INFO, "uninstall: node-side probe path removed", {"removed": removed})
             except Exception as exc:
                 logs.emit(self.log, logging.ERROR, "uninstall: removing the probe path failed", {"error": str(exc)})
+            self._remove_snapshot(publisher.path)
         try:
             dataplane.close()
         except Exception as exc:
@@ -201,3 +227,15 @@ class Agent:
         store.close()
         logs.emit(self.log, logging.INFO, "node agent stopped", {"drained": drained})
         return 0
+
+    def _remove_snapshot(self, snapshot_path: str) -> None:
+        """Uninstall only (a restart keeps it, so enrolled pods keep failing closed until the next agent). Enrolled
+        pods keep their in-pod rules: removing them would let their traffic skip the proxy."""
+        try:
+            os.unlink(snapshot_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logs.emit(self.log, logging.WARNING, "removing the enrollment snapshot failed", {"error": str(exc)})
+            return
+        logs.emit(self.log, logging.INFO, "uninstall: enrollment snapshot removed", {"snapshot": snapshot_path})

@@ -131,11 +131,17 @@ def _read(path: str) -> str | None:
 @_opt("--peer-log", default=None, help="ztunnel's (or the zds_peer's) log file, to show its lines for the pod.")
 @_opt("--host-netns", default=None,
       help="The node's network namespace to check the probe path in. [default: the one the agent reports]")
+@_opt("--bin-dir", default=None, help="Also check that <bin-dir>/ambient-cni answers VERSION (alone, without "
+      "--pod/--netns: only this check, in the runtime's CNI bin dir [containerd/CRI-O config, else /opt/cni/bin]).")
 def doctor_cmd(
-    pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None, host_netns: str | None
+    pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None, host_netns: str | None,
+    bin_dir: str | None,
 ) -> None:
     """Check one pod's redirection the way the seed's guide does (logs, sockets, iptables rules), and the
-    node-side probe path with the pod's redirection variant."""
+    node-side probe path with the pod's redirection variant. Without --pod/--netns: the plugin in the CNI bin dir."""
+    if not pod and not netns:
+        _plugin_only(bin_dir)
+        return
     if bool(pod) == bool(netns):
         raise click.UsageError("give exactly one of --pod NAMESPACE/NAME or --netns PATH")
     target, notes = resolve(pod, netns, run_dir, health_addr)
@@ -183,6 +189,8 @@ def doctor_cmd(
         )
     results.append(diagnose.check_rules(saves, routes, variant, params))
     results.append(_check_probe_path(info, target, host_netns, variant, variant_source, saves, params))
+    if bin_dir:
+        results.append(check_plugin(bin_dir))
 
     click.echo(diagnose.render(header, results))
     if any(r.status == diagnose.FAIL for r in results):
@@ -238,3 +246,29 @@ def _check_probe_path(
             host_saves, entries, reason = None, None, f"{path}: {exc}"
     return diagnose.check_probe_path(host_saves, entries, addresses, target.uid, variant, variant_source,
                                      pod_saves, reason, params)
+
+
+def check_plugin(bin_dir: str) -> diagnose.CheckResult:
+    """The plugin in the CNI bin dir answers VERSION (a copied-alone onedir executable does not)."""
+    from cni_plugin import probe
+
+    res = diagnose.CheckResult(f"plugin: {bin_dir}/ambient-cni answers VERSION", diagnose.PASS)
+    problem = probe.problem(bin_dir)
+    if problem:
+        res.status = diagnose.FAIL
+        res.problems.append(problem)
+    else:
+        path = os.path.join(bin_dir, "ambient-cni")
+        res.evidence.append(f"{path} -> {os.path.realpath(path)}")
+    return res
+
+
+def _plugin_only(bin_dir: str | None) -> None:
+    if bin_dir is None:
+        from conflist.discover import resolve_dirs  # where the runtime looks (containerd/CRI-O config)
+
+        bin_dir = resolve_dirs(None, None).bin_dir
+    result = check_plugin(bin_dir)
+    click.echo(diagnose.render(["ambient-cni doctor: the plugin in the CNI bin dir"], [result]))
+    if result.status == diagnose.FAIL:
+        raise SystemExit(1)

@@ -22,3 +22,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# deploy/ tests run the real kubectl (client only); Debian's kubernetes-client provides one when none is installed
+if ! command -v kubectl >/dev/null; then
+  echo "install-deps: apt-get install kubernetes-client" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi

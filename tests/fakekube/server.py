@@ -21,8 +21,9 @@ tested against this. It covers what the agent uses, with the upstream wire behav
   (the next n PATCHes get a 500, as an overloaded server or a failing webhook answers) and ``pod()`` (read one).
 
 Not covered: authentication (any bearer token is accepted), label selectors, protobuf, pagination
-(``limit``/``continue``), bookmarks being sent, PATCH of anything but pods, and any resource other than
-namespaces and pods.
+(``limit``/``continue``), bookmarks being sent, PATCH of pods other than the merge patch above. The node-lifecycle
+resources (DaemonSet GET, Node GET and JSON PATCH, failure modes for every request) are in
+``tests/fakekube/lifecycle.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from tests.fakekube import lifecycle as lifecycle_mod
 
 
 class FakeKube:
@@ -54,6 +57,12 @@ class FakeKube:
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._stopping = False
+        self.lifecycle = lifecycle_mod.Lifecycle(self._next_rv)  # DaemonSets, Nodes, failure modes
+
+    def _next_rv(self) -> int:
+        with self._cond:
+            self._rv += 1
+            return self._rv
 
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -235,7 +244,24 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:
             return
 
+        def _lifecycle(self, method: str, raw: bytes = b"") -> bool:
+            """Failure modes and the node-lifecycle resources (tests/fakekube/lifecycle.py); ``raw``: the body
+            of a PATCH, already read."""
+            answer = fake.lifecycle.failure_response()
+            if answer is None:
+                path = urlparse(self.path).path
+                if method == "PATCH":
+                    answer = fake.lifecycle.patch(path, self.headers.get("Content-Type", ""), raw)
+                else:
+                    answer = fake.lifecycle.get(path)
+            if answer is None:
+                return False
+            lifecycle_mod.respond(self, *answer)
+            return True
+
         def do_GET(self) -> None:
+            if self._lifecycle("GET"):
+                return
             parsed = urlparse(self.path)
             query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
             resource = {"/api/v1/namespaces": "namespaces", "/api/v1/pods": "pods"}.get(parsed.path)
@@ -257,6 +283,8 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
             parts = parsed.path.strip("/").split("/")
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
+            if self._lifecycle("PATCH", raw):
+                return
             if len(parts) != 6 or parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "pods":
                 self._json(404, _status(404, "NotFound", f"{parsed.path} not found"))
                 return
