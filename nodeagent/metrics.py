@@ -30,6 +30,9 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.reconcile_passes = Counter(
+            "ambient_cni_agent_reconcile_passes", "Reconcile passes completed", registry=self.registry
+        )
         self.snapshot_writes = Counter(
             "ambient_cni_agent_snapshot_writes", "Enrollment snapshots written", registry=self.registry
         )

@@ -105,6 +105,7 @@ class Reconciler:
             if forgotten:
                 actions["forget_identity"] += forgotten
             self.passes += 1
+        self.core.metrics.reconcile_passes.inc()
         for action, count in actions.items():
             self.core.metrics.reconcile.labels(action).inc(count)
         if actions:
@@ -117,14 +118,16 @@ class Reconciler:
             current = self.core.store.get(*record.key)
             if current is None:
                 return
-            if pod is None:
+            replaced = pod is not None and bool(current.uid and pod.uid and current.uid != pod.uid)
+            if pod is None or replaced:
+                # The view holds no pod of this record's uid. Either the pod is gone (or was replaced), or a
+                # CNI ADD raced ahead of the view (a recreated StatefulSet pod keeps its name under a new
+                # uid, and the ADD can land before the watch shows the new uid): the grace tells them apart.
                 if time.time() - current.created_at >= self.gone_grace_s:
-                    self.core.unenroll(current, why="pod gone from the cluster view")
+                    why = (f"pod was replaced (uid {current.uid} -> {pod.uid})" if pod is not None and replaced
+                           else "pod gone from the cluster view")
+                    self.core.unenroll(current, why=why)
                     actions["remove"] += 1
-                return
-            if current.uid and pod.uid and current.uid != pod.uid:
-                self.core.unenroll(current, why=f"pod was replaced (uid {current.uid} -> {pod.uid})")
-                actions["remove"] += 1
                 return
             if pod.terminal or not decide.pod_enrolled(pod, state, self.core.exemptions):
                 self.core.unenroll(current, why="pod no longer enrolled" if not pod.terminal else f"pod {pod.phase}")
