@@ -111,14 +111,35 @@ class Agent:
         self.stop_requested.set()
 
     def run(self) -> int:
+        """Lock, then start. Nothing shared (sockets, snapshot, state, logs) is touched before the locks."""
+        from nodeagent import instance
+
+        try:
+            locks = instance.take_locks([(self.config.run_dir, "run dir"), (self.config.state_dir, "state dir")])
+        except instance.AlreadyRunning as exc:
+            raise AgentError(str(exc)) from None
+        except (instance.UnsafePath, OSError) as exc:
+            raise AgentError(f"cannot take the agent's lock: {exc}") from None
+        try:
+            return self._run_locked()
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def _run_locked(self) -> int:
         config = self.config
+        from nodeagent import instance
         from nodeagent.server import ServerError, prepare_run_dir
         from nodeagent.store import StoreError
 
         try:
             prepare_run_dir(config.run_dir)
-        except (ServerError, OSError) as exc:
+        except (ServerError, instance.UnsafePath, OSError) as exc:
             raise AgentError(f"cannot prepare run dir {config.run_dir}: {exc}") from exc
+        try:
+            instance.secure_dir(config.state_dir, "state dir")
+        except (instance.UnsafePath, OSError) as exc:
+            raise AgentError(f"cannot prepare state dir {config.state_dir}: {exc}") from exc
         logs.setup(config.run_dir, config.log_level)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)

@@ -8,6 +8,7 @@ either way. FULL would add an fsync to every ADD's critical path for no state th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -108,6 +109,9 @@ class PodStore:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(state_dir, DB_NAME)
         self._lock = threading.Lock()
+        # SQLite creates the database 0644 and its -wal/-shm with the database's mode: create everything under
+        # umask 077, then force 0600 on what existed before.
+        old_umask = os.umask(0o077)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -116,7 +120,11 @@ class PodStore:
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
-        os.chmod(self.path, 0o600)
+        finally:
+            os.umask(old_umask)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.path + suffix, 0o600)
 
     def close(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ fresh snapshot), so a late ack can never be taken for the answer to a later requ
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -166,10 +167,20 @@ class ZdsServer:
     def start(self) -> None:
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
+        if _served_by_someone(self.path):
+            raise OSError(errno.EADDRINUSE, f"another process already serves the ZDS socket {self.path}; "
+                          "is a second agent running?")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket from a previous run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.bind(self.path)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
         os.chmod(self.path, 0o600)  # before listen(): nobody can connect in between
         sock.listen(16)
         self._listener = sock
@@ -293,6 +304,21 @@ class ZdsServer:
             except ZdsError as exc:
                 errors.append(exc.msg)
         return errors
+
+
+def _served_by_someone(path: str) -> bool:
+    """Whether a live listener sits at ``path`` (a stale socket file refuses the connection)."""
+    if not os.path.lexists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _del_request(uid: str) -> zds_pb2.WorkloadRequest:
