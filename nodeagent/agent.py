@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -144,8 +145,18 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         metrics = Metrics()
+        after_corruption: list[Callable[[], None]] = []
+
+        def on_corruption(why: str, moved_to: str) -> None:
+            metrics.state_db_corruptions.inc()
+            logs.emit(self.log, logging.ERROR,
+                      "STATE DATABASE CORRUPT: moved aside; rebuilding the records from the cluster view and the "
+                      "node's netns; not ready until rebuilt", {"error": why, "moved_to": moved_to})
+            for hook in after_corruption:
+                hook()
+
         try:
-            store = PodStore(config.state_dir)
+            store = PodStore(config.state_dir, on_corruption=on_corruption)
         except (StoreError, OSError) as exc:
             raise AgentError(str(exc)) from exc
         view = make_view(config)
@@ -165,6 +176,8 @@ class Agent:
         publisher = SnapshotPublisher(config.run_dir, config.node_name, config.exemptions, view.state, view.synced)
         readiness.snapshot_published = lambda: publisher.published
         reconciler = Reconciler(core, config.run_dir, config.reconcile_interval)
+        after_corruption.append(core.forget_live_state)
+        after_corruption.append(reconciler.trigger)
 
         def on_view_change(state: object) -> None:
             publisher.notify()

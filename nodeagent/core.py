@@ -83,12 +83,19 @@ class AgentCore:
             return False, f"cluster view ({self.view.kind}) not synced: {reason}"
         if not self.readiness.snapshot_published():
             return False, "enrollment snapshot not published yet"
+        if self.store.needs_rebuild:
+            return False, ("the state database was corrupt and moved aside; rebuilding the records from the "
+                           "cluster view and the node's netns")
         if not self.readiness.socket_up:
             return False, "plugin socket not listening"
         dp_ready, dp_reason = self.dataplane.ready()
         if not dp_ready:
             return False, f"dataplane not ready: {dp_reason}"
         return True, ""
+
+    def forget_live_state(self) -> None:
+        """The records were lost (database moved aside): nothing counts as live until reconcile re-finds it."""
+        self.live_keys.clear()
 
     # -- dispatch -----------------------------------------------------------------------------------
     def handle(self, request: wire.Request) -> wire.Reply:

@@ -33,6 +33,11 @@ class Metrics:
         self.reconcile_passes = Counter(
             "ambient_cni_agent_reconcile_passes", "Reconcile passes completed", registry=self.registry
         )
+        self.state_db_corruptions = Counter(
+            "ambient_cni_agent_state_db_corruptions",
+            "State databases found corrupt and moved aside (records then rebuilt from the view and netns discovery)",
+            registry=self.registry,
+        )
         self.snapshot_writes = Counter(
             "ambient_cni_agent_snapshot_writes", "Enrollment snapshots written", registry=self.registry
         )

@@ -85,6 +85,7 @@ class Reconciler:
         if not synced:
             return actions
         with self._pass_lock:
+            epoch = self.core.store.epoch
             state = self.core.view.state()
             exemptions = self.core.exemptions
             for record in self.core.store.all():
@@ -105,6 +106,9 @@ class Reconciler:
             if forgotten:
                 actions["forget_identity"] += forgotten
             self.passes += 1
+            if not actions["failed"] and self.core.store.mark_rebuilt(epoch):
+                logs.emit(self._log, logging.WARNING, "state database rebuilt from the cluster view and netns "
+                          "discovery", {"records": self.core.store.count()})
         self.core.metrics.reconcile_passes.inc()
         for action, count in actions.items():
             self.core.metrics.reconcile.labels(action).inc(count)
