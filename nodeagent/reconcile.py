@@ -20,12 +20,13 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 from nodeagent import decide, identity_gc, logs, netns_finder
 from nodeagent.clusterview.model import ClusterState, Pod
-from nodeagent.core import AgentCore, work_from_record
-from nodeagent.dataplane.api import DataplaneError, PodWork
+from nodeagent.core import AgentCore, same_netns, work_from_record
+from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.store import PodRecord
 
 GONE_GRACE_S = 10.0
@@ -88,10 +89,13 @@ class Reconciler:
             epoch = self.core.store.epoch
             state = self.core.view.state()
             exemptions = self.core.exemptions
-            for record in self.core.store.all():
-                self._check_record(record, state, actions)
-            recorded_uids = {r.uid for r in self.core.store.all() if r.uid}
-            recorded_names = {(r.namespace, r.name) for r in self.core.store.all()}
+            records = self.core.store.all()
+            claims = Claims(records)
+            for record in records:
+                self._check_record(record, state, claims, actions)
+            records = self.core.store.all()
+            recorded_uids = {r.uid for r in records if r.uid}
+            recorded_names = {(r.namespace, r.name) for r in records}
             for pod in state.pods.values():
                 if pod.terminal or not decide.pod_enrolled(pod, state, exemptions):
                     continue
@@ -99,7 +103,7 @@ class Reconciler:
                     continue
                 if pod.key in self.core.adding:
                     continue  # a CNI ADD is on it
-                self._enroll_running(pod, actions)
+                self._enroll_running(pod, claims, actions)
             for action, count in self.core.sync_host(prune=True).items():
                 actions[action] += count
             forgotten = identity_gc.prune_identities(self.run_dir, state, self.core.store, self.gone_grace_s)
@@ -116,7 +120,7 @@ class Reconciler:
             logs.emit(self._log, logging.INFO, "reconcile pass", dict(actions))
         return actions
 
-    def _check_record(self, record: PodRecord, state: ClusterState, actions: Counter[str]) -> None:
+    def _check_record(self, record: PodRecord, state: ClusterState, claims: Claims, actions: Counter[str]) -> None:
         pod = state.pod(record.namespace, record.name)
         with self.core.locks.hold(record.container_id):
             current = self.core.store.get(*record.key)
@@ -137,17 +141,25 @@ class Reconciler:
                 self.core.unenroll(current, why="pod no longer enrolled" if not pod.terminal else f"pod {pod.phase}")
                 actions["remove"] += 1
                 return
-            inode = netns_finder.netns_inode(current.netns_path)
-            if inode == current.netns_inode:
-                if current.key not in self.core.live_keys:
-                    self._restore(current, pod, actions)
+            ident = netns_finder.netns_id(current.netns_path)
+            if ident is None or not same_netns(current, *ident):
+                self._netns_changed(current, pod, claims, actions)
                 return
-            self._netns_changed(current, pod, actions)
+            if not current.netns_dev:  # recorded before the device was: the inode just matched, fill it in
+                self.core.store.set_netns_dev(current.key, ident[1])
+                current = replace(current, netns_dev=ident[1])
+            if current.key not in self.core.live_keys:
+                self._restore(current, pod, actions)
 
     def _restore(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> None:
         work = work_from_record(record, pod.service_account, decide.controls_of(pod))
         try:
             self.core.dataplane.add(work, time.monotonic() + DATAPLANE_TIMEOUT_S)
+        except NetnsGone as exc:
+            actions["failed"] += 1  # replaced between the check and the open: the next pass follows it
+            logs.emit(self._log, logging.WARNING, "recorded pod's netns changed while restoring it; will re-check",
+                      logs.pod_fields(record.namespace, record.name, record.uid, error=exc.msg))
+            return
         except DataplaneError as exc:
             actions["failed"] += 1
             logs.emit(self._log, logging.WARNING, "could not restore a recorded pod into the dataplane; will retry",
@@ -156,16 +168,23 @@ class Reconciler:
         self.core.live_keys.add(record.key)
         actions["restore"] += 1
 
-    def _netns_changed(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> None:
-        location = netns_finder.find(self.run_dir, record.namespace, record.name, record.uid, self.proc_root)
+    def _netns_changed(self, record: PodRecord, pod: Pod, claims: Claims, actions: Counter[str]) -> None:
+        """The record's path no longer names its netns: follow the pod to a netns that provably is its own, or
+        drop it (ZDS Del; nothing is done inside whatever now sits at the old path)."""
+        notes: list[str] = []
+        location = netns_finder.find(
+            self.run_dir, record.namespace, record.name, record.uid, self.proc_root,
+            known_ips=(*record.ips, *pod.ips), claimed_by=claims.checker(record), notes=notes,
+        )
         fields = logs.pod_fields(record.namespace, record.name, record.uid, old_netns=record.netns_path,
-                                 old_inode=record.netns_inode)
+                                 old_inode=record.netns_inode, refused=notes)
         if location is None:
-            self.core.unenroll(record, why="pod network namespace is gone")
+            refused = f" ({'; '.join(notes)})" if notes else ""
+            self.core.unenroll(record, why=f"pod network namespace is gone{refused}")
             actions["remove"] += 1
             return
-        if location.inode == record.netns_inode:  # same netns, only the path moved (e.g. another pid)
-            self.core.store.upsert(replace(record, netns_path=location.netns_path))
+        if same_netns(record, location.inode, location.dev):  # same netns, only the path moved (e.g. another pid)
+            self.core.store.upsert(replace(record, netns_path=location.netns_path, netns_dev=location.dev))
             return
         logs.emit(self._log, logging.WARNING, "pod network namespace was replaced; re-enrolling",
                   {**fields, "new_netns": location.netns_path, "new_inode": location.inode})
@@ -175,31 +194,38 @@ class Reconciler:
             container_id=location.container_id or record.container_id, ifname=location.ifname or record.ifname,
             ips=location.ips or record.ips, service_account=pod.service_account, netns_inode=location.inode,
             controls=decide.controls_of(pod),
+            netns_dev=location.dev,
         )
         try:
-            self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile")
+            new = self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile")
+            claims.add(new)
             actions["reenroll"] += 1
         except DataplaneError as exc:
             actions["failed"] += 1
             logs.emit(self._log, logging.WARNING, "re-enrolling failed; will retry", {**fields, "error": exc.msg})
 
-    def _enroll_running(self, pod: Pod, actions: Counter[str]) -> None:
-        namespace, name, uid, service_account = pod.namespace, pod.name, pod.uid, pod.service_account
-        location = netns_finder.find(self.run_dir, namespace, name, uid, self.proc_root)
+    def _enroll_running(self, pod: Pod, claims: Claims, actions: Counter[str]) -> None:
+        notes: list[str] = []
+        location = netns_finder.find(self.run_dir, pod.namespace, pod.name, pod.uid, self.proc_root,
+                                     known_ips=pod.ips, claimed_by=claims.checker(None, pod.uid), notes=notes)
         if location is None:
+            if notes:
+                logs.emit(self._log, logging.WARNING, "a netns found for an enrolled pod was refused",
+                          logs.pod_fields(pod.namespace, pod.name, pod.uid, refused=notes))
             return  # not running on this node (yet): the CNI ADD will come
+        namespace, name, uid = pod.namespace, pod.name, pod.uid
         container_id = location.container_id or f"uid:{uid or namespace + '/' + name}"
         work = PodWork(
             uid=uid, name=name, namespace=namespace, netns_path=location.netns_path, container_id=container_id,
-            ifname=location.ifname or "eth0", ips=location.ips, service_account=service_account,
-            netns_inode=location.inode, controls=decide.controls_of(pod),
+            ifname=location.ifname or "eth0", ips=location.ips or pod.ips, service_account=pod.service_account,
+            netns_inode=location.inode, netns_dev=location.dev, controls=decide.controls_of(pod),
         )
         fields = logs.pod_fields(namespace, name, uid, netns=location.netns_path, found_by=location.source)
         with self.core.locks.hold(container_id):
             if self.core.store.get(container_id, work.ifname) is not None:
                 return
             try:
-                self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile")
+                claims.add(self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile"))
             except DataplaneError as exc:
                 actions["failed"] += 1
                 logs.emit(self._log, logging.WARNING, "enrolling an already-running pod failed; will retry",
@@ -207,3 +233,32 @@ class Reconciler:
                 return
         actions["enroll"] += 1
         logs.emit(self._log, logging.INFO, "enrolled an already-running pod", fields)
+
+
+class Claims:
+    """Which recorded pod holds which netns (by inode, device compared when both are known), so that a netns
+    found for one pod is never handed over as another's."""
+
+    def __init__(self, records: list[PodRecord]) -> None:
+        self._by_inode: dict[int, list[PodRecord]] = {}
+        for record in records:
+            self.add(record)
+
+    def add(self, record: PodRecord) -> None:
+        self._by_inode.setdefault(record.netns_inode, []).append(record)
+
+    def checker(self, own: PodRecord | None, uid: str = "") -> Callable[[tuple[int, int]], str | None]:
+        own_uid = own.uid if own is not None else uid
+
+        def claimed_by(ident: tuple[int, int]) -> str | None:
+            inode, dev = ident
+            for other in self._by_inode.get(inode, []):
+                if own is not None and other.key == own.key:
+                    continue
+                if other.uid and other.uid == own_uid:
+                    continue
+                if same_netns(other, inode, dev):
+                    return f"{other.namespace}/{other.name} uid {other.uid}"
+            return None
+
+        return claimed_by

@@ -341,7 +341,9 @@ def test_reconcile_removes_unenrolled_and_enrolls_running_pods(
     # the namespace loses its label: reconcile removes the record without any CNI event
     write_state(state_file, {**NAMESPACES, "shop": {}}, [pod("cart-0", "shop", uid="uid-cart")])
     wait_until(lambda: agent.records() == [], what="record removed after unlabelling")
-    # an already-running pod (netns hint left by the plugin) whose namespace gets labelled is enrolled
+    # an already-running pod (netns hint left by the plugin) whose namespace gets labelled is enrolled; its
+    # netns holds the address the hint names (the agent checks that before it trusts the hint)
+    subprocess.run(["ip", "-n", pod_ns.name, "addr", "add", "10.9.0.7/24", "dev", "lo"], check=True)
     hints = agent.run_dir / "pods"
     hints.mkdir(exist_ok=True)
     (hints / "plain_web-0").write_text(
@@ -418,13 +420,14 @@ def test_reconcile_follows_a_replaced_netns_and_drops_a_gone_one(
         # the sandbox is recreated: a new netns at the same path, with the plugin's hint for it
         subprocess.run(["ip", "netns", "del", ns.name], check=True)
         subprocess.run(["ip", "netns", "add", ns.name], check=True)
+        subprocess.run(["ip", "-n", ns.name, "addr", "add", "10.9.0.5/24", "dev", "lo"], check=True)
         new_inode = os.stat(ns.path).st_ino
         assert new_inode != old_inode
         hints = agent.run_dir / "pods"
         hints.mkdir(exist_ok=True)
         (hints / "shop_cart-0").write_text(
             f'{{"netns": "{ns.path}", "container_id": "cid-new", "ifname": "eth0", "uid": "uid-cart", '
-            '"ips": [], "written_at": 1}'
+            '"ips": ["10.9.0.5/24"], "written_at": 1}'
         )
         wait_until(
             lambda: [(r["container_id"], r["netns_inode"]) for r in agent.records()] == [("cid-new", new_inode)],

@@ -51,7 +51,8 @@ class PodWork:
     ifname: str = "eth0"
     ips: tuple[str, ...] = ()  # CIDR strings, v4 and v6
     service_account: str = ""
-    netns_inode: int = 0  # filled in by the dataplane on add; 0 when unknown
+    netns_inode: int = 0  # the netns identity the caller expects at netns_path (inode, device); 0 when unknown
+    netns_dev: int = 0
     extra: dict[str, str] = field(default_factory=dict)
     controls: PodControls = DEFAULT_CONTROLS  # the pod's annotations, from the agent's cluster view
 
@@ -64,6 +65,10 @@ class DataplaneError(Exception):
         self.msg = msg
         self.retryable = retryable
         self.code = errors.TRY_AGAIN_LATER if retryable else code
+
+
+class NetnsGone(DataplaneError):
+    """The netns at the pod's path is not the one enrolled (replaced or gone): nothing was done inside it."""
 
 
 class Dataplane(Protocol):

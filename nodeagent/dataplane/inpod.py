@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from nodeagent.dataplane import iptables, netns, routes
-from nodeagent.dataplane.api import DataplaneError, PodWork
+from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.dataplane.hostprobe import HostProbe, HostProbeError
 from nodeagent.dataplane.probesets import ProbeSetError
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, DEFAULT_VARIANT, Family, RedirectMode, RuleParams, Variant
@@ -232,18 +233,24 @@ class InPodDataplane:
             return self._pod_locks.setdefault(key, threading.Lock())
 
     def _snapshot(self) -> list[SnapshotEntry]:
-        # Called by the ZDS server under its lock; must not block on pod locks.
+        # Called by the ZDS server under its lock; must not block on pod locks. A pod whose path no longer names
+        # the netns we hold is left out (ztunnel then drops it); the reconciler re-enrolls or removes it.
         with self._lock:
-            return [_entry(e.pod, e.handle.fd if e.handle else None) for e in self._pods.values()]
+            entries = list(self._pods.values())
+        out = []
+        for e in entries:
+            if e.handle is not None and not _path_names(e.pod.netns_path, e.handle):
+                log.warning("pod %s/%s: %s no longer names its enrolled netns; left out of the ZDS snapshot",
+                            e.pod.namespace, e.pod.name, e.pod.netns_path)
+                continue
+            out.append(_entry(e.pod, e.handle.fd if e.handle else None))
+        return out
 
     def _add_locked(self, key: str, pod: PodWork, deadline: float) -> int:
         variant = self.variant_for(pod)
         if not self.zds.connected():
             raise DataplaneError(f"no ztunnel connected on {self.zds.path}; retry later", retryable=True)
-        try:
-            handle = netns.open_netns(pod.netns_path, self._own)
-        except netns.NetnsError as exc:
-            raise DataplaneError(f"pod {pod.namespace}/{pod.name}: {exc}") from None
+        handle = self._open_verified(pod)
         with self._lock:
             previous = self._pods.get(key)
         # Re-adding a pod already enrolled in this very netns: on failure keep the old (working) state.
@@ -341,6 +348,21 @@ class InPodDataplane:
             log.warning("removing %s from the probe set failed: %s", list(addresses), exc,
                         extra={"scope": "dataplane", "pod_uid": uid})
 
+    def _open_verified(self, pod: PodWork) -> netns.NetnsHandle:
+        """Open the pod's netns and check it is the one the caller expects (inode and device, when given)."""
+        try:
+            handle = netns.open_netns(pod.netns_path, self._own)
+        except netns.NetnsError as exc:
+            raise DataplaneError(f"pod {pod.namespace}/{pod.name}: {exc}") from None
+        if pod.netns_inode and not handle.matches(pod.netns_inode, pod.netns_dev):
+            found = handle.inode
+            handle.close()
+            raise NetnsGone(
+                f"pod {pod.namespace}/{pod.name}: {pod.netns_path} is not the pod's netns any more (inode {found}, "
+                f"enrolled {pod.netns_inode}): it was replaced or is gone; nothing was done inside it"
+            )
+        return handle
+
     def _undo(self, handle: netns.NetnsHandle, families: list[Family]) -> None:
         try:
             netns.run_in_netns(handle.fd, lambda: remove_redirection(families, self.params), "netns-undo")
@@ -349,7 +371,14 @@ class InPodDataplane:
 
     def _remove_locked(self, key: str, pod: PodWork) -> None:
         with self._lock:
-            entry = self._pods.pop(key, None)
+            entry = self._pods.get(key)
+            if (entry is not None and entry.handle is not None and pod.netns_inode
+                    and not entry.handle.matches(pod.netns_inode, pod.netns_dev)):
+                # ztunnel serves this uid from another (newer) netns: this removal is for a stale record
+                log.info("pod %s: removal of netns inode %d skipped: the pod is enrolled in inode %d", key,
+                         pod.netns_inode, entry.handle.inode)
+                return
+            self._pods.pop(key, None)
         # first: probes must stop being let through before anything else about the pod changes
         self._host_remove(pod.uid or key, entry.addresses if entry is not None and entry.addresses else pod.ips)
         errors = self.zds.delete(pod.uid or key)
@@ -359,8 +388,11 @@ class InPodDataplane:
         families = entry.families if entry is not None else [*families_of(pod.ips), Family.V6]
         if handle is None and pod.netns_path:
             try:
-                handle = netns.open_netns(pod.netns_path, self._own)
-            except netns.NetnsError:
+                handle = self._open_verified(pod)
+            except NetnsGone as exc:
+                log.info("%s; its rules are left alone", exc.msg)
+                handle = None
+            except DataplaneError:
                 handle = None  # gone or not a netns: nothing to clean inside it
         if handle is None:
             return
@@ -372,6 +404,14 @@ class InPodDataplane:
             log.warning("pod %s: removing rules failed: %s", key, exc)
         finally:
             handle.close()
+
+
+def _path_names(path: str, handle: netns.NetnsHandle) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return handle.matches(info.st_ino, info.st_dev)
 
 
 def _key(pod: PodWork) -> str:

@@ -81,6 +81,10 @@ class NetnsHandle:
     def ns_id(self) -> NsId:
         return NsId(self.dev, self.inode)
 
+    def matches(self, inode: int, dev: int = 0) -> bool:
+        """Whether this is the netns recorded as (inode, device); a device of 0 (not recorded) is not compared."""
+        return self.inode == inode and (not dev or self.dev == dev)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
