@@ -1,17 +1,23 @@
 """Keeps the records and the dataplane in line with the view and with the real netns state.
 
-Runs on start, every ``interval`` seconds and shortly after each view change:
+Runs on start, every ``interval`` seconds (fixed rate: a pass starts ``interval`` after the previous one
+started) and 50 ms after each view change:
 
 (a) an enrolled pod of this node without a record (e.g. its namespace was just labelled, or it started
-    while the agent was down): find its netns without a CNI event (``netns_finder``) and enroll it;
-(b) a record whose pod is gone from the view (after a grace period, so an ADD that raced ahead of the
-    view is not undone), was replaced (uid changed), finished, or is no longer enrolled: remove it;
-(c) a record whose netns is gone or was replaced (inode changed): re-enroll the new netns or remove it;
-(d) a record from a previous run of the agent (not yet "live" in this process): hand it to the dataplane
-    again so that it can rebuild its state (e.g. the ZDS snapshot for ztunnel); retried until it works;
-(e) after the pass: the node-side probe path (SNAT rule, probe sets) repaired and synced to the enrolled
+    while the agent was down): find its netns without a CNI event (``netns_finder``, every candidate checked)
+    and enroll it;
+(b) a record whose pod is gone from the view, or whose uid the view does not hold (after a grace period, so an
+    ADD that raced ahead of the view is not undone), finished, or is no longer enrolled: remove it;
+(c) a record whose path no longer names the recorded netns (inode and device): follow the pod to a netns that
+    provably is its own and re-enroll it there (ZDS Add with the new fd), or drop it (ZDS Del);
+(d) a record from a previous run of the agent (not yet "live" in this process): the dataplane verifies its
+    netns, compares its redirection with the expected set, repairs drift under DROP guardrails, and hands it
+    to ztunnel again; retried until it works;
+(e) every live record: its redirection is checked for drift (a flushed table, a deleted ip rule, guardrails
+    left behind) and repaired under guardrails; the time of the last good check is stored (``verified_at``).
+(f) after the pass: the node-side probe path (SNAT rule, probe sets) repaired and synced to the enrolled
     pods; stale entries pruned unless an enrolled pod has no known IP;
-(f) the plugin's remembered container identities whose pod is gone (``identity_gc``).
+(g) the plugin's remembered container identities whose pod is gone (``identity_gc``).
 """
 
 from __future__ import annotations
@@ -68,12 +74,15 @@ class Reconciler:
         self._trigger.set()
 
     def _run(self) -> None:
+        next_due = time.monotonic()
         while not self._stop.is_set():
-            self._trigger.wait(self.interval)
+            triggered = self._trigger.wait(max(0.0, next_due - time.monotonic()))
             if self._stop.is_set():
                 return
-            time.sleep(TRIGGER_DEBOUNCE_S)
+            if triggered:
+                time.sleep(TRIGGER_DEBOUNCE_S)  # let a burst of view changes settle
             self._trigger.clear()
+            next_due = time.monotonic() + self.interval
             try:
                 self.run_once()
             except Exception as exc:
@@ -85,14 +94,19 @@ class Reconciler:
         synced, _ = self.core.view.synced()
         if not synced:
             return actions
+        started, cpu_started = time.monotonic(), time.thread_time()
         with self._pass_lock:
             epoch = self.core.store.epoch
             state = self.core.view.state()
             exemptions = self.core.exemptions
             records = self.core.store.all()
             claims = Claims(records)
+            to_verify: list[tuple[PodRecord, Pod]] = []
             for record in records:
-                self._check_record(record, state, claims, actions)
+                checked = self._check_record(record, state, claims, actions)
+                if checked is not None:
+                    to_verify.append(checked)
+            self._check_drift(to_verify, actions)
             records = self.core.store.all()
             recorded_uids = {r.uid for r in records if r.uid}
             recorded_names = {(r.namespace, r.name) for r in records}
@@ -113,19 +127,69 @@ class Reconciler:
             if not actions["failed"] and self.core.store.mark_rebuilt(epoch):
                 logs.emit(self._log, logging.WARNING, "state database rebuilt from the cluster view and netns "
                           "discovery", {"records": self.core.store.count()})
+        elapsed = time.monotonic() - started
         self.core.metrics.reconcile_passes.inc()
+        self.core.metrics.reconcile_pass_seconds.observe(elapsed)
         for action, count in actions.items():
             self.core.metrics.reconcile.labels(action).inc(count)
         if actions:
             logs.emit(self._log, logging.INFO, "reconcile pass", dict(actions))
+        logs.emit(self._log, logging.DEBUG, "reconcile pass done",
+                  {"duration_ms": round(elapsed * 1000, 2), "thread_cpu_ms": round((time.thread_time() - cpu_started)
+                                                                                    * 1000, 2),
+                   "records": len(records), "verified": len(to_verify)})
         return actions
 
-    def _check_record(self, record: PodRecord, state: ClusterState, claims: Claims, actions: Counter[str]) -> None:
+    def _check_drift(self, checked: list[tuple[PodRecord, Pod]], actions: Counter[str]) -> None:
+        """(e): one cheap verification of every live pod; a drifted one is repaired under its lock."""
+        if not checked:
+            return
+        verdicts = self.core.dataplane.verify([work_from_record(r, pod.service_account) for r, pod in checked])
+        good: list[tuple[str, str]] = []
+        for (record, pod), problems in zip(checked, verdicts, strict=True):
+            if problems is None:
+                continue
+            if not problems:
+                good.append(record.key)
+                continue
+            with self.core.locks.hold(record.container_id):
+                current = self.core.store.get(*record.key)
+                if current is None or not same_netns(current, record.netns_inode, record.netns_dev):
+                    continue  # removed or re-enrolled meanwhile
+                if self._repair(current, pod, actions):
+                    good.append(record.key)
+        self.core.store.mark_verified(good, time.time())
+
+    def _repair(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> bool:
+        fields = logs.pod_fields(record.namespace, record.name, record.uid, netns=record.netns_path,
+                                 container_id=record.container_id)
+        try:
+            found = self.core.dataplane.repair(work_from_record(record, pod.service_account, decide.controls_of(pod)))
+        except DataplaneError as exc:
+            actions["failed"] += 1
+            self.core.metrics.drift_repair_failures.inc()
+            logs.emit(self._log, logging.ERROR, "redirection drift could not be repaired; will retry",
+                      {**fields, "error": exc.msg})
+            return False
+        if found:
+            self._count_repair(found, "periodic", fields, actions)
+        return True
+
+    def _count_repair(self, found: list[str], phase: str, fields: dict[str, object], actions: Counter[str]) -> None:
+        actions["repair"] += 1
+        self.core.metrics.drift_repairs.labels(phase).inc()
+        logs.emit(self._log, logging.WARNING, "redirection drift repaired",
+                  {**fields, "phase": phase, "drift": found})
+
+    def _check_record(
+        self, record: PodRecord, state: ClusterState, claims: Claims, actions: Counter[str]
+    ) -> tuple[PodRecord, Pod] | None:
+        """(b), (c), (d) for one record; returns (record, its pod) when its drift is to be checked."""
         pod = state.pod(record.namespace, record.name)
         with self.core.locks.hold(record.container_id):
             current = self.core.store.get(*record.key)
             if current is None:
-                return
+                return None
             replaced = pod is not None and bool(current.uid and pod.uid and current.uid != pod.uid)
             if pod is None or replaced:
                 # The view holds no pod of this record's uid. Either the pod is gone (or was replaced), or a
@@ -136,37 +200,44 @@ class Reconciler:
                            else "pod gone from the cluster view")
                     self.core.unenroll(current, why=why)
                     actions["remove"] += 1
-                return
+                return None
             if pod.terminal or not decide.pod_enrolled(pod, state, self.core.exemptions):
                 self.core.unenroll(current, why="pod no longer enrolled" if not pod.terminal else f"pod {pod.phase}")
                 actions["remove"] += 1
-                return
+                return None
             ident = netns_finder.netns_id(current.netns_path)
             if ident is None or not same_netns(current, *ident):
                 self._netns_changed(current, pod, claims, actions)
-                return
+                return None
             if not current.netns_dev:  # recorded before the device was: the inode just matched, fill it in
                 self.core.store.set_netns_dev(current.key, ident[1])
                 current = replace(current, netns_dev=ident[1])
             if current.key not in self.core.live_keys:
                 self._restore(current, pod, actions)
+                return None
+            return current, pod
 
     def _restore(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> None:
+        fields = logs.pod_fields(record.namespace, record.name, record.uid, netns=record.netns_path,
+                                 container_id=record.container_id)
         work = work_from_record(record, pod.service_account, decide.controls_of(pod))
         try:
-            self.core.dataplane.add(work, time.monotonic() + DATAPLANE_TIMEOUT_S)
+            found = self.core.dataplane.restore(work, time.monotonic() + DATAPLANE_TIMEOUT_S)
         except NetnsGone as exc:
             actions["failed"] += 1  # replaced between the check and the open: the next pass follows it
             logs.emit(self._log, logging.WARNING, "recorded pod's netns changed while restoring it; will re-check",
-                      logs.pod_fields(record.namespace, record.name, record.uid, error=exc.msg))
+                      {**fields, "error": exc.msg})
             return
         except DataplaneError as exc:
             actions["failed"] += 1
             logs.emit(self._log, logging.WARNING, "could not restore a recorded pod into the dataplane; will retry",
-                      logs.pod_fields(record.namespace, record.name, record.uid, error=exc.msg))
+                      {**fields, "error": exc.msg})
             return
         self.core.live_keys.add(record.key)
         actions["restore"] += 1
+        if found:
+            self._count_repair(found, "restore", fields, actions)
+        self.core.store.mark_verified([record.key], time.time())
 
     def _netns_changed(self, record: PodRecord, pod: Pod, claims: Claims, actions: Counter[str]) -> None:
         """The record's path no longer names its netns: follow the pod to a netns that provably is its own, or

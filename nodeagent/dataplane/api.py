@@ -84,6 +84,21 @@ class Dataplane(Protocol):
         """Best effort: ZDS del, rules removed if the netns still exists. Never raises for a missing netns."""
         ...
 
+    def restore(self, pod: PodWork, deadline: float) -> list[str]:
+        """Take over a pod enrolled by an earlier run: verify that its netns is the recorded one (NetnsGone
+        otherwise), repair drift under guardrails, hand it to ztunnel. Returns the drift found and repaired.
+        Never removes redirection on failure."""
+        ...
+
+    def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
+        """Drift per pod, in order: [] as expected, a list of differences, or None when not checked now."""
+        ...
+
+    def repair(self, pod: PodWork) -> list[str]:
+        """Rewrite a drifted pod's redirection under guardrails; returns the drift found. Raises DataplaneError
+        (traffic then stays stopped by the guardrails)."""
+        ...
+
     def ready(self) -> tuple[bool, str]:
         """Whether ADDs can be served now (e.g. a ztunnel is connected), with a reason when not."""
         ...
@@ -116,6 +131,16 @@ class RecordingDataplane:
 
     def remove(self, pod: PodWork) -> None:
         self.added.pop(pod.uid or f"{pod.namespace}/{pod.name}", None)
+
+    def restore(self, pod: PodWork, deadline: float) -> list[str]:
+        self.add(pod, deadline)
+        return []
+
+    def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
+        return [[] for _ in pods]  # nothing is installed, so nothing can drift
+
+    def repair(self, pod: PodWork) -> list[str]:
+        return []
 
     def ready(self) -> tuple[bool, str]:
         return True, ""

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nodeagent.dataplane import iptables, netns, routes
+from nodeagent.dataplane import driftcheck, iptables, netns, routes
 from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.dataplane.hostprobe import HostProbe, HostProbeError
 from nodeagent.dataplane.probesets import ProbeSetError
@@ -83,6 +83,7 @@ class _Enrolled:
     families: list[Family]
     variant: Variant = DEFAULT_VARIANT
     addresses: tuple[str, ...] = ()  # the pod's IPs (as given, or read from its netns): the probe-set entries
+    verified_generation: int | None = None  # nf_tables generation when the rules were last found as expected
 
 
 class InPodDataplane:
@@ -201,6 +202,126 @@ class InPodDataplane:
             "host": self.host.status() if self.host is not None else None,
             "pods": pods,
         }
+
+    # -- drift (used by the reconciler) --------------------------------------------------------------------
+    def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
+        """Drift of each pod (empty: as expected; None: not checked now, e.g. an ADD holds it or the dataplane
+        does not hold its netns). One short-lived thread visits the pods' netns in turn (``driftcheck``)."""
+        results: list[list[str] | None] = [None] * len(pods)
+
+        def visit_all() -> None:
+            for index, pod in enumerate(pods):
+                try:
+                    results[index] = self._verify_one(pod)
+                except Exception as exc:  # unreadable state is reported as drift: the repair then decides
+                    results[index] = [f"cannot verify: {type(exc).__name__}: {exc}"]
+
+        worker = threading.Thread(target=visit_all, name="netns-verify", daemon=True)
+        worker.start()
+        worker.join()  # the thread ends inside the last pod's netns and is never reused
+        return results
+
+    def _verify_one(self, pod: PodWork) -> list[str] | None:
+        key = _key(pod)
+        lock = self._pod_lock(key)
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            with self._lock:
+                entry = self._pods.get(key)
+            handle = entry.handle if entry is not None else None
+            if entry is None or handle is None or (pod.netns_inode and not handle.matches(pod.netns_inode,
+                                                                                          pod.netns_dev)):
+                return None
+            netns.enter(handle.fd)
+            problems, generation = driftcheck.check_here(entry.families, self.params, entry.variant,
+                                                         entry.verified_generation)
+            entry.verified_generation = generation
+            return problems
+        finally:
+            lock.release()
+
+    def repair(self, pod: PodWork) -> list[str]:
+        """Rewrite the pod's redirection under guardrails if it drifted; returns the drift found (empty: none
+        any more, nothing touched). Raises DataplaneError (the guardrails then stay: fail closed)."""
+        key = _key(pod)
+        with self._pod_lock(key):
+            with self._lock:
+                entry = self._pods.get(key)
+            if entry is None or entry.handle is None:
+                raise DataplaneError(f"pod {pod.namespace}/{pod.name}: the dataplane holds no netns for it")
+            if pod.netns_inode and not entry.handle.matches(pod.netns_inode, pod.netns_dev):
+                raise NetnsGone(f"pod {pod.namespace}/{pod.name}: enrolled in another netns than the record's")
+            entry.verified_generation = None
+            return self._converge(entry.handle, entry.families, entry.variant, pod)
+
+    def restore(self, pod: PodWork, deadline: float) -> list[str]:
+        """Take over a pod enrolled before this process started: check that the netns is the recorded one,
+        repair drift (against the pod's variant now) under guardrails, keep its fd (for every ZDS snapshot),
+        tell a connected ztunnel and put its IPs in the probe set. On failure nothing is removed: the pod keeps
+        whatever redirection it has (or its guardrails)."""
+        key = _key(pod)
+        variant = self.variant_for(pod)
+        with self._pod_lock(key):
+            handle = self._open_verified(pod)
+            with self._lock:
+                previous = self._pods.get(key)
+            if previous is not None and previous.handle is not None and not previous.handle.matches(
+                    handle.inode, handle.dev):
+                handle.close()  # this uid is served from another netns: never hand it this one
+                raise NetnsGone(f"pod {pod.namespace}/{pod.name}: already enrolled in netns inode "
+                                f"{previous.handle.inode}, not {pod.netns_inode}")
+            try:
+                addresses = pod.ips or netns.run_in_netns(handle.fd, routes.addresses, "netns-addrs")
+                families = families_of(addresses)
+                repaired = self._converge(handle, families, variant, pod)
+            except DataplaneError:
+                handle.close()
+                raise
+            except Exception as exc:
+                handle.close()
+                raise DataplaneError(f"pod {pod.namespace}/{pod.name}: reading its netns failed: {exc}") from None
+            with self._lock:
+                if previous is not None and previous.handle is not None:
+                    handle.close()  # already held (an earlier restore whose ZDS step failed)
+                    handle = previous.handle
+                self._pods[key] = _Enrolled(pod, handle, families, variant, addresses)
+            if self.host is not None:
+                try:
+                    self.host.add(pod.uid or key, addresses)
+                except Exception as exc:  # the reconcile's probe-path sync retries it
+                    log.warning("pod %s/%s: adding its IPs to the probe set failed: %s", pod.namespace, pod.name,
+                                exc, extra={"scope": "dataplane", "pod_uid": pod.uid})
+            if not self.zds.connected():
+                return repaired  # the snapshot of the next ztunnel connection carries it
+            timeout = min(self.ack_timeout_s, deadline - time.monotonic())
+            try:
+                self.zds.add(_entry(pod, handle.fd), max(0.0, timeout))
+            except ZdsError as exc:
+                if exc.retryable and not self.zds.connected():
+                    return repaired
+                raise DataplaneError(f"pod {pod.namespace}/{pod.name}: ztunnel handoff failed: {exc.msg}",
+                                     retryable=exc.retryable) from None
+            return repaired
+
+    def _converge(self, handle: netns.NetnsHandle, families: list[Family], variant: Variant,
+                  pod: PodWork) -> list[str]:
+        params = self.params
+
+        def install() -> None:
+            install_redirection(families, params, variant)
+
+        def remove() -> None:
+            remove_redirection(families, params)
+
+        try:
+            return netns.run_in_netns(
+                handle.fd, lambda: driftcheck.converge_here(families, params, variant, install, remove),
+                "netns-repair",
+            )
+        except Exception as exc:
+            raise DataplaneError(f"pod {pod.namespace}/{pod.name}: repairing redirection failed (guardrails "
+                                 f"keep its traffic stopped until a later pass repairs it): {exc}") from None
 
     # -- extras (used by the agent core and tests) -----------------------------------------------------------
     def adopt(self, pod: PodWork) -> None:

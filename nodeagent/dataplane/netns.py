@@ -138,6 +138,12 @@ def open_any_netns(path: str) -> NetnsHandle:
         raise
 
 
+def enter(fd: int) -> None:
+    """Move the calling thread into the netns ``fd``. Only for threads that end afterwards (``run_in_netns``
+    and the reconciler's verification thread): no other work may run in a pod netns."""
+    _pr_netns.setns(fd)
+
+
 def run_in_netns(fd: int, fn: Callable[[], T], name: str = "netns-worker") -> T:
     """Run ``fn`` in a dedicated thread inside the netns ``fd``; return its result or re-raise its error.
 
