@@ -129,6 +129,17 @@ def test_a_replaced_netns_is_re_enrolled(cluster: Cluster, netns_factory: Callab
     assert metric(agent, 'ambient_cni_agent_reconcile_actions_total{action="reenroll"}') == 1.0
 
 
+def test_a_gone_netns_is_dropped_from_ztunnel(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:  # noqa: F811
+    ns, uid = cluster.add_pod(netns_factory, "gone")
+    hint = cluster.agent.run_dir / "pods" / "ambient-test_gone"
+    assert hint.exists()
+    hint.unlink()  # the sandbox vanishes without a CNI DEL (and without a trace the agent could follow)
+    subprocess.run(["ip", "netns", "del", ns.name], check=True)
+    wait_for(lambda: cluster.agent.records() == [], timeout=INTERVAL_S + 3, what="the record dropped")
+    wait_for(lambda: f'pod delete request, draining proxy uid="{uid}"' in cluster.peer.log(),
+             what="ZDS Del sent to ztunnel")
+
+
 def test_drift_made_while_the_agent_was_down_is_repaired_at_start(
     cluster: Cluster, two_pods: tuple[Pod, Pod, TcpServer]  # noqa: F811
 ) -> None:

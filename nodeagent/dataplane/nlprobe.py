@@ -16,6 +16,7 @@ reconcile pass over 110 pods within its budget. Writes stay with ``routes.py`` (
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -45,18 +46,12 @@ def query(protocol: int, msg_class: Any, msg_type: int, fields: Mapping[str, Any
           keep: Callable[[bytes, int], bool] | None = None) -> list[Any]:
     """One request on a fresh socket; the decoded answers (all parts of a dump). ``keep(chunk, payload_offset)``
     skips uninteresting answers before they are decoded (decoding dominates the cost)."""
-    request = msg_class()
-    for key, value in fields.items():
-        request[key] = value
-    request["header"]["type"] = msg_type
-    request["header"]["flags"] = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
-    request["header"]["sequence_number"] = 1
-    request.encode()
+    data = _encoded(msg_class, msg_type, tuple(sorted(fields.items())), dump)
     out: list[Any] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol) as sock:
         sock.settimeout(RECV_TIMEOUT_S)
         sock.bind((0, 0))
-        sock.send(request.data)
+        sock.send(data)
         while True:
             chunk = sock.recv(1 << 16)
             offset = 0
@@ -79,6 +74,19 @@ def query(protocol: int, msg_class: Any, msg_type: int, fields: Mapping[str, Any
                 offset += (length + 3) & ~3
             if not dump and out:
                 return out
+
+
+@functools.lru_cache(maxsize=32)
+def _encoded(msg_class: Any, msg_type: int, fields: tuple[tuple[str, Any], ...], dump: bool) -> bytes:
+    """The request bytes (always sequence number 1 on a fresh socket), encoded once per distinct request."""
+    request = msg_class()
+    for key, value in fields:
+        request[key] = value
+    request["header"]["type"] = msg_type
+    request["header"]["flags"] = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+    request["header"]["sequence_number"] = 1
+    request.encode()
+    return bytes(request.data)
 
 
 def nft_generation() -> int | None:
