@@ -92,7 +92,7 @@ def make_dataplane(config: AgentConfig) -> Dataplane:
     try:
         dataplane: Dataplane = InPodDataplane(
             config.zds_socket, params=params, mode=RedirectMode(config.redirect_mode),
-            dns_capture=config.dns_capture, host_netns=config.host_netns or OWN_NETNS,
+            dns_capture=config.dns_capture, host_netns=config.host_netns or OWN_NETNS, wait_for_takeover=True,
         )
     except HostProbeError as exc:
         raise AgentError(str(exc)) from exc
@@ -175,7 +175,8 @@ class Agent:
         core = AgentCore(view, store, dataplane, config.exemptions, metrics, readiness, annotator)
         publisher = SnapshotPublisher(config.run_dir, config.node_name, config.exemptions, view.state, view.synced)
         readiness.snapshot_published = lambda: publisher.published
-        reconciler = Reconciler(core, config.run_dir, config.reconcile_interval)
+        reconciler = Reconciler(core, config.run_dir, config.reconcile_interval,
+                                on_first_pass=getattr(dataplane, "takeover_done", None))
         after_corruption.append(core.forget_live_state)
         after_corruption.append(reconciler.trigger)
 

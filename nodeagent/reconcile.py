@@ -48,8 +48,10 @@ class Reconciler:
         interval: float = 30.0,
         proc_root: str = "/proc",
         gone_grace_s: float = GONE_GRACE_S,
+        on_first_pass: Callable[[], None] | None = None,
     ) -> None:
         self.core = core
+        self._on_first_pass = on_first_pass  # e.g. the dataplane may now send ztunnel its snapshot
         self.run_dir = run_dir
         self.interval = interval
         self.proc_root = proc_root
@@ -130,6 +132,8 @@ class Reconciler:
                 logs.emit(self._log, logging.WARNING, "state database rebuilt from the cluster view and netns "
                           "discovery", {"records": self.core.store.count()})
         elapsed = time.monotonic() - started
+        if self.passes == 1 and self._on_first_pass is not None:
+            self._on_first_pass()
         self.core.metrics.reconcile_passes.inc()
         self.core.metrics.reconcile_pass_seconds.observe(elapsed)
         for action, count in actions.items():

@@ -157,6 +157,8 @@ def test_drift_made_while_the_agent_was_down_is_repaired_at_start(
         wait_for(lambda: tcp_exchange(a, (b.ip, PORT), b"back", timeout=2) == b"echo:back", timeout=10,
                  what="traffic once ztunnel has the pods again")
         wait_for(lambda: cluster.peer.port_count(a.uid, 15001) >= 1, what="through A's proxy")
+        # ztunnel's first snapshot waited for the take-over: it was never told to drop the enrolled pods
+        assert "not in snapshot, draining proxy" not in cluster.peer.log(), cluster.peer.log()
     finally:
         server.close()
 

@@ -102,6 +102,7 @@ class InPodDataplane:
         mode: RedirectMode = RedirectMode.TPROXY,
         dns_capture: bool = False,
         host_netns: str | None = None,
+        wait_for_takeover: bool = False,
     ) -> None:
         self.params = params
         self.ack_timeout_s = ack_timeout_s
@@ -127,7 +128,12 @@ class InPodDataplane:
             log.info("probe path in place in the node netns", extra={
                 "scope": "dataplane", "host_netns": host_netns, "written": written,
                 "families": [f"v{f.value}" for f in self.host.families]})
-        self.zds = ZdsServer(zds_socket_path, self._snapshot, ack_timeout_s)
+        # With wait_for_takeover, ztunnel's first snapshot waits until the agent has restored the pods it
+        # recorded before a restart (takeover_done), so that ztunnel is not told to drop them meanwhile.
+        self._takeover = threading.Event()
+        if not wait_for_takeover:
+            self._takeover.set()
+        self.zds = ZdsServer(zds_socket_path, self._snapshot, ack_timeout_s, snapshot_gate=self._takeover.wait)
         try:
             self.zds.start()
         except BaseException:
@@ -202,6 +208,10 @@ class InPodDataplane:
             "host": self.host.status() if self.host is not None else None,
             "pods": pods,
         }
+
+    def takeover_done(self) -> None:
+        """The agent has restored every pod it recorded: snapshots may go out."""
+        self._takeover.set()
 
     # -- drift (used by the reconciler) --------------------------------------------------------------------
     def verify(self, pods: list[PodWork]) -> list[list[str] | None]:

@@ -27,6 +27,7 @@ log = logging.getLogger("ambient-cni.agent.zds")
 
 MAX_DATAGRAM = 1024  # ztunnel's receive buffer: bigger messages are an error there
 HELLO_TIMEOUT_S = 5.0
+SNAPSHOT_GATE_TIMEOUT_S = 30.0
 
 
 class ZdsError(Exception):
@@ -152,10 +153,14 @@ class ZdsServer:
         path: str,
         snapshot_source: Callable[[], list[SnapshotEntry]],
         ack_timeout_s: float = 5.0,
+        snapshot_gate: Callable[[float], bool] | None = None,
     ) -> None:
         self.path = path
         self.ack_timeout_s = ack_timeout_s
         self._snapshot_source = snapshot_source
+        # Waits (bounded) until the snapshot is complete, e.g. until a restarted agent has taken its pods over:
+        # ztunnel drops every pod a snapshot does not name.
+        self._snapshot_gate = snapshot_gate
         self._lock = threading.Lock()
         self._conns: list[_Connection] = []  # oldest first; only connections whose snapshot went out
         self._next_id = 0
@@ -251,6 +256,9 @@ class ZdsServer:
             log.warning("zds connection %d: hello failed: %s", cid, exc)
             conn.close()
             return
+        if self._snapshot_gate is not None and not self._snapshot_gate(SNAPSHOT_GATE_TIMEOUT_S):
+            log.warning("zds connection %d: the agent has not taken over its pods after %.0f s; sending the "
+                        "snapshot as it is", cid, SNAPSHOT_GATE_TIMEOUT_S)
         log.info("zds: ztunnel connected (connection %d), sending snapshot", cid)
         conn.start_reader()
         # Register and take the snapshot under the server lock, holding the connection's send lock: any add
