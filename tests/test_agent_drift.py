@@ -10,6 +10,7 @@ applied in real netns: while they are in place no TCP flows, and they lift clean
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,19 +18,23 @@ from collections.abc import Callable
 import pytest
 
 from nodeagent.dataplane import drift, guardrails, rules
+from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.drift import RouteFacts
+from nodeagent.dataplane.inpod import InPodDataplane
 from nodeagent.dataplane.rules import Family
 from tests.agent_fixtures import AgentProcess
 from tests.dataplane_fixtures import (  # noqa: F401
     Cluster,
     Netns,
     Node,
+    PeerProcess,
     Pod,
     TcpServer,
     cluster,
     node,
     pod_ip,
     tcp_exchange,
+    tmpdir_short,
     wait_for,
 )
 
@@ -198,3 +203,35 @@ def test_guardrails_stop_tcp_and_lift_cleanly(node: Node) -> None:  # noqa: F811
         assert tcp_exchange(a, (b.ip, PORT), b"open") == b"echo:open"
     finally:
         server.close()
+
+
+def test_the_dataplane_verifies_and_repairs_both_families(node: Node, tmpdir_short: str) -> None:  # noqa: F811
+    """InPodDataplane.verify / repair directly, on a dual-stack pod: drift in ip6tables and in the v6 route is
+    found, the repair restores both families and lifts its guardrails, and a healthy pod verifies clean twice
+    (the second time from the nf_tables generation alone)."""
+    dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), ack_timeout_s=5.0)
+    peer = PeerProcess(dp.zds.path, tmpdir_short)
+    try:
+        wait_for(lambda: dp.ready()[0], timeout=20, what="peer connected")
+        pod = node.add_pod("dual")
+        work = PodWork(uid=pod.uid, name=pod.name, namespace="ambient-test", netns_path=pod.ns.path,
+                       ips=(f"{pod.ip}/24", f"{pod.ip6}/64"), netns_inode=os.stat(pod.ns.path).st_ino,
+                       netns_dev=os.stat(pod.ns.path).st_dev)
+        dp.add(work, time.monotonic() + 10)
+        assert dp.verify([work]) == [[]]
+        assert dp.verify([work]) == [[]]
+        pod.ns.run("ip6tables", "-t", "mangle", "-F", "ISTIO_PRERT")
+        pod.ns.run("ip", "-6", "route", "del", "local", "::/0", "dev", "lo", "table", "100")
+        (problems,) = dp.verify([work])
+        assert problems is not None
+        assert any(p.startswith("ip6tables -t mangle: missing  -A ISTIO_PRERT") for p in problems), problems
+        assert "ip -6 route table 100: missing  local default dev lo" in problems
+        assert not any(p.startswith("iptables ") for p in problems), problems
+        assert dp.repair(work) == problems
+        assert dp.verify([work]) == [[]]
+        v6 = pod.ns.iptables_save(v6=True)
+        assert all(d.ok for d in rules.diff_rules(v6, Family.V6)) and not guardrails.present(v6)
+        assert dp.repair(work) == []  # nothing left to repair: nothing touched
+    finally:
+        peer.stop()
+        dp.close()
