@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.reconcile_pass [--passes N] [--drifts N]
 
-One run: 110 pod netns (each with its address), the agent (``--dataplane inpod``, ``--reconcile-interval 1``,
-file cluster view) and a minimal acking ZDS client standing in for ztunnel (the peer's own cost is not the
+One run: 110 pod netns (each with its address), a node netns for the node-side probe path (``--host-netns``:
+nothing here touches this machine's netns), the agent (``--dataplane inpod``, ``--reconcile-interval 1``, file
+cluster view) and a minimal acking ZDS client standing in for ztunnel (the peer's own cost is not the
 agent's). Every pod is enrolled over the plugin socket, so the rules are the real ones.
 
 1. No drift: the agent's own per-pass wall time (its debug line ``reconcile pass done``) over ``--passes``
@@ -141,16 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="acbrc"))
     names = [f"acbr{uuid.uuid4().hex[:6]}" for _ in range(PODS)]
+    node = f"acbrnode{uuid.uuid4().hex[:6]}"  # the node side (probe path) goes here, never to this machine's netns
     batch = workdir / "netns.batch"
     agent: subprocess.Popen[bytes] | None = None
     ztunnel: AckingZtunnel | None = None
     try:
-        batch.write_text("".join(f"netns add {n}\n" for n in names))
+        batch.write_text("".join(f"netns add {n}\n" for n in [node, *names]))
         subprocess.run(["ip", "-batch", str(batch)], check=True)
         for i, n in enumerate(names):
             subprocess.run(["ip", "-n", n, "-batch", "-"], check=True,
                            input=f"link set lo up\naddr add {pod_ip(i)}/32 dev lo\n".encode())
-        agent, ztunnel = start(workdir, names)
+        agent, ztunnel = start(workdir, names, f"/var/run/netns/{node}")
         return run(workdir, names, agent, args.passes, args.drifts)
     finally:
         if ztunnel is not None:
@@ -161,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                 agent.wait(20)
             except subprocess.TimeoutExpired:
                 agent.kill()
-        batch.write_text("".join(f"netns delete {n}\n" for n in names))
+        batch.write_text("".join(f"netns delete {n}\n" for n in [*names, node]))
         subprocess.run(["ip", "-force", "-batch", str(batch)], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def start(workdir: Path, names: list[str]) -> tuple[subprocess.Popen[bytes], AckingZtunnel]:
+def start(workdir: Path, names: list[str], node_netns: str) -> tuple[subprocess.Popen[bytes], AckingZtunnel]:
     from tests.agent_fixtures import call, request
 
     state = workdir / "state.yaml"
@@ -175,7 +177,7 @@ def start(workdir: Path, names: list[str]) -> tuple[subprocess.Popen[bytes], Ack
     run_dir, zds = workdir / "run", str(workdir / "zds.sock")
     argv = [str(ROOT / ".venv" / "bin" / "python"), "-m", "ambient_cni", "agent", "--run-dir", str(run_dir),
             "--state-dir", str(workdir / "state"), "--cluster-state", str(state), "--dataplane", "inpod",
-            "--zds-socket", zds, "--health-addr", "127.0.0.1:0", "--node-name", "bench",
+            "--zds-socket", zds, "--host-netns", node_netns, "--health-addr", "127.0.0.1:0", "--node-name", "bench",
             "--reconcile-interval", str(INTERVAL_S), "--log-level", "debug"]
     agent = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ztunnel = AckingZtunnel(zds)

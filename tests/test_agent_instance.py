@@ -21,10 +21,14 @@ from tests.harness.netns import Netns
 from tests.harness.paths import REPO_ROOT, VENV_PYTHON
 
 
-def second_agent(run_dir: Path, state_dir: Path, cluster_state: Path, zds: str) -> subprocess.CompletedProcess[str]:
+def second_agent(run_dir: Path, state_dir: Path, cluster_state: Path, zds: str,
+                 host_netns: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs an agent to completion (a refused one exits at once). ``host_netns`` None: the recording dataplane
+    (nothing of the node is touched even if the refusal failed); else the inpod one on that test node netns."""
+    dataplane = ["--dataplane", "record"] if host_netns is None else [
+        "--dataplane", "inpod", "--zds-socket", zds, "--host-netns", host_netns]
     argv = [str(VENV_PYTHON), "-m", "ambient_cni", "agent", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
-            "--cluster-state", str(cluster_state), "--dataplane", "inpod", "--zds-socket", zds,
-            "--health-addr", "127.0.0.1:0", "--node-name", "node-a"]
+            "--cluster-state", str(cluster_state), *dataplane, "--health-addr", "127.0.0.1:0", "--node-name", "node-a"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIENT_CNI_")}
     return subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
 
@@ -48,7 +52,7 @@ def test_a_second_agent_changes_nothing(cluster: Cluster, netns_factory: Callabl
     other_view = scratch / "other.yaml"
     write_state(other_view, {AMBIENT_NS: {}, PLAIN_NS: {}}, [])
     for run_dir, state_dir in ((first.run_dir, scratch / "other-state"), (scratch / "other-run", first.state_dir)):
-        done = second_agent(run_dir, state_dir, other_view, zds)
+        done = second_agent(run_dir, state_dir, other_view, zds, host_netns=cluster.common["node"].path)
         assert done.returncode != 0
         assert "already runs with" in done.stderr and "nothing was changed" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
