@@ -185,9 +185,9 @@ class Reconciler:
 
     def _count_repair(self, found: list[str], phase: str, fields: dict[str, object], actions: Counter[str]) -> None:
         actions["repair"] += 1
-        self.core.metrics.drift_repairs.labels(phase).inc()
         logs.emit(self._log, logging.WARNING, "redirection drift repaired",
                   {**fields, "phase": phase, "drift": found})
+        self.core.metrics.drift_repairs.labels(phase).inc()  # after the log line: whoever sees one sees both
 
     def _check_record(
         self, record: PodRecord, state: ClusterState, claims: Claims, actions: Counter[str]

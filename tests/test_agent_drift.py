@@ -88,7 +88,8 @@ def test_a_flushed_nat_table_is_repaired_and_traffic_goes_through_the_proxy_agai
         assert took <= INTERVAL_S + 1, f"repaired after {took:.2f} s"
         assert tcp_exchange(a, (b.ip, PORT), b"again") == b"echo:again"
         wait_for(lambda: cluster.peer.port_count(a.uid, 15001) == 2, what="A's proxy carried the new connection")
-        assert metric(cluster.agent, 'ambient_cni_agent_drift_repairs_total{phase="periodic"}') == 1.0
+        wait_for(lambda: metric(cluster.agent, 'ambient_cni_agent_drift_repairs_total{phase="periodic"}') == 1.0,
+                 what="the repair counted (right after the rules are back)")
         line = next(ln for ln in cluster.agent.log_lines() if ln["msg"] == "redirection drift repaired")
         assert line["pod_name"] == "client" and line["pod_uid"] == a.uid
         assert any("iptables -t nat: missing  -A OUTPUT -j ISTIO_OUTPUT" in d for d in line["drift"]), line
@@ -104,7 +105,8 @@ def test_a_deleted_ip_rule_is_repaired(cluster: Cluster, two_pods: tuple[Pod, Po
         assert took <= INTERVAL_S + 1, f"repaired after {took:.2f} s"
         assert tcp_exchange(a, (b.ip, PORT), b"in") == b"echo:in"
         wait_for(lambda: cluster.peer.port_count(b.uid, 15006) == 2, what="B's inbound proxy carried it")
-        assert metric(cluster.agent, 'ambient_cni_agent_drift_repairs_total{phase="periodic"}') == 1.0
+        wait_for(lambda: metric(cluster.agent, 'ambient_cni_agent_drift_repairs_total{phase="periodic"}') == 1.0,
+                 what="the repair counted (right after the rules are back)")
         line = next(ln for ln in cluster.agent.log_lines() if ln["msg"] == "redirection drift repaired")
         assert line["pod_name"] == "server" and "ip rule: missing  fwmark 0x111/0xfff lookup 100" in line["drift"]
     finally:
@@ -131,7 +133,8 @@ def test_a_replaced_netns_is_re_enrolled(cluster: Cluster, netns_factory: Callab
     assert redirection_ok(replacement)
     wait_for(lambda: cluster.peer.log().count(f'pod WorkloadUid("{uid}") received netns, starting proxy') == 2,
              what="ztunnel got the new netns (ZDS Add with the new fd)")
-    assert metric(agent, 'ambient_cni_agent_reconcile_actions_total{action="reenroll"}') == 1.0
+    wait_for(lambda: metric(agent, 'ambient_cni_agent_reconcile_actions_total{action="reenroll"}') == 1.0,
+             what="the re-enrollment counted (at the end of the pass)")
 
 
 def test_a_gone_netns_is_dropped_from_ztunnel(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:  # noqa: F811
@@ -235,3 +238,24 @@ def test_the_dataplane_verifies_and_repairs_both_families(node: Node, tmpdir_sho
     finally:
         peer.stop()
         dp.close()
+
+
+@pytest.mark.parametrize("cluster", [["--redirect-mode", "redirect", "--dns-capture"]], indirect=True)
+def test_drift_is_judged_against_the_pods_variant(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:  # noqa: F811
+    """REDIRECT mode with DNS capture: a flushed nat table (REDIRECT to 15001/15006 and DNS to 15053) is found
+    and rewritten with that variant's rules, not the default ones."""
+    ns, _uid = cluster.add_pod(netns_factory, "web")
+    pod_ns = Netns(ns.name)
+    variant = rules.Variant(rules.RedirectMode.REDIRECT, dns_capture=True)
+
+    def variant_ok() -> bool:
+        save = pod_ns.iptables_save()
+        return all(d.ok for d in rules.diff_rules(save, Family.V4, variant=variant)) and not guardrails.present(save)
+
+    assert variant_ok()
+    pod_ns.run("iptables", "-t", "nat", "-F")
+    started = time.monotonic()
+    wait_for(variant_ok, timeout=INTERVAL_S + 3, what="the variant's rules back")
+    assert time.monotonic() - started <= INTERVAL_S + 1
+    wait_for(lambda: metric(cluster.agent, 'ambient_cni_agent_drift_repairs_total{phase="periodic"}') == 1.0,
+             what="the repair counted (right after the rules are back)")
