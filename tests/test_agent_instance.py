@@ -67,15 +67,18 @@ def test_a_second_agent_changes_nothing(cluster: Cluster, netns_factory: Callabl
     # ztunnel reconnects (a new peer process): it reaches the first agent, gets the enrolled pod in the
     # snapshot, and enrolled ADDs keep working
     cluster.peer.stop()
-    cluster.peer = PeerProcess(zds, str(first.base))
-    first.wait_ready(30)
-    wait_for(lambda: f'pod WorkloadUid("{uid}") received netns, starting proxy' in cluster.peer.log(),
-             timeout=20, what="the enrolled pod in the new connection's snapshot")
-    _ns2, uid2 = cluster.add_pod(netns_factory, "web-1")
-    wait_for(lambda: f'pod WorkloadUid("{uid2}") received netns, starting proxy' in cluster.peer.log(),
-             timeout=20, what="a new enrolled ADD after the reconnect")
-    assert sorted(r["name"] for r in first.records()) == ["web-0", "web-1"]
-    assert stat.S_IMODE(os.stat(zds).st_mode) == 0o600
+    cluster.peer = replacement = PeerProcess(zds, str(first.base))  # the fixture only stops the first one
+    try:
+        first.wait_ready(30)
+        wait_for(lambda: f'pod WorkloadUid("{uid}") received netns, starting proxy' in replacement.log(),
+                 timeout=20, what="the enrolled pod in the new connection's snapshot")
+        _ns2, uid2 = cluster.add_pod(netns_factory, "web-1")
+        wait_for(lambda: f'pod WorkloadUid("{uid2}") received netns, starting proxy' in replacement.log(),
+                 timeout=20, what="a new enrolled ADD after the reconnect")
+        assert sorted(r["name"] for r in first.records()) == ["web-0", "web-1"]
+        assert stat.S_IMODE(os.stat(zds).st_mode) == 0o600
+    finally:
+        replacement.stop()
 
 
 def test_a_symlinked_lock_file_is_refused(scratch: Path) -> None:
