@@ -93,7 +93,7 @@ def make_dataplane(config: AgentConfig) -> Dataplane:
     try:
         dataplane: Dataplane = InPodDataplane(
             config.zds_socket, params=params, mode=RedirectMode(config.redirect_mode),
-            dns_capture=config.dns_capture, host_netns=config.host_netns or OWN_NETNS,
+            dns_capture=config.dns_capture, host_netns=config.host_netns or OWN_NETNS, wait_for_takeover=True,
         )
     except HostProbeError as exc:
         raise AgentError(str(exc)) from exc
@@ -133,21 +133,52 @@ class Agent:
         self.stop_requested.set()
 
     def run(self) -> int:
+        """Lock, then start. Nothing shared (sockets, snapshot, state, logs) is touched before the locks."""
+        from nodeagent import instance
+
+        try:
+            locks = instance.take_locks([(self.config.run_dir, "run dir"), (self.config.state_dir, "state dir")])
+        except instance.AlreadyRunning as exc:
+            raise AgentError(str(exc)) from None
+        except (instance.UnsafePath, OSError) as exc:
+            raise AgentError(f"cannot take the agent's lock: {exc}") from None
+        try:
+            return self._run_locked()
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def _run_locked(self) -> int:
         config = self.config
+        from nodeagent import instance
         from nodeagent.server import ServerError, prepare_run_dir
         from nodeagent.store import StoreError
 
         try:
             prepare_run_dir(config.run_dir)
-        except (ServerError, OSError) as exc:
+        except (ServerError, instance.UnsafePath, OSError) as exc:
             raise AgentError(f"cannot prepare run dir {config.run_dir}: {exc}") from exc
+        try:
+            instance.secure_dir(config.state_dir, "state dir")
+        except (instance.UnsafePath, OSError) as exc:
+            raise AgentError(f"cannot prepare state dir {config.state_dir}: {exc}") from exc
         logs.setup(config.run_dir, config.log_level)
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self.request_stop)
         metrics = Metrics()
+        after_corruption: list[Callable[[], None]] = []
+
+        def on_corruption(why: str, moved_to: str) -> None:
+            metrics.state_db_corruptions.inc()
+            logs.emit(self.log, logging.ERROR,
+                      "STATE DATABASE CORRUPT: moved aside; rebuilding the records from the cluster view and the "
+                      "node's netns; not ready until rebuilt", {"error": why, "moved_to": moved_to})
+            for hook in after_corruption:
+                hook()
+
         try:
-            store = PodStore(config.state_dir)
+            store = PodStore(config.state_dir, on_corruption=on_corruption)
         except (StoreError, OSError) as exc:
             raise AgentError(str(exc)) from exc
         view = make_view(config)
@@ -166,8 +197,11 @@ class Agent:
         core = AgentCore(view, store, dataplane, config.exemptions, metrics, readiness, annotator)
         publisher = SnapshotPublisher(config.run_dir, config.node_name, config.exemptions, view.state, view.synced)
         readiness.snapshot_published = lambda: publisher.published
-        reconciler = Reconciler(core, config.run_dir, config.reconcile_interval, proc_root=config.proc_root)
+        reconciler = Reconciler(core, config.run_dir, config.reconcile_interval, proc_root=config.proc_root,
+                                on_first_pass=getattr(dataplane, "takeover_done", None))
         self._core_ready = core.ready
+        after_corruption.append(core.forget_live_state)
+        after_corruption.append(reconciler.trigger)
 
         def on_view_change(state: object) -> None:
             publisher.notify()

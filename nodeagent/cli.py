@@ -139,4 +139,15 @@ def agent_cmd(**params: Any) -> None:
         code = Agent(agent_config(params)).run()
     except AgentError as exc:
         raise click.ClickException(str(exc)) from exc
+    except Exception as exc:  # never a traceback on the terminal: one line here, the details in the agent log
+        import logging
+        import traceback
+
+        from nodeagent import logs
+
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+        logs.emit(logs.get_logger(), logging.CRITICAL, "node agent failed",
+                  {"error": f"{type(exc).__name__}: {exc}", "where": where})
+        raise click.ClickException(f"node agent failed: {type(exc).__name__}: {exc}") from exc
     raise SystemExit(code)

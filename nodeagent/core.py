@@ -48,7 +48,13 @@ def work_from_record(
         service_account=service_account,
         netns_inode=record.netns_inode,
         controls=controls,
+        netns_dev=record.netns_dev,
     )
+
+
+def same_netns(record: PodRecord, inode: int, dev: int) -> bool:
+    """Whether (inode, dev) is the record's netns; a record from before schema 2 has no device to compare."""
+    return record.netns_inode == inode and (not record.netns_dev or not dev or record.netns_dev == dev)
 
 
 class AgentCore:
@@ -83,12 +89,19 @@ class AgentCore:
             return False, f"cluster view ({self.view.kind}) not synced: {reason}"
         if not self.readiness.snapshot_published():
             return False, "enrollment snapshot not published yet"
+        if self.store.needs_rebuild:
+            return False, ("the state database was corrupt and moved aside; rebuilding the records from the "
+                           "cluster view and the node's netns")
         if not self.readiness.socket_up:
             return False, "plugin socket not listening"
         dp_ready, dp_reason = self.dataplane.ready()
         if not dp_ready:
             return False, f"dataplane not ready: {dp_reason}"
         return True, ""
+
+    def forget_live_state(self) -> None:
+        """The records were lost (database moved aside): nothing counts as live until reconcile re-finds it."""
+        self.live_keys.clear()
 
     # -- dispatch -----------------------------------------------------------------------------------
     def handle(self, request: wire.Request) -> wire.Reply:
@@ -158,10 +171,11 @@ class AgentCore:
         if not request.netns:
             return wire.Reply(request.id, ok=False, code=errors.INVALID_ENV,
                               msg="ADD of an enrolled pod needs its network namespace (CNI_NETNS is empty)")
-        inode = _inode(request.netns)
-        if inode is None:
+        ident = netns_id(request.netns)
+        if ident is None:
             return wire.Reply(request.id, ok=False, code=errors.REDIRECTION_FAILED,
                               msg=f"pod network namespace {request.netns} does not exist")
+        inode, dev = ident
         work = PodWork(
             uid=request.pod.uid or (pod.uid if pod else ""),
             name=request.pod.name,
@@ -173,6 +187,7 @@ class AgentCore:
             service_account=pod.service_account if pod else "",
             netns_inode=inode,
             controls=decide.controls_of(pod),
+            netns_dev=dev,
         )
         pod_key = (request.pod.namespace, request.pod.name)
         self.adding.add(pod_key)
@@ -187,7 +202,7 @@ class AgentCore:
             existing = self.store.get(work.container_id, work.ifname)
             if (
                 existing
-                and existing.netns_inode == inode
+                and same_netns(existing, inode, work.netns_dev)
                 and existing.netns_path == request.netns
                 and existing.key in self.live_keys
             ):
@@ -221,11 +236,11 @@ class AgentCore:
                               msg=f"pod {request.pod.namespace}/{request.pod.name} is enrolled but the node agent "
                               f"has no record of container {request.container_id} ({request.ifname})")
         if request.netns:
-            inode = _inode(request.netns)
-            if inode != record.netns_inode:
+            ident = netns_id(request.netns)
+            if ident is None or not same_netns(record, *ident):
                 return wire.Reply(request.id, ok=False, enrolled=True, code=errors.REDIRECTION_FAILED,
                                   msg=f"pod network namespace {request.netns} is not the one enrolled "
-                                  f"(inode {inode} != {record.netns_inode})")
+                                  f"(inode {ident[0] if ident else None} != {record.netns_inode})")
         return wire.Reply(request.id, ok=True, enrolled=True)
 
     def _gc(self, request: wire.Request) -> wire.Reply:
@@ -254,7 +269,7 @@ class AgentCore:
         for old in self.store.by_uid(work.uid):
             if old.key == (work.container_id, work.ifname):
                 continue
-            if old.netns_inode == work.netns_inode:  # same netns under another key: the add below re-covers it
+            if same_netns(old, work.netns_inode, work.netns_dev):  # same netns under another key: re-covered below
                 self.store.delete(*old.key)
                 self.live_keys.discard(old.key)
             else:
@@ -271,6 +286,7 @@ class AgentCore:
                 namespace=work.namespace,
                 netns_path=work.netns_path,
                 netns_inode=inode,
+                netns_dev=work.netns_dev,
                 ips=work.ips,
                 source=source,
             )
@@ -304,8 +320,10 @@ class AgentCore:
         return self.dataplane.sync_host(known, prune)
 
 
-def _inode(path: str) -> int | None:
+def netns_id(path: str) -> tuple[int, int] | None:
+    """(inode, device) of what ``path`` names now, or None when nothing is there."""
     try:
-        return os.stat(path).st_ino
+        info = os.stat(path)
     except OSError:
         return None
+    return info.st_ino, info.st_dev

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class Target:
     netns_path: str = ""
     ips: tuple[str, ...] = ()
     source: str = ""
+    verified_at: float | None = None  # from the agent's record: when it last found the redirection as expected
 
 
 def fetch_records(health_addr: str, timeout: float = 3.0) -> list[dict[str, Any]]:
@@ -69,7 +71,18 @@ def _from_record(rec: dict[str, Any], source: str) -> Target:
         netns_path=str(rec.get("netns_path", "") or rec.get("netns", "")),
         ips=tuple(str(i) for i in ips),
         source=source,
+        verified_at=float(rec["verified_at"]) if isinstance(rec.get("verified_at"), int | float) else None,
     )
+
+
+def verified_line(target: Target, now: float) -> str:
+    """When the agent last verified the pod (its reconcile pass compares rules, ip rule and route)."""
+    if not target.source.startswith("agent"):
+        return "agent's last verification: unknown (no agent record of this pod)"
+    if not target.verified_at:
+        return "agent's last verification: not yet (it verifies every --reconcile-interval)"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(target.verified_at))
+    return f"agent's last verification: {stamp} ({max(0.0, now - target.verified_at):.0f} s ago): rules as expected"
 
 
 def resolve(pod: str | None, netns: str | None, run_dir: str, health_addr: str) -> tuple[Target, list[str]]:
@@ -144,6 +157,17 @@ def doctor_cmd(
         return
     if bool(pod) == bool(netns):
         raise click.UsageError("give exactly one of --pod NAMESPACE/NAME or --netns PATH")
+    try:
+        _doctor(pod, netns, run_dir, health_addr, peer_log, host_netns)
+    except (click.ClickException, SystemExit):
+        raise
+    except Exception as exc:  # never a traceback: one line that says what failed
+        raise click.ClickException(f"doctor failed: {type(exc).__name__}: {exc}") from None
+
+
+def _doctor(
+    pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None, host_netns: str | None
+) -> None:
     target, notes = resolve(pod, netns, run_dir, health_addr)
     if not target.netns_path:
         raise click.ClickException(f"no network namespace known for pod {pod}")
@@ -157,6 +181,7 @@ def doctor_cmd(
     header = [
         f"ambient-cni doctor: {who}" + (f" (uid {target.uid})" if target.uid else ""),
         f"  netns {target.netns_path} (inode {inode}), found via {target.source}",
+        f"  {verified_line(target, time.time())}",
         *[f"  note: {n}" for n in notes],
     ]
     agent_text = _read(os.path.join(run_dir, "agent.log"))
@@ -187,7 +212,11 @@ def doctor_cmd(
         routes[Family.V6] = _in_netns(target.netns_path, "ip", "-6", "rule") + _in_netns(
             target.netns_path, "ip", "-6", "route", "show", "table", "100"
         )
-    results.append(diagnose.check_rules(saves, routes, variant, params))
+    rules_result = diagnose.check_rules(saves, routes, variant, params)
+    if rules_result.status == diagnose.FAIL and target.source.startswith("agent"):
+        rules_result.problems.append("drift: the agent repairs it under DROP guardrails at its next reconcile pass "
+                                     "(see ambient_cni_agent_drift_repairs_total and its log)")
+    results.append(rules_result)
     results.append(_check_probe_path(info, target, host_netns, variant, variant_source, saves, params))
     if bin_dir:
         results.append(check_plugin(bin_dir))

@@ -100,7 +100,7 @@ def write_snapshot(run_dir: Path, namespaces: dict[str, bool], pods: dict[str, b
     snap = snapshot.Snapshot(node="acpt-node", generation=1, namespaces=namespaces, pods=pods or {})
     path = run_dir / snapshot.SNAPSHOT_NAME
     path.write_bytes(snapshot.encode(snap, time.time()))
-    path.chmod(0o644)  # as the agent writes it (the plugin refuses a group/world-writable snapshot)
+    path.chmod(0o644)  # the plugin accepts it (the agent writes 0600) and refuses a group/world-writable one
 
 
 class FakeAgent:

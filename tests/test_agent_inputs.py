@@ -131,7 +131,7 @@ def test_an_odd_file_at_the_snapshot_path_does_not_stop_publishing(kind: str, sc
     try:
         agent.start(timeout=15)
         info = path.lstat()
-        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o644
+        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600  # every agent file: 0600
         assert snapshot.read(str(path)).pods == {"shop/cart-0": True}
         if kind == "symlink-to-fifo":
             assert stat.S_ISFIFO((scratch / "elsewhere").lstat().st_mode), "replaced, never written through"

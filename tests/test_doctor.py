@@ -35,6 +35,7 @@ def test_doctor_pass_then_fail(cluster: Cluster, netns_factory) -> None:  # noqa
     ns, uid = cluster.add_pod(netns_factory, "curl")
     ok = doctor(cluster, "--pod", "ambient-test/curl")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "agent's last verification: " in ok.stdout, ok.stdout
     assert "[PASS] 1. logs" in ok.stdout and "[PASS] 2. sockets" in ok.stdout and "[PASS] 3. iptables" in ok.stdout
     assert "[PASS] 4. probe path" in ok.stdout
     assert "received netns, starting proxy" in ok.stdout and uid in ok.stdout
@@ -61,6 +62,7 @@ def test_doctor_pass_then_fail(cluster: Cluster, netns_factory) -> None:  # noqa
     assert bad.returncode == 1
     assert "[FAIL] 3. iptables" in bad.stdout
     assert "missing  -A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT" in bad.stdout
+    assert "the agent repairs it under DROP guardrails at its next reconcile pass" in bad.stdout
 
     # the proxy stops -> the listeners are gone -> FAIL
     cluster.peer.stop()
@@ -77,3 +79,11 @@ def test_doctor_clear_errors(cluster: Cluster) -> None:  # noqa: F811
     assert host.returncode != 0 and "/proc/1/ns/net" in host.stderr and "Traceback" not in host.stderr
     both = doctor(cluster, "--netns", "/x", "--pod", "a/b")
     assert both.returncode == 2 and "exactly one" in both.stderr
+
+
+def test_doctor_says_when_the_agent_last_verified_the_pod(cluster: Cluster, netns_factory) -> None:  # noqa: F811
+    cluster.add_pod(netns_factory, "web")
+    wait_for(lambda: all(r["verified_at"] for r in cluster.agent.records()), what="the agent verified the pod")
+    out = doctor(cluster, "--pod", "ambient-test/web")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "agent's last verification: 20" in out.stdout and "s ago): rules as expected" in out.stdout, out.stdout

@@ -51,7 +51,8 @@ class PodWork:
     ifname: str = "eth0"
     ips: tuple[str, ...] = ()  # CIDR strings, v4 and v6
     service_account: str = ""
-    netns_inode: int = 0  # filled in by the dataplane on add; 0 when unknown
+    netns_inode: int = 0  # the netns identity the caller expects at netns_path (inode, device); 0 when unknown
+    netns_dev: int = 0
     extra: dict[str, str] = field(default_factory=dict)
     controls: PodControls = DEFAULT_CONTROLS  # the pod's annotations, from the agent's cluster view
 
@@ -66,6 +67,10 @@ class DataplaneError(Exception):
         self.code = errors.TRY_AGAIN_LATER if retryable else code
 
 
+class NetnsGone(DataplaneError):
+    """The netns at the pod's path is not the one enrolled (replaced or gone): nothing was done inside it."""
+
+
 class Dataplane(Protocol):
     def add(self, pod: PodWork, deadline: float) -> int:
         """Install redirection for ``pod`` and hand its netns to ztunnel; return only after the ack.
@@ -77,6 +82,21 @@ class Dataplane(Protocol):
 
     def remove(self, pod: PodWork) -> None:
         """Best effort: ZDS del, rules removed if the netns still exists. Never raises for a missing netns."""
+        ...
+
+    def restore(self, pod: PodWork, deadline: float) -> list[str]:
+        """Take over a pod enrolled by an earlier run: verify that its netns is the recorded one (NetnsGone
+        otherwise), repair drift under guardrails, hand it to ztunnel. Returns the drift found and repaired.
+        Never removes redirection on failure."""
+        ...
+
+    def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
+        """Drift per pod, in order: [] as expected, a list of differences, or None when not checked now."""
+        ...
+
+    def repair(self, pod: PodWork) -> list[str]:
+        """Rewrite a drifted pod's redirection under guardrails; returns the drift found. Raises DataplaneError
+        (traffic then stays stopped by the guardrails)."""
         ...
 
     def ready(self) -> tuple[bool, str]:
@@ -111,6 +131,16 @@ class RecordingDataplane:
 
     def remove(self, pod: PodWork) -> None:
         self.added.pop(pod.uid or f"{pod.namespace}/{pod.name}", None)
+
+    def restore(self, pod: PodWork, deadline: float) -> list[str]:
+        self.add(pod, deadline)
+        return []
+
+    def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
+        return [[] for _ in pods]  # nothing is installed, so nothing can drift
+
+    def repair(self, pod: PodWork) -> list[str]:
+        return []
 
     def ready(self) -> tuple[bool, str]:
         return True, ""

@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nodeagent.dataplane import hostrules, rules
+from nodeagent.dataplane import guardrails, hostrules, rules
 from nodeagent.dataplane.hostrules import SetEntry
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, DEFAULT_VARIANT, Family, RuleParams, Variant
 
@@ -123,6 +123,9 @@ def check_rules(
             res.problems += [f"{tag} -t {d.table}: extra    {ln}" for ln in d.extra]
             if d.ok:
                 res.evidence.append(f"{tag} -t {d.table}: {len(expected.get(d.table, []))} rules as expected")
+        if guardrails.present(text):
+            res.problems.append(f"{tag} -t filter: DROP guardrails ({guardrails.GUARD_CHAIN}) in place: a repair "
+                                "has not finished; the pod's TCP/UDP traffic is stopped")
     p = params
     for fam, text in route_lines.items():
         ip = "ip" if fam is Family.V4 else "ip -6"

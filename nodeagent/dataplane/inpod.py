@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from nodeagent.dataplane import iptables, netns, routes
-from nodeagent.dataplane.api import DataplaneError, PodWork
+from nodeagent.dataplane import driftcheck, iptables, netns, routes
+from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.dataplane.hostprobe import HostProbe, HostProbeError
 from nodeagent.dataplane.probesets import ProbeSetError
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, DEFAULT_VARIANT, Family, RedirectMode, RuleParams, Variant
@@ -82,6 +83,7 @@ class _Enrolled:
     families: list[Family]
     variant: Variant = DEFAULT_VARIANT
     addresses: tuple[str, ...] = ()  # the pod's IPs (as given, or read from its netns): the probe-set entries
+    verified_generation: int | None = None  # nf_tables generation when the rules were last found as expected
 
 
 class InPodDataplane:
@@ -100,6 +102,7 @@ class InPodDataplane:
         mode: RedirectMode = RedirectMode.TPROXY,
         dns_capture: bool = False,
         host_netns: str | None = None,
+        wait_for_takeover: bool = False,
     ) -> None:
         self.params = params
         self.ack_timeout_s = ack_timeout_s
@@ -125,7 +128,12 @@ class InPodDataplane:
             log.info("probe path in place in the node netns", extra={
                 "scope": "dataplane", "host_netns": host_netns, "written": written,
                 "families": [f"v{f.value}" for f in self.host.families]})
-        self.zds = ZdsServer(zds_socket_path, self._snapshot, ack_timeout_s)
+        # With wait_for_takeover, ztunnel's first snapshot waits until the agent has restored the pods it
+        # recorded before a restart (takeover_done), so that ztunnel is not told to drop them meanwhile.
+        self._takeover = threading.Event()
+        if not wait_for_takeover:
+            self._takeover.set()
+        self.zds = ZdsServer(zds_socket_path, self._snapshot, ack_timeout_s, snapshot_gate=self._takeover.wait)
         try:
             self.zds.start()
         except BaseException:
@@ -201,6 +209,130 @@ class InPodDataplane:
             "pods": pods,
         }
 
+    def takeover_done(self) -> None:
+        """The agent has restored every pod it recorded: snapshots may go out."""
+        self._takeover.set()
+
+    # -- drift (used by the reconciler) --------------------------------------------------------------------
+    def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
+        """Drift of each pod (empty: as expected; None: not checked now, e.g. an ADD holds it or the dataplane
+        does not hold its netns). One short-lived thread visits the pods' netns in turn (``driftcheck``)."""
+        results: list[list[str] | None] = [None] * len(pods)
+
+        def visit_all() -> None:
+            for index, pod in enumerate(pods):
+                try:
+                    results[index] = self._verify_one(pod)
+                except Exception as exc:  # unreadable state is reported as drift: the repair then decides
+                    results[index] = [f"cannot verify: {type(exc).__name__}: {exc}"]
+
+        worker = threading.Thread(target=visit_all, name="netns-verify", daemon=True)
+        worker.start()
+        worker.join()  # the thread ends inside the last pod's netns and is never reused
+        return results
+
+    def _verify_one(self, pod: PodWork) -> list[str] | None:
+        key = _key(pod)
+        lock = self._pod_lock(key)
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            with self._lock:
+                entry = self._pods.get(key)
+            handle = entry.handle if entry is not None else None
+            if entry is None or handle is None or (pod.netns_inode and not handle.matches(pod.netns_inode,
+                                                                                          pod.netns_dev)):
+                return None
+            netns.enter(handle.fd)
+            problems, generation = driftcheck.check_here(entry.families, self.params, entry.variant,
+                                                         entry.verified_generation)
+            entry.verified_generation = generation
+            return problems
+        finally:
+            lock.release()
+
+    def repair(self, pod: PodWork) -> list[str]:
+        """Rewrite the pod's redirection under guardrails if it drifted; returns the drift found (empty: none
+        any more, nothing touched). Raises DataplaneError (the guardrails then stay: fail closed)."""
+        key = _key(pod)
+        with self._pod_lock(key):
+            with self._lock:
+                entry = self._pods.get(key)
+            if entry is None or entry.handle is None:
+                raise DataplaneError(f"pod {pod.namespace}/{pod.name}: the dataplane holds no netns for it")
+            if pod.netns_inode and not entry.handle.matches(pod.netns_inode, pod.netns_dev):
+                raise NetnsGone(f"pod {pod.namespace}/{pod.name}: enrolled in another netns than the record's")
+            entry.verified_generation = None
+            return self._converge(entry.handle, entry.families, entry.variant, pod)
+
+    def restore(self, pod: PodWork, deadline: float) -> list[str]:
+        """Take over a pod enrolled before this process started: check that the netns is the recorded one,
+        repair drift (against the pod's variant now) under guardrails, keep its fd (for every ZDS snapshot),
+        tell a connected ztunnel and put its IPs in the probe set. On failure nothing is removed: the pod keeps
+        whatever redirection it has (or its guardrails)."""
+        key = _key(pod)
+        variant = self.variant_for(pod)
+        with self._pod_lock(key):
+            handle = self._open_verified(pod)
+            with self._lock:
+                previous = self._pods.get(key)
+            if previous is not None and previous.handle is not None and not previous.handle.matches(
+                    handle.inode, handle.dev):
+                handle.close()  # this uid is served from another netns: never hand it this one
+                raise NetnsGone(f"pod {pod.namespace}/{pod.name}: already enrolled in netns inode "
+                                f"{previous.handle.inode}, not {pod.netns_inode}")
+            try:
+                addresses = pod.ips or netns.run_in_netns(handle.fd, routes.addresses, "netns-addrs")
+                families = families_of(addresses)
+                repaired = self._converge(handle, families, variant, pod)
+            except DataplaneError:
+                handle.close()
+                raise
+            except Exception as exc:
+                handle.close()
+                raise DataplaneError(f"pod {pod.namespace}/{pod.name}: reading its netns failed: {exc}") from None
+            with self._lock:
+                if previous is not None and previous.handle is not None:
+                    handle.close()  # already held (an earlier restore whose ZDS step failed)
+                    handle = previous.handle
+                self._pods[key] = _Enrolled(pod, handle, families, variant, addresses)
+            if self.host is not None:
+                try:
+                    self.host.add(pod.uid or key, addresses)
+                except Exception as exc:  # the reconcile's probe-path sync retries it
+                    log.warning("pod %s/%s: adding its IPs to the probe set failed: %s", pod.namespace, pod.name,
+                                exc, extra={"scope": "dataplane", "pod_uid": pod.uid})
+            if not self.zds.connected():
+                return repaired  # the snapshot of the next ztunnel connection carries it
+            timeout = min(self.ack_timeout_s, deadline - time.monotonic())
+            try:
+                self.zds.add(_entry(pod, handle.fd), max(0.0, timeout))
+            except ZdsError as exc:
+                if exc.retryable and not self.zds.connected():
+                    return repaired
+                raise DataplaneError(f"pod {pod.namespace}/{pod.name}: ztunnel handoff failed: {exc.msg}",
+                                     retryable=exc.retryable) from None
+            return repaired
+
+    def _converge(self, handle: netns.NetnsHandle, families: list[Family], variant: Variant,
+                  pod: PodWork) -> list[str]:
+        params = self.params
+
+        def install() -> None:
+            install_redirection(families, params, variant)
+
+        def remove() -> None:
+            remove_redirection(families, params)
+
+        try:
+            return netns.run_in_netns(
+                handle.fd, lambda: driftcheck.converge_here(families, params, variant, install, remove),
+                "netns-repair",
+            )
+        except Exception as exc:
+            raise DataplaneError(f"pod {pod.namespace}/{pod.name}: repairing redirection failed (guardrails "
+                                 f"keep its traffic stopped until a later pass repairs it): {exc}") from None
+
     # -- extras (used by the agent core and tests) -----------------------------------------------------------
     def adopt(self, pod: PodWork) -> None:
         """Remember a pod enrolled before a restart whose netns is not open: ztunnel gets KeepWorkload."""
@@ -232,18 +364,24 @@ class InPodDataplane:
             return self._pod_locks.setdefault(key, threading.Lock())
 
     def _snapshot(self) -> list[SnapshotEntry]:
-        # Called by the ZDS server under its lock; must not block on pod locks.
+        # Called by the ZDS server under its lock; must not block on pod locks. A pod whose path no longer names
+        # the netns we hold is left out (ztunnel then drops it); the reconciler re-enrolls or removes it.
         with self._lock:
-            return [_entry(e.pod, e.handle.fd if e.handle else None) for e in self._pods.values()]
+            entries = list(self._pods.values())
+        out = []
+        for e in entries:
+            if e.handle is not None and not _path_names(e.pod.netns_path, e.handle):
+                log.warning("pod %s/%s: %s no longer names its enrolled netns; left out of the ZDS snapshot",
+                            e.pod.namespace, e.pod.name, e.pod.netns_path)
+                continue
+            out.append(_entry(e.pod, e.handle.fd if e.handle else None))
+        return out
 
     def _add_locked(self, key: str, pod: PodWork, deadline: float) -> int:
         variant = self.variant_for(pod)
         if not self.zds.connected():
             raise DataplaneError(f"no ztunnel connected on {self.zds.path}; retry later", retryable=True)
-        try:
-            handle = netns.open_netns(pod.netns_path, self._own)
-        except netns.NetnsError as exc:
-            raise DataplaneError(f"pod {pod.namespace}/{pod.name}: {exc}") from None
+        handle = self._open_verified(pod)
         with self._lock:
             previous = self._pods.get(key)
         # Re-adding a pod already enrolled in this very netns: on failure keep the old (working) state.
@@ -341,6 +479,21 @@ class InPodDataplane:
             log.warning("removing %s from the probe set failed: %s", list(addresses), exc,
                         extra={"scope": "dataplane", "pod_uid": uid})
 
+    def _open_verified(self, pod: PodWork) -> netns.NetnsHandle:
+        """Open the pod's netns and check it is the one the caller expects (inode and device, when given)."""
+        try:
+            handle = netns.open_netns(pod.netns_path, self._own)
+        except netns.NetnsError as exc:
+            raise DataplaneError(f"pod {pod.namespace}/{pod.name}: {exc}") from None
+        if pod.netns_inode and not handle.matches(pod.netns_inode, pod.netns_dev):
+            found = handle.inode
+            handle.close()
+            raise NetnsGone(
+                f"pod {pod.namespace}/{pod.name}: {pod.netns_path} is not the pod's netns any more (inode {found}, "
+                f"enrolled {pod.netns_inode}): it was replaced or is gone; nothing was done inside it"
+            )
+        return handle
+
     def _undo(self, handle: netns.NetnsHandle, families: list[Family]) -> None:
         try:
             netns.run_in_netns(handle.fd, lambda: remove_redirection(families, self.params), "netns-undo")
@@ -349,7 +502,14 @@ class InPodDataplane:
 
     def _remove_locked(self, key: str, pod: PodWork) -> None:
         with self._lock:
-            entry = self._pods.pop(key, None)
+            entry = self._pods.get(key)
+            if (entry is not None and entry.handle is not None and pod.netns_inode
+                    and not entry.handle.matches(pod.netns_inode, pod.netns_dev)):
+                # ztunnel serves this uid from another (newer) netns: this removal is for a stale record
+                log.info("pod %s: removal of netns inode %d skipped: the pod is enrolled in inode %d", key,
+                         pod.netns_inode, entry.handle.inode)
+                return
+            self._pods.pop(key, None)
         # first: probes must stop being let through before anything else about the pod changes
         self._host_remove(pod.uid or key, entry.addresses if entry is not None and entry.addresses else pod.ips)
         errors = self.zds.delete(pod.uid or key)
@@ -359,8 +519,11 @@ class InPodDataplane:
         families = entry.families if entry is not None else [*families_of(pod.ips), Family.V6]
         if handle is None and pod.netns_path:
             try:
-                handle = netns.open_netns(pod.netns_path, self._own)
-            except netns.NetnsError:
+                handle = self._open_verified(pod)
+            except NetnsGone as exc:
+                log.info("%s; its rules are left alone", exc.msg)
+                handle = None
+            except DataplaneError:
                 handle = None  # gone or not a netns: nothing to clean inside it
         if handle is None:
             return
@@ -372,6 +535,14 @@ class InPodDataplane:
             log.warning("pod %s: removing rules failed: %s", key, exc)
         finally:
             handle.close()
+
+
+def _path_names(path: str, handle: netns.NetnsHandle) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return handle.matches(info.st_ino, info.st_dev)
 
 
 def _key(pod: PodWork) -> str:

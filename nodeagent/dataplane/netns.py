@@ -81,6 +81,10 @@ class NetnsHandle:
     def ns_id(self) -> NsId:
         return NsId(self.dev, self.inode)
 
+    def matches(self, inode: int, dev: int = 0) -> bool:
+        """Whether this is the netns recorded as (inode, device); a device of 0 (not recorded) is not compared."""
+        return self.inode == inode and (not dev or self.dev == dev)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -132,6 +136,12 @@ def open_any_netns(path: str) -> NetnsHandle:
     except BaseException:
         os.close(fd)
         raise
+
+
+def enter(fd: int) -> None:
+    """Move the calling thread into the netns ``fd``. Only for threads that end afterwards (``run_in_netns``
+    and the reconciler's verification thread): no other work may run in a pod netns."""
+    _pr_netns.setns(fd)
 
 
 def run_in_netns(fd: int, fn: Callable[[], T], name: str = "netns-worker") -> T:
