@@ -11,9 +11,11 @@ import click
 # name -> (module, attribute, short help)
 _LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "install": ("conflist.cli", "install_cmd", "Install the plugin binary and chain it into the node's conflist."),
-    "uninstall": ("conflist.cli", "uninstall_cmd", "Remove the plugin from the conflist, then its binary."),
+    "uninstall": ("ambient_cni.uninstall", "uninstall_cmd",
+                  "Remove the plugin from the conflist, then its binary, then the node's probe path."),
     "agent": ("nodeagent.cli", "agent_cmd", "Run the node agent (socket server, enrollment, redirection)."),
     "doctor": ("nodeagent.doctor", "doctor_cmd", "Check one pod's redirection the way the seed's guide does."),
+    "node": ("ambient_cni.node.cli", "node_cmd", "Installer + node agent in one process (the DaemonSet container)."),
 }
 
 

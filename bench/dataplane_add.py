@@ -1,16 +1,20 @@
-"""Benchmark: the agent side of an enrolled ADD with the full in-pod dataplane (rules + routes + ZDS add + ack).
+"""Benchmark: the agent side of an enrolled ADD with the full in-pod dataplane (rules + routes + ZDS add + ack +
+the node's probe-set update), and what the probe path adds to it.
 
     .venv/bin/python -m bench.dataplane_add [--pods 110] [--concurrency 16] [--dual-stack 30]
 
-Creates throwaway network namespaces (acdb + hex), an InPodDataplane on a temp ZDS socket and a
-``python -m zds_peer`` process (the stand-in for ztunnel); times N sequential adds (IPv4 pods), M sequential adds
-of dual-stack pods, then N adds of distinct pods with ``--concurrency`` in flight (latency per add, from its
-start). Phases are timed inside the adds (rules + routes; ZDS add until the ack), and the agent's, the iptables
-children's and the peer's CPU per add are read from the kernel. Floors measured in the same run: a thread
-joining a netns, a no-op ``iptables-restore`` in a netns (the same spawn path as the rules), ``/bin/true``, a
-bare ZDS round trip (DelWorkload of an unknown pod: socket, protobuf, the peer's loop, the ack). A host-set
-update, where the dataplane has one, is inside the timed add. Cleans up everything.
-Targets: sequential median <= 5 ms and p99 <= 15 ms; concurrent: 0 failures and p99 <= 150 ms.
+Creates throwaway network namespaces (acdb + hex), among them one playing the node (``--host-netns``: the probe
+rule and sets go there, never into this machine's netns), two InPodDataplanes on temp ZDS sockets, one with the
+probe path and one without, and a ``python -m zds_peer`` process for each (the stand-in for ztunnel). Times N
+sequential adds of IPv4 pods alternating between the two (so load hits both alike), M sequential adds of
+dual-stack pods (with the probe path), then N adds of distinct pods with ``--concurrency`` in flight on each
+(latency per add, from its start). Phases are timed inside the adds (rules + routes; ZDS add until the ack; the
+probe-set upsert), and the agent's, the iptables children's and the peers' CPU per add are read from the kernel.
+Floors measured in the same run: a thread joining a netns, a no-op ``iptables-restore`` in a netns (the same
+spawn path as the rules), ``/bin/true``, a bare ZDS round trip (DelWorkload of an unknown pod: socket, protobuf,
+the peer's loop, the ack). Cleans up everything.
+Targets (with the probe path): sequential median <= 5 ms and p99 <= 15 ms; the probe path adds <= 1 ms to the
+sequential median; concurrent: 0 failures, p99 <= 150 ms, and every pod's IP in the probe set at the end.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from nodeagent.dataplane import inpod, iptables, netns, zds_server
+from nodeagent.dataplane import hostprobe, inpod, iptables, netns, zds_server
 from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.rules import Family
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MEDIAN_MS, TARGET_P99_MS, TARGET_CONCURRENT_P99_MS = 5.0, 15.0, 150.0
+TARGET_PROBE_PATH_DELTA_MS = 1.0  # what the node's probe-set update may add to the sequential median
 
 
 def pct(values: list[float], q: float) -> float:
@@ -108,31 +113,37 @@ def main(argv: list[str] | None = None) -> int:
     n, dual = args.pods, args.dual_stack
     tmp = tempfile.mkdtemp(prefix="acdb")
     names: list[str] = []
-    peer: subprocess.Popen[bytes] | None = None
-    dp: inpod.InPodDataplane | None = None
+    peers: list[subprocess.Popen[bytes]] = []
+    dps: list[inpod.InPodDataplane] = []
     phases = Phases()
     try:
-        names = make_ns(2 * n + dual + 1)
-        floor_ns = f"/run/netns/{names[-1]}"
-        sock = os.path.join(tmp, "zds.sock")
-        dp = inpod.InPodDataplane(sock)
-        peer = subprocess.Popen([sys.executable, "-m", "zds_peer", "--zds-socket", sock,
-                                 "--log-file", os.path.join(tmp, "peer.log")], cwd=ROOT)
+        names = make_ns(4 * n + dual + 2)
+        floor_ns, node_ns = f"/run/netns/{names[-1]}", f"/run/netns/{names[-2]}"
+        subprocess.run(["ip", "-n", names[-2], "link", "set", "lo", "up"], check=True)
+        for i, host in enumerate((None, node_ns)):
+            sock = os.path.join(tmp, f"zds{i}.sock")
+            dps.append(inpod.InPodDataplane(sock, host_netns=host))
+            peers.append(subprocess.Popen([sys.executable, "-m", "zds_peer", "--zds-socket", sock,
+                                           "--log-file", os.path.join(tmp, f"peer{i}.log")], cwd=ROOT))
         end = time.monotonic() + 30
-        while not dp.ready()[0]:
+        while not all(dp.ready()[0] for dp in dps):
             if time.monotonic() > end:
                 print("zds_peer did not connect", file=sys.stderr)
                 return 2
             time.sleep(0.05)
-        time.sleep(0.3)  # the peer's snapshot handling done
+        time.sleep(0.3)  # the peers' snapshot handling done
+        plain, probed = dps
 
-        floors = _floors(dp, floor_ns, 30)
+        floors = _floors(probed, floor_ns, 30)
         failures = {"sequential": 0, "concurrent": 0}
 
-        def add(name: str, kind: str, ips: tuple[str, ...] = ("10.1.0.2/24",)) -> float:
+        def add(dp: inpod.InPodDataplane, i: int, kind: str, dual_stack: bool = False) -> float:
+            ips: tuple[str, ...] = (f"10.1.{i // 250}.{i % 250 + 2}/16",)
+            if dual_stack:
+                ips += (f"fd00:1::{i:x}/64",)
+            name = names[i]
             work = PodWork(uid=f"uid-{name}", name=name, namespace="bench", netns_path=f"/run/netns/{name}",
                            ips=ips)
-            assert dp is not None
             started = time.perf_counter()
             try:
                 dp.add(work, time.monotonic() + 30)
@@ -142,30 +153,43 @@ def main(argv: list[str] | None = None) -> int:
             return (time.perf_counter() - started) * 1e3
 
         with phases.wrapped(inpod, "install_redirection", "rules + routes (in the pod netns thread)"), \
-                phases.wrapped(zds_server.ZdsServer, "add", "ZDS AddWorkload until ztunnel's ack"):
-            before = (cpu_ms(resource.RUSAGE_SELF), cpu_ms(resource.RUSAGE_CHILDREN), proc_cpu_ms(peer.pid))
-            seq = [add(name, "sequential") for name in names[:n]]
-            after = (cpu_ms(resource.RUSAGE_SELF), cpu_ms(resource.RUSAGE_CHILDREN), proc_cpu_ms(peer.pid))
+                phases.wrapped(zds_server.ZdsServer, "add", "ZDS AddWorkload until ztunnel's ack"), \
+                phases.wrapped(hostprobe.HostProbe, "add", "probe-set upsert in the node netns (after the ack)"):
+            before = (cpu_ms(resource.RUSAGE_SELF), cpu_ms(resource.RUSAGE_CHILDREN),
+                      sum(proc_cpu_ms(p.pid) for p in peers))
+            seq: dict[str, list[float]] = {"without": [], "with": []}
+            for i in range(n):  # alternate, so both see the same load
+                seq["without"].append(add(plain, i, "sequential"))
+                seq["with"].append(add(probed, n + i, "sequential"))
+            after = (cpu_ms(resource.RUSAGE_SELF), cpu_ms(resource.RUSAGE_CHILDREN),
+                     sum(proc_cpu_ms(p.pid) for p in peers))
             seq_phases = phases.take()
-            dual_ms = [add(name, "sequential", ("10.1.0.2/24", "fd00:1::2/64")) for name in names[2 * n:2 * n + dual]]
+            dual_ms = [add(probed, i, "sequential", dual_stack=True) for i in range(4 * n, 4 * n + dual)]
             phases.take()
-            started = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                conc = list(pool.map(lambda nm: add(nm, "concurrent"), names[n:2 * n]))
-            wall = (time.perf_counter() - started) * 1e3
-        enrolled = len(dp.enrolled())
-        agent_cpu, kids_cpu, peer_cpu = ((b - a) / n for a, b in zip(before, after, strict=True))
-        _report(args, seq, dual_ms, conc, wall, seq_phases, floors, failures, enrolled,
-                (agent_cpu, kids_cpu, peer_cpu))
+            conc: dict[str, list[float]] = {}
+            walls: dict[str, float] = {}
+            for label, dp, first in (("without", plain, 2 * n), ("with", probed, 3 * n)):
+                started = time.perf_counter()
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    conc[label] = list(pool.map(lambda i, dp=dp: add(dp, i, "concurrent"), range(first, first + n)))
+                walls[label] = (time.perf_counter() - started) * 1e3
+        enrolled = len(plain.enrolled()) + len(probed.enrolled())
+        assert probed.host is not None
+        entries = len(probed.host.entries())
+        per_dual_pod = 2 if Family.V6 in probed.host.families else 1  # the node netns may have no IPv6
+        per_add = 2 * n
+        agent_cpu, kids_cpu, peer_cpu = ((b - a) / per_add for a, b in zip(before, after, strict=True))
+        _report(args, seq, dual_ms, conc, walls, seq_phases, floors, failures, (enrolled, 4 * n + len(dual_ms)),
+                (entries, 2 * n + per_dual_pod * len(dual_ms)), (agent_cpu, kids_cpu, peer_cpu))
         return 0
     finally:
-        if peer is not None:
+        for peer in peers:
             peer.terminate()
             try:
                 peer.wait(10)
             except subprocess.TimeoutExpired:
                 peer.kill()
-        if dp is not None:
+        for dp in dps:
             dp.close()
         if names:
             batch = "".join(f"netns delete {name}\n" for name in names)
@@ -198,12 +222,13 @@ def _floors(dp: inpod.InPodDataplane, ns_path: str, runs: int) -> dict[str, list
         os.close(fd)
 
 
-def _report(args: argparse.Namespace, seq: list[float], dual: list[float], conc: list[float], wall: float,
-            phases: dict[str, list[float]], floors: dict[str, list[float]], failures: dict[str, int],
-            enrolled: int, cpu: tuple[float, float, float]) -> None:
+def _report(args: argparse.Namespace, seq: dict[str, list[float]], dual: list[float], conc: dict[str, list[float]],
+            walls: dict[str, float], phases: dict[str, list[float]], floors: dict[str, list[float]],
+            failures: dict[str, int], enrolled: tuple[int, int], entries: tuple[int, int],
+            cpu: tuple[float, float, float]) -> None:
     n = args.pods
-    report.header(f"Agent side of an enrolled ADD, in-pod dataplane with zds_peer as ztunnel ({os.cpu_count()} "
-                  f"CPUs); enrolled at the end: {enrolled}/{2 * n + len(dual)}")
+    report.header(f"Agent side of an enrolled ADD, in-pod dataplane with zds_peer as ztunnel, with and without the "
+                  f"node's probe path ({os.cpu_count()} CPUs); enrolled at the end: {enrolled[0]}/{enrolled[1]}")
     for name, data in floors.items():
         report.row(f"floor: {name}", f"median {statistics.median(data):.2f} ms (p99 {pct(data, 0.99):.2f})")
     for name, data in phases.items():
@@ -212,23 +237,36 @@ def _report(args: argparse.Namespace, seq: list[float], dual: list[float], conc:
     agent, kids, peer = cpu
     report.row("CPU per sequential add: agent / iptables children / zds_peer",
                f"{agent:.2f} / {kids:.2f} / {peer:.2f} ms")
-    med, p99 = statistics.median(seq), pct(seq, 0.99)
-    report.row(f"enrolled ADD, sequential ({n} IPv4 pods), median", f"{med:.2f} ms", f"<= {TARGET_MEDIAN_MS:g} ms",
-               med <= TARGET_MEDIAN_MS)
-    report.row(f"enrolled ADD, sequential ({n} IPv4 pods), p99", f"{p99:.2f} ms", f"<= {TARGET_P99_MS:g} ms",
-               p99 <= TARGET_P99_MS)
+    plain = seq["without"]
+    report.row(f"enrolled ADD, sequential ({n} IPv4 pods), no probe path",
+               f"median {statistics.median(plain):.2f} ms (p99 {pct(plain, 0.99):.2f})")
+    probed = seq["with"]
+    med, p99 = statistics.median(probed), pct(probed, 0.99)
+    report.row(f"enrolled ADD with probe-set update, sequential ({n} IPv4 pods), median", f"{med:.2f} ms",
+               f"<= {TARGET_MEDIAN_MS:g} ms", med <= TARGET_MEDIAN_MS)
+    report.row(f"enrolled ADD with probe-set update, sequential ({n} IPv4 pods), p99", f"{p99:.2f} ms",
+               f"<= {TARGET_P99_MS:g} ms", p99 <= TARGET_P99_MS)
+    delta = med - statistics.median(plain)
+    report.row("probe path's share of the sequential median (with minus without, interleaved)",
+               f"{delta:+.2f} ms", f"<= +{TARGET_PROBE_PATH_DELTA_MS:g} ms", delta <= TARGET_PROBE_PATH_DELTA_MS)
     report.row("enrolled ADD, sequential, failures", str(failures["sequential"]), "0",
                failures["sequential"] == 0)
     if dual:
-        report.row(f"enrolled ADD, sequential ({len(dual)} dual-stack pods: both families' rules)",
-                   f"median {statistics.median(dual):.2f} ms (p99 {pct(dual, 0.99):.2f})")
-    cp99 = pct(conc, 0.99)
-    report.row(f"enrolled ADD, {n} pods with {args.concurrency} in flight: wall; median per add",
-               f"{wall:.0f} ms ({n / wall * 1e3:.0f} pods/s); {statistics.median(conc):.1f} ms")
-    report.row(f"enrolled ADD, {n} pods with {args.concurrency} in flight, p99 per add", f"{cp99:.1f} ms",
+        report.row(f"enrolled ADD with probe-set update, sequential ({len(dual)} dual-stack pods: both families' "
+                   "rules, two set entries)", f"median {statistics.median(dual):.2f} ms (p99 {pct(dual, 0.99):.2f})")
+    for label in ("without", "with"):
+        data = conc[label]
+        what = "no probe path" if label == "without" else "with probe-set update"
+        report.row(f"enrolled ADD, {n} pods with {args.concurrency} in flight, {what}: wall; median per add",
+                   f"{walls[label]:.0f} ms ({n / walls[label] * 1e3:.0f} pods/s); {statistics.median(data):.1f} ms")
+    cp99 = pct(conc["with"], 0.99)
+    report.row(f"enrolled ADD with probe-set update, {n} pods with {args.concurrency} in flight, p99 per add",
+               f"{cp99:.1f} ms (without the probe path: {pct(conc['without'], 0.99):.1f} ms)",
                f"<= {TARGET_CONCURRENT_P99_MS:g} ms", cp99 <= TARGET_CONCURRENT_P99_MS)
-    report.row(f"enrolled ADD, {n} pods with {args.concurrency} in flight, failures", str(failures["concurrent"]),
-               "0", failures["concurrent"] == 0)
+    report.row(f"enrolled ADD, {n} pods with {args.concurrency} in flight (each case), failures",
+               str(failures["concurrent"]), "0", failures["concurrent"] == 0)
+    report.row("probe-set entries at the end (one per enrolled pod IP, with its UID)",
+               f"{entries[0]}/{entries[1]}", "all", entries[0] == entries[1])
 
 
 if __name__ == "__main__":

@@ -8,15 +8,16 @@ A benchmark module reports each measurement with ``row``::
     report.row("empty frozen executable (baseline)", "11.6 ms")                  # context: no target
     report.row("enrolled ADD exec", f"{med:.1f} ms = {ratio:.2f}x empty", "<= 1.35x", ratio <= 1.35)
 
-``row(name, value, target="", met=None)``: ``value`` is the measured text (say what it is measured against),
-``target`` the target's text, ``met`` whether it was met (None for a row without a target). Every row prints at
-once as a markdown table row; a missed target is marked ``MISSED`` and listed again at the end of the run.
+``row(name, value, target="", met=None, summary=False)``: ``value`` is the measured text (say what it is measured
+against), ``target`` the target's text, ``met`` whether it was met (None for a row without a target); ``summary``
+puts a row without a target into the README's table too (a headline ratio that has no target). Every row prints
+at once as a markdown table row; a missed target is marked ``MISSED`` and listed again at the end of the run.
 ``main()`` of the module returns 0 when it could measure (targets met or not) and non-zero only when the run is
 broken (a missing binary, a failed setup); ``python -m bench`` then exits non-zero.
 
 After a full run (``make bench`` = ``python -m bench``) ``publish`` writes ``docs/benchmarks.md`` (date, machine,
-commit, every row) and copies its summary (the rows with a target) into README.md between the
-``bench-summary`` markers. ``python -m bench.report sync-readme`` redoes only that copy.
+commit, every row) and copies its summary (the rows with a target, and those marked ``summary``) into README.md
+between the ``bench-summary`` markers. ``python -m bench.report sync-readme`` redoes only that copy.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class Row:
     value: str
     target: str = ""
     met: bool | None = None
+    summary: bool = False
+
+    @property
+    def in_summary(self) -> bool:
+        return self.met is not None or self.summary
 
     @property
     def mark(self) -> str:
@@ -74,8 +80,8 @@ def header(title: str) -> None:
     print(f"{title}\n\n{TABLE_HEAD}", flush=True)
 
 
-def row(name: str, value: str, target: str = "", met: bool | None = None) -> Row:
-    entry = Row(_RUN.bench or _caller_bench(), name, value, target, met)
+def row(name: str, value: str, target: str = "", met: bool | None = None, summary: bool = False) -> Row:
+    entry = Row(_RUN.bench or _caller_bench(), name, value, target, met, summary)
     _RUN.rows.append(entry)
     print(entry.markdown(), flush=True)
     return entry
@@ -125,9 +131,9 @@ def _commit() -> str:
 
 
 def summary_table(all_rows: list[Row]) -> str:
-    """The README's table: every row that has a target."""
+    """The README's table: every row that has a target, and the rows marked ``summary``."""
     lines = [TABLE_HEAD]
-    lines += [r.markdown() for r in all_rows if r.met is not None]
+    lines += [r.markdown() for r in all_rows if r.in_summary]
     return "\n".join(lines)
 
 

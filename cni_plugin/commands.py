@@ -40,15 +40,47 @@ def _exemptions(conf: dict[str, Any]) -> Exemptions:
 
 
 def _pod(inv: Invocation, tolerant: bool = False) -> wire.PodRef:
-    try:
-        pod = cniargs.pod_ref(cniargs.parse(inv.env.get("CNI_ARGS", "")))
-    except errors.CniError:
-        if not tolerant:
-            raise
-        pod = wire.PodRef()
+    """The pod named in CNI_ARGS, validated before any use (bad CNI_ARGS raise CniError, code 4); when CNI_ARGS
+    name no namespace, the identity an earlier ADD of this container id carried, if any."""
+    pod = cniargs.pod_ref(cniargs.parse(inv.env.get("CNI_ARGS", "")))
+    if not (pod.name and pod.namespace):
+        pod = _remembered_identity(inv, pod, tolerant)
     if pod.name:
         LOG.context["pod"] = f"{pod.namespace}/{pod.name}"
     return pod
+
+
+def _pod_if_valid(inv: Invocation) -> wire.PodRef | None:
+    """DEL's view: None when CNI_ARGS are unusable; nothing may be done for a pod the plugin cannot name."""
+    try:
+        return _pod(inv, tolerant=True)
+    except errors.CniError as exc:
+        LOG.warning("unusable CNI_ARGS: nothing to do for this pod", error=exc.msg)
+        return None
+
+
+def _remembered_identity(inv: Invocation, pod: wire.PodRef, tolerant: bool) -> wire.PodRef:
+    """No Kubernetes identity in CNI_ARGS: the one an earlier ADD of this container id carried, if any
+    (podman's ``network reload``/``restart`` re-ADD with the caller's env; see cni_plugin/identity_cache.py)."""
+    from cni_plugin import identity_cache
+
+    try:
+        known = identity_cache.recall(inv.conf["run_dir"], inv.container_id)
+    except identity_cache.IdentityError as exc:
+        if tolerant:
+            LOG.warning("unusable identity entry ignored", error=str(exc))
+            return pod
+        raise errors.CniError(
+            errors.IO_FAILURE,
+            f"ambient-cni: container {inv.container_id} was added with a Kubernetes identity before, but {exc}; "
+            "refusing to treat it as outside the mesh. Pass its K8S_POD_NAMESPACE/K8S_POD_NAME/K8S_POD_UID in "
+            "CNI_ARGS, or remove the entry if the container must run outside the mesh.",
+        ) from exc
+    if known is None:
+        return pod
+    LOG.info("no Kubernetes identity in CNI_ARGS: using the one remembered for this container",
+             remembered=f"{known.namespace}/{known.name}")
+    return known
 
 
 def _socket_path(conf: dict[str, Any]) -> str:
@@ -121,6 +153,12 @@ def _ask_agent(
             errors.TRY_AGAIN_LATER,
             f"ambient-cni: the node agent at {path} did not answer {request.op} for {who} within {budget_ms} ms",
         ) from exc
+    except notifier.AgentWentAway as exc:
+        raise errors.CniError(
+            errors.TRY_AGAIN_LATER,
+            f"ambient-cni: the node agent at {path} went away mid-request ({request.op} for {who}: {exc}); "
+            "it crashed or restarted. Check the ambient-cni agent on this node; the runtime retries.",
+        ) from exc
     except wire.WireError as exc:
         raise errors.CniError(
             errors.PROTOCOL_ERROR, f"ambient-cni: bad reply from the node agent at {path}: {exc}"
@@ -147,18 +185,20 @@ def cmd_add(inv: Invocation) -> dict[str, Any]:
         LOG.info("not enrolled: " + reason)
         return result
     ips = pod_ips(conf["prevResult"])
-    hints.write(
-        conf["run_dir"],
-        pod.namespace,
-        pod.name,
-        {"netns": inv.netns, "container_id": inv.container_id, "ifname": inv.ifname, "uid": pod.uid, "ips": ips},
-    )
+    from cni_plugin import identity_cache
+
+    remembered = identity_cache.remember(conf["run_dir"], inv.container_id, pod)
+    hint = hints.Hint(netns=inv.netns, container_id=inv.container_id, ifname=inv.ifname, uid=pod.uid, ips=ips)
+    if not hints.write(conf["run_dir"], pod.namespace, pod.name, hint):
+        LOG.debug("netns hint not written")
     from cni_plugin.snapshot import Verdict
 
     verdict = _verdict(conf, pod)
     if verdict == Verdict.NOT_ENROLLED:
         LOG.info("not enrolled (agent snapshot)")
         return result
+    if verdict == Verdict.ENROLLED and not remembered:
+        _refuse_unremembered(inv, pod)
     request = _request(inv, "add", pod, ips)
     # ENROLLED: fail closed. UNKNOWN_POD (namespace not enrolled, pod not yet in the agent's view; it may
     # carry a pod-level opt-in): ask the agent if it is up; if it is down, nobody knows the pod is enrolled,
@@ -170,15 +210,34 @@ def cmd_add(inv: Invocation) -> dict[str, Any]:
         return result
     if not reply.ok:
         _raise_refusal(request, reply)
+    if reply.enrolled and not remembered:
+        _refuse_unremembered(inv, pod)  # the runtime's DEL after this failure takes the pod out again
     LOG.info("enrolled: redirection in place" if reply.enrolled else "not enrolled (agent)")
     return result
+
+
+def _refuse_unremembered(inv: Invocation, pod: wire.PodRef) -> None:
+    """An enrolled pod whose identity could not be remembered: a later re-ADD of its container without
+    Kubernetes CNI_ARGS could not keep it in the mesh, so it does not start now."""
+    from cni_plugin import identity_cache
+
+    why = (
+        f"cannot write under {identity_cache.directory(inv.conf['run_dir'])}"
+        if identity_cache.valid_identity(pod)
+        else "it is not a valid Kubernetes namespace/name/uid"
+    )
+    raise errors.CniError(
+        errors.IO_FAILURE,
+        f"ambient-cni: cannot remember pod {pod.namespace}/{pod.name} as the identity of container "
+        f"{inv.container_id} ({why}); an enrolled pod is not started without it",
+    )
 
 
 def cmd_del(inv: Invocation) -> None:
     conf = inv.conf
     _configure_log(inv)
-    pod = _pod(inv, tolerant=True)
-    if exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
+    pod = _pod_if_valid(inv)
+    if pod is None or exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
         return None
     hints.remove(conf["run_dir"], pod.namespace, pod.name, inv.container_id)
     if not os.path.exists(_socket_path(conf)):
@@ -233,9 +292,15 @@ def cmd_gc(inv: Invocation) -> None:
     conf = inv.conf
     _configure_log(inv)
     valid = conf["valid_attachments"] or []
-    removed = hints.prune(conf["run_dir"], {item["containerID"] for item in valid})
+    valid_ids = {item["containerID"] for item in valid}
+    removed = hints.prune(conf["run_dir"], valid_ids)
     if removed:
         LOG.info("gc removed stale netns hints", count=removed)
+    from cni_plugin import identity_cache
+
+    forgotten = identity_cache.prune(conf["run_dir"], valid_ids)
+    if forgotten:
+        LOG.info("gc removed identities of containers that are gone", count=forgotten)
     if not os.path.exists(_socket_path(conf)):
         return None
     attachments = tuple(wire.Attachment(item["containerID"], item["ifname"]) for item in valid)

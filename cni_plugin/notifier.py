@@ -2,7 +2,8 @@
 
 Only the connect is retried, and only while the socket is absent or refuses connections (the agent is
 starting), inside the same deadline. Any failure is raised as AgentUnreachable / AgentTimeout /
-WireError for the caller to turn into a CNI error.
+AgentWentAway (the connection ended before a complete reply: the agent died or restarted mid-request) /
+WireError (a reply that breaks the protocol) for the caller to turn into a CNI error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class AgentUnreachable(Exception):
 
 class AgentTimeout(Exception):
     """The agent did not answer within the deadline."""
+
+
+class AgentWentAway(Exception):
+    """The connection ended (closed or reset) before a complete reply: the agent failed, not the protocol."""
 
 
 def _remaining(deadline: float) -> float:
@@ -65,7 +70,7 @@ def _recv_exact(sock: _socket.socket, size: int, deadline: float) -> bytes:
         except TimeoutError as exc:
             raise AgentTimeout() from exc
         if not chunk:
-            raise wire.WireError("the agent closed the connection before replying completely")
+            raise AgentWentAway("connection closed before a complete reply")
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
@@ -86,7 +91,7 @@ def call(path: str, request: wire.Request, deadline: float, retry_connect: bool)
             length = wire.frame_length(_recv_exact(sock, wire.HEADER.size, deadline))
             reply = wire.parse_reply(wire.decode_body(_recv_exact(sock, length, deadline)))
         except ConnectionResetError as exc:
-            raise wire.WireError("the agent reset the connection") from exc
+            raise AgentWentAway("connection reset before a complete reply") from exc
         if reply.id and reply.id != request.id:
             raise wire.WireError(f"reply id {reply.id!r} does not match request id {request.id!r}")
         return reply

@@ -8,6 +8,7 @@ The agent tails the file and re-emits the lines under scope ``cni-plugin``.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 
@@ -15,6 +16,7 @@ from cni_plugin import fastjson
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 MAX_LOG_BYTES = 5 * 1024 * 1024  # rotated to <file>.1 past this size
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 class PluginLog:
@@ -68,20 +70,22 @@ class PluginLog:
 
     @staticmethod
     def _append_file(path: str, data: bytes) -> None:
+        """Append to a regular file only: a symlink there is not followed, a FIFO never blocks the plugin."""
         try:
             if not os.path.isdir(os.path.dirname(path) or "."):
                 return  # never create the agent's run dir
             try:
-                if os.stat(path).st_size + len(data) > MAX_LOG_BYTES:
+                if os.stat(path, follow_symlinks=False).st_size + len(data) > MAX_LOG_BYTES:
                     os.replace(path, path + ".1")
             except FileNotFoundError:
                 pass
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, _APPEND_FLAGS, 0o600)
             try:
-                os.write(fd, data)
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.write(fd, data)
             finally:
                 os.close(fd)
-        except OSError:
+        except (OSError, ValueError):
             pass
 
 

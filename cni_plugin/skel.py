@@ -10,6 +10,7 @@ import os
 import sys
 
 from cni_plugin import errors, fastjson
+from cni_plugin.k8snames import is_text, shown
 from cni_plugin.plugin_log import LOG
 from cni_plugin.versions import LATEST, SUPPORTED_VERSIONS, at_least
 
@@ -45,11 +46,17 @@ class Invocation:
     def __init__(self, command: str, env: Mapping[str, str]) -> None:
         self.command = command
         self.env = env
-        self.container_id = env.get("CNI_CONTAINERID", "")
-        self.netns = env.get("CNI_NETNS", "")
-        self.ifname = env.get("CNI_IFNAME", "")
+        # check_env refused what ADD/CHECK/DEL need; what is left undecodable (e.g. CNI_NETNS on DEL, any
+        # of them on STATUS/GC) is treated as not given: it could not reach a log, a file or the wire
+        self.container_id = _text_or_empty(env.get("CNI_CONTAINERID", ""))
+        self.netns = _text_or_empty(env.get("CNI_NETNS", ""))
+        self.ifname = _text_or_empty(env.get("CNI_IFNAME", ""))
         self.conf: dict[str, Any] = {}
         self.stdin_version = LATEST
+
+
+def _text_or_empty(value: str) -> str:
+    return value if is_text(value) else ""
 
 
 def check_env(command: str, env: Mapping[str, str]) -> None:
@@ -65,8 +72,14 @@ def check_env(command: str, env: Mapping[str, str]) -> None:
         )
     if command in ("ADD", "DEL", "CHECK"):
         ifname = env.get("CNI_IFNAME", "")
-        if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/: \t\n\r\v\f"):
-            raise errors.CniError(errors.INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}", "1-15 chars, no / : or space")
+        if (len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/: \t\n\r\v\f")
+                or not is_text(ifname)):
+            raise errors.CniError(
+                errors.INVALID_ENV, f"invalid CNI_IFNAME {shown(ifname)}", "1-15 UTF-8 chars, no / : or space"
+            )
+    netns = env.get("CNI_NETNS", "")
+    if command in ("ADD", "CHECK") and not is_text(netns):
+        raise errors.CniError(errors.INVALID_ENV, f"CNI_NETNS {shown(netns)} is not valid UTF-8")
 
 
 def _lower_keys(value: Any) -> Any:
@@ -77,6 +90,26 @@ def _lower_keys(value: Any) -> Any:
     return value
 
 
+_MAX_CONF_DEPTH = 64  # real configs nest < 10 deep; deeper ones would exhaust recursion later (102)
+
+
+def _conf_problem(raw: Any, check_text: bool) -> str | None:
+    """Why the decoded config cannot be used safely (too deep; a lone surrogate), or None. Iterative."""
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > _MAX_CONF_DEPTH:
+                return f"it is nested more than {_MAX_CONF_DEPTH} levels deep"
+            values = item.values() if isinstance(item, dict) else item
+            if check_text and isinstance(item, dict) and not all(is_text(key) for key in item):
+                return "it holds a lone UTF-16 surrogate escape"
+            stack.extend((value, depth + 1) for value in values)
+        elif check_text and isinstance(item, str) and not is_text(item):
+            return "it holds a lone UTF-16 surrogate escape"
+    return None
+
+
 def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) -> dict[str, Any]:
     """Decode and validate the network configuration. Raises CniError with codes 1, 6 or 7.
 
@@ -85,7 +118,7 @@ def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) 
     """
     try:
         raw = fastjson.loads(stdin)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise errors.CniError(errors.DECODE_FAILURE, f"error parsing network configuration: {exc}") from exc
     if not isinstance(raw, dict):
         raise errors.CniError(errors.DECODE_FAILURE, "network configuration must be a JSON object")
@@ -99,6 +132,13 @@ def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) 
         )
     if invocation is not None:
         invocation.stdin_version = version
+    # Only \uD800-\uDFFF escapes give strings that no encoder (file, wire, log) accepts, and only a config with
+    # many brackets can be deep: walk it only then (C-speed byte counts keep the common case free).
+    check_text = b"\\ud" in stdin or b"\\uD" in stdin
+    if check_text or stdin.count(b"[") + stdin.count(b"{") > _MAX_CONF_DEPTH:
+        problem = _conf_problem(raw, check_text)
+        if problem is not None:
+            raise errors.CniError(errors.DECODE_FAILURE, f"network configuration cannot be used: {problem}")
     minimum = _MIN_VERSION.get(command)
     if minimum and not at_least(version, minimum):
         raise errors.CniError(
@@ -119,6 +159,12 @@ def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) 
     except SchemaError as exc:
         key = ".".join(str(part) for part in exc.loc)
         raise errors.CniError(errors.INVALID_CONFIG, f"invalid plugin configuration: {key}: {exc.msg}") from exc
+    for key in ("run_dir", "log_file"):  # paths: a string holding NUL fails every os call
+        value = conf.get(key)
+        if isinstance(value, str) and "\x00" in value:
+            raise errors.CniError(
+                errors.INVALID_CONFIG, f"invalid plugin configuration: {key}: {shown(value)} is not a usable path"
+            )
     return conf
 
 

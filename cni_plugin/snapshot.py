@@ -6,9 +6,18 @@ without importing msgpack, whose import costs ~5 ms of every pod start):
 "pods": {"namespace/name": bool}}``. ``namespaces`` holds each namespace's
 verdict; ``pods`` holds the verdict of every pod the agent knows on this node (pod-level opt-ins and
 opt-outs, hostNetwork and sidecar pods included).
+
+Reading it is bounded and never blocks: the file is opened with ``O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC`` (a symlink
+or a FIFO is refused at once) and must be a regular file owned by root and not writable by group or others,
+at most ``MAX_SNAPSHOT_BYTES``; every field must have its type. Anything else is SnapshotError ("unknown"):
+the plugin then fails closed for pods that may be enrolled (CNI code 11).
 """
 
 from __future__ import annotations
+
+import errno
+import os
+import stat
 
 from cni_plugin.record import Record
 
@@ -18,6 +27,13 @@ if TYPE_CHECKING:
 
 SNAPSHOT_NAME = "enrollment.json"
 SNAPSHOT_VERSION = 1
+# Measured: a node with 5,000 pods in a cluster with 1,000 namespaces (realistic generated names) publishes
+# 347 KiB; 5,000 pods whose names all have the maximum length (63 + 253 characters) 1.6 MB. The cap is ~12x the
+# realistic size; parsing a snapshot that large costs ~25 ms and ~8 MiB.
+MAX_SNAPSHOT_BYTES = 4 * 1024 * 1024
+OWNER_UID = 0  # the agent runs as root; a snapshot anyone else could have written is not the agent's
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_BOOL = {bool}
 
 
 class Verdict:
@@ -64,30 +80,70 @@ def encode(snapshot: Snapshot, written_at: float) -> bytes:
     return fastjson.dumps(snapshot.to_wire(written_at)).encode()
 
 
+def _bool_map(value: object) -> bool:
+    return isinstance(value, dict) and set(map(type, value.values())) <= _BOOL
+
+
 def decode(data: bytes) -> Snapshot:
+    """The snapshot in ``data``; SnapshotError for anything that is not exactly the format above."""
     from cni_plugin import fastjson
 
     try:
         raw = fastjson.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the recursion limit
         raise SnapshotError(f"corrupt snapshot: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("v") != SNAPSHOT_VERSION:
+    if not isinstance(raw, dict) or type(raw.get("v")) is not int or raw["v"] != SNAPSHOT_VERSION:
         raise SnapshotError("snapshot has an unknown format version")
+    node, generation, written_at = raw.get("node"), raw.get("generation"), raw.get("written_at")
+    if not isinstance(node, str) or type(generation) is not int or type(written_at) not in (int, float):
+        raise SnapshotError("snapshot fields node/generation/written_at are missing or have wrong types")
     namespaces, pods = raw.get("namespaces"), raw.get("pods")
-    if not isinstance(namespaces, dict) or not isinstance(pods, dict):
-        raise SnapshotError("snapshot lacks its namespaces/pods maps")
-    return Snapshot(
-        node=str(raw.get("node", "")),
-        generation=int(raw.get("generation", 0)),
-        namespaces=namespaces,
-        pods=pods,
-    )
+    if not _bool_map(namespaces) or not _bool_map(pods):
+        raise SnapshotError("snapshot namespaces/pods are not maps of booleans")
+    return Snapshot(node=node, generation=generation, namespaces=namespaces, pods=pods)
+
+
+def _read_bounded(path: str) -> bytes:
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise SnapshotError(f"cannot read enrollment snapshot {path}: {reason}") from exc
+    except ValueError as exc:  # an unusable path string
+        raise SnapshotError(f"cannot read enrollment snapshot {path!r}: {exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SnapshotError(f"enrollment snapshot {path} is not a regular file")
+        if info.st_uid != OWNER_UID:
+            raise SnapshotError(f"enrollment snapshot {path} is owned by uid {info.st_uid}, not root")
+        if info.st_mode & 0o022:
+            raise SnapshotError(f"enrollment snapshot {path} is writable by group or others")
+        if info.st_size > MAX_SNAPSHOT_BYTES:
+            raise SnapshotError(
+                f"enrollment snapshot {path} is {info.st_size} bytes, over the {MAX_SNAPSHOT_BYTES}-byte limit"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_SNAPSHOT_BYTES:
+            chunk = os.read(fd, MAX_SNAPSHOT_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise SnapshotError(f"cannot read enrollment snapshot {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if size > MAX_SNAPSHOT_BYTES:
+        raise SnapshotError(f"enrollment snapshot {path} grew over the {MAX_SNAPSHOT_BYTES}-byte limit")
+    return b"".join(chunks)
 
 
 def read(path: str) -> Snapshot:
+    """The snapshot at ``path`` (see the module docstring); SnapshotError naming ``path`` otherwise."""
+    data = _read_bounded(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise SnapshotError(f"cannot read enrollment snapshot {path}: {exc.strerror or exc}") from exc
-    return decode(data)
+        return decode(data)
+    except SnapshotError as exc:
+        raise SnapshotError(f"{path}: {exc}") from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 
+from cni_plugin import k8snames
 from cni_plugin.record import Record
 
 TYPE_CHECKING = False
@@ -170,7 +171,8 @@ def check_version(message: dict[str, Any]) -> None:
 
 
 def parse_request(message: dict[str, Any]) -> Request:
-    """Validate a decoded request map. Raises WireError (code 1 for a wrong ``v``)."""
+    """Validate a decoded request map. Raises WireError (code 1 for a wrong ``v``, 4 for a pod identity that
+    Kubernetes would not produce, see ``cni_plugin.k8snames``)."""
     check_version(message)
     op = _str_field(message, "op", required=True)
     if op not in OPS:
@@ -184,6 +186,9 @@ def parse_request(message: dict[str, Any]) -> Request:
         uid=_str_field(pod_raw, "uid"),
         infra_container_id=_str_field(pod_raw, "infra_container_id"),
     )
+    problem = k8snames.pod_problem(pod.namespace, pod.name, pod.uid, pod.infra_container_id)
+    if problem is not None:  # the same check as the plugin's: the socket is root-only, but trust nothing
+        raise WireError(f"field 'pod': {problem[1]}", code=4)
     ips_raw = message.get("ips") or []
     if not isinstance(ips_raw, list) or not all(isinstance(ip, str) for ip in ips_raw):
         raise WireError("field 'ips' must be a list of CIDR strings")

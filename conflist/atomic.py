@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 
 TEMP_MARK = ".ambient-tmp."
 
@@ -37,18 +38,50 @@ def read_bytes(path: str) -> bytes | None:
         return None
 
 
+def _same_regular_file(path: str, data: bytes, mode: int) -> bool:
+    """Whether ``path`` is a regular file holding exactly ``data`` with ``mode``. Opened with O_NONBLOCK and
+    checked with fstat before reading at most ``len(data) + 1`` bytes: a FIFO or a device at ``path`` (or
+    behind a symlink there) never blocks or floods the comparison."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_mode & 0o7777) != mode or st.st_size != len(data):
+            return False
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(len(data) + 1) == data
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _create_temp(directory: str, name: str, mode: int) -> tuple[str, int]:
+    """A new temp file next to the target (O_EXCL|O_NOFOLLOW: whatever sits at a name is never opened)."""
+    attempts = 8
+    while True:
+        tmp = temp_name(directory, name)
+        try:
+            return tmp, os.open(tmp, _CREATE_FLAGS, mode)
+        except FileExistsError:
+            attempts -= 1
+            if attempts == 0:
+                raise
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> bool:
     """Replace ``path`` with ``data`` atomically. Returns False (and writes nothing) when already identical
-    in content and mode, so watchers of the directory are not woken for nothing."""
-    try:
-        st = os.stat(path)
-        if (st.st_mode & 0o7777) == mode and read_bytes(path) == data:
-            return False
-    except FileNotFoundError:
-        pass
+    in content and mode, so watchers of the directory are not woken for nothing. Whatever else sits at
+    ``path`` (a FIFO, a device, a symlink) is replaced by the rename, never opened for writing."""
+    if _same_regular_file(path, data, mode):
+        return False
     directory, name = os.path.split(path)
-    tmp = temp_name(directory or ".", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    tmp, fd = _create_temp(directory or ".", name, mode)
     try:
         os.fchmod(fd, mode)  # umask-independent
         view = memoryview(data)

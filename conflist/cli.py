@@ -26,29 +26,65 @@ def _opt(flag: str, **kwargs: Any) -> Callable[[FC], FC]:
     return click.option(flag, envvar=env, show_envvar=True, **kwargs)
 
 
+# Options of install and uninstall alike, in help order.
+COMMON_OPTIONS: list[Callable[[FC], FC]] = [
+    _opt("--conf-dir", default=None, help="CNI conf dir [containerd/CRI-O config, else /etc/cni/net.d]"),
+    _opt("--bin-dir", default=None, help="CNI bin dir [containerd/CRI-O config, else /opt/cni/bin]"),
+    _opt("--mode", type=click.Choice(["owned", "inplace"]), default="owned", show_default=True,
+         help="owned: write our own first-sorting conflist; inplace: edit the primary file"),
+    _opt("--owned-file-name", default=DEFAULT_OWNED_NAME, show_default=True,
+         help="Name of the owned conflist (a fallback that sorts first is used if needed)"),
+    _opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True,
+         help="Agent run dir (plugin entry key run_dir); holds the readiness file by default"),
+    _opt("--ready-file", default=None, help="Readiness file, present only while installed and valid "
+         "[<run-dir>/install.ready]; '' or 'none' disables it"),
+    _opt("--containerd-config", default=CONTAINERD_CONFIG, show_default=True,
+         help="containerd config read for conf_dir/bin_dir"),
+    _opt("--crio-config", default=CRIO_CONFIG, show_default=True,
+         help="CRI-O config (and its .d drop-ins) read for network_dir/plugin_dirs"),
+    _opt("--installer-log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+         default="info", show_default=True, help="Verbosity of the installer's own stderr log"),
+]
+
+# Everything `install` (watch mode) takes besides --once; `ambient-cni node` reuses this list.
+INSTALL_OPTIONS: list[Callable[[FC], FC]] = [
+    *COMMON_OPTIONS,
+    _opt("--exclude-namespaces", default="kube-system", show_default=True,
+         help="Comma-separated namespaces never enrolled (plugin entry key exclude_namespaces)"),
+    _opt("--agent-pod-namespace", default="istio-system", show_default=True, help="Namespace of the agent's pods"),
+    _opt("--agent-pod-name-prefix", default="ambient-cni-node-", show_default=True,
+         help="Name prefix of the agent's pods (always admitted)"),
+    _opt("--deadline-ms", type=int, default=5000, show_default=True, help="Plugin's bound on one agent round trip"),
+    _opt("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+         show_default=True, help="Plugin log level (plugin entry key log_level)"),
+    _opt("--log-file", default=None, help='Plugin log file [<run-dir>/plugin.log]; "" or "none" disables it'),
+    _opt("--file-mode", default="0600", show_default=True,
+         help="Mode of the owned conflist (inplace keeps the primary's)"),
+    _opt("--source", default=None,
+         help="Plugin bundle dir to install [the running bundle, or dist/ambient-cni.bundle]"),
+    _opt("--skip-binary", is_flag=True, default=False, help="Do not install or watch the plugin binary"),
+    _opt("--default-cni-version", default=None,
+         help="cniVersion for a primary that declares none (libcni would run it as 0.1.0, which cannot chain)"),
+    _opt("--fight-limit", type=int, default=5, show_default=True,
+         help="Repairs within --fight-window before warning and backing off"),
+    _opt("--fight-window", type=float, default=10.0, show_default=True, help="Seconds (see --fight-limit)"),
+    _opt("--fight-backoff", type=float, default=1.0, show_default=True,
+         help="Seconds between repairs when fighting"),
+]
+
+
+def _apply(options: list[Callable[[FC], FC]]) -> Callable[[FC], FC]:
+    def decorate(func: FC) -> FC:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 def _common(func: FC) -> FC:
-    for decorator in reversed(
-        [
-            _opt("--conf-dir", default=None, help="CNI conf dir [containerd/CRI-O config, else /etc/cni/net.d]"),
-            _opt("--bin-dir", default=None, help="CNI bin dir [containerd/CRI-O config, else /opt/cni/bin]"),
-            _opt("--mode", type=click.Choice(["owned", "inplace"]), default="owned", show_default=True,
-                 help="owned: write our own first-sorting conflist; inplace: edit the primary file"),
-            _opt("--owned-file-name", default=DEFAULT_OWNED_NAME, show_default=True,
-                 help="Name of the owned conflist (a fallback that sorts first is used if needed)"),
-            _opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True,
-                 help="Agent run dir (plugin entry key run_dir); holds the readiness file by default"),
-            _opt("--ready-file", default=None, help="Readiness file, present only while installed and valid "
-                 "[<run-dir>/install.ready]; '' or 'none' disables it"),
-            _opt("--containerd-config", default=CONTAINERD_CONFIG, show_default=True,
-                 help="containerd config read for conf_dir/bin_dir"),
-            _opt("--crio-config", default=CRIO_CONFIG, show_default=True,
-                 help="CRI-O config (and its .d drop-ins) read for network_dir/plugin_dirs"),
-            _opt("--installer-log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-                 default="info", show_default=True, help="Verbosity of the installer's own stderr log"),
-        ]
-    ):
-        func = decorator(func)
-    return func
+    """COMMON_OPTIONS as one decorator (ambient_cni.uninstall wraps this command's options)."""
+    return _apply(COMMON_OPTIONS)(func)
 
 
 def _ready_file(ready_file: str | None, run_dir: str) -> str | None:
@@ -101,30 +137,8 @@ def build_entry(
     return entry
 
 
-@click.command("install")
-@_common
-@_opt("--once", is_flag=True, default=False, help="One pass, then exit (0 when installed and valid)")
-@_opt("--exclude-namespaces", default="kube-system", show_default=True,
-      help="Comma-separated namespaces never enrolled (plugin entry key exclude_namespaces)")
-@_opt("--agent-pod-namespace", default="istio-system", show_default=True, help="Namespace of the agent's pods")
-@_opt("--agent-pod-name-prefix", default="ambient-cni-node-", show_default=True,
-      help="Name prefix of the agent's pods (always admitted)")
-@_opt("--deadline-ms", type=int, default=5000, show_default=True, help="Plugin's bound on one agent round trip")
-@_opt("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
-      help="Plugin log level (plugin entry key log_level)")
-@_opt("--log-file", default=None, help='Plugin log file [<run-dir>/plugin.log]; "" or "none" disables it')
-@_opt("--file-mode", default="0600", show_default=True, help="Mode of the owned conflist (inplace keeps the primary's)")
-@_opt("--source", default=None, help="Plugin bundle dir to install [the running bundle, or dist/ambient-cni.bundle]")
-@_opt("--skip-binary", is_flag=True, default=False, help="Do not install or watch the plugin binary")
-@_opt("--default-cni-version", default=None,
-      help="cniVersion for a primary that declares none (libcni would run it as 0.1.0, which cannot chain)")
-@_opt("--fight-limit", type=int, default=5, show_default=True,
-      help="Repairs within --fight-window before warning and backing off")
-@_opt("--fight-window", type=float, default=10.0, show_default=True, help="Seconds (see --fight-limit)")
-@_opt("--fight-backoff", type=float, default=1.0, show_default=True, help="Seconds between repairs when fighting")
-def install_cmd(**kw: Any) -> None:
-    """Install the plugin binary and chain it into the node's conflist; watch and repair (default)."""
-    logs.setup(kw["installer_log_level"])
+def install_options(kw: dict[str, Any]) -> Options:
+    """The installer's ``Options`` from parsed INSTALL_OPTIONS (validated; UsageError/BadParameter if not)."""
     dirs = resolve_dirs(kw["conf_dir"], kw["bin_dir"], kw["containerd_config"], kw["crio_config"])
     entry = build_entry(kw["run_dir"], kw["exclude_namespaces"], kw["agent_pod_namespace"],
                         kw["agent_pod_name_prefix"], kw["deadline_ms"], kw["log_level"], kw["log_file"])
@@ -148,8 +162,19 @@ def install_cmd(**kw: Any) -> None:
         source=None if kw["skip_binary"] else (kw["source"] or default_source()),
         ready_file=_ready_file(kw["ready_file"], kw["run_dir"]),
         default_cni_version=kw["default_cni_version"],
+        verify_plugin=True,
     )
     log.info("conf_dir=%s bin_dir=%s (from %s) mode=%s", dirs.conf_dir, dirs.bin_dir, dirs.source, options.mode)
+    return options
+
+
+@click.command("install")
+@_apply(INSTALL_OPTIONS)
+@_opt("--once", is_flag=True, default=False, help="One pass, then exit (0 when installed and valid)")
+def install_cmd(**kw: Any) -> None:
+    """Install the plugin binary and chain it into the node's conflist; watch and repair (default)."""
+    logs.setup(kw["installer_log_level"])
+    options = install_options(kw)
     installer = Installer(options)
     try:
         if kw["once"]:

@@ -55,6 +55,7 @@ class Options:
     source: str | None = None  # bundle dir; None = do not manage the binary
     ready_file: str | None = None
     default_cni_version: str | None = None
+    verify_plugin: bool = False  # valid only when <bin_dir>/ambient-cni answers VERSION (the CLI turns it on)
 
     def owned_names(self) -> set[str]:
         return {self.owned_file_name, *(p + OWNED_SUFFIX for p in FALLBACK_PREFIXES)}
@@ -107,6 +108,23 @@ class Installer:
         self.last_primary: str | None = None
         self.manifest: binary.Manifest | None = None
         self._held_reason: str | None = None
+        self._probed: tuple[tuple[object, ...], str | None] | None = None  # (what was probed, its problem)
+
+    def plugin_problem(self) -> str | None:
+        """Whether ``<bin_dir>/ambient-cni`` answers VERSION (an exec, cached until the file changes): catches an
+        executable copied without its bundle, a noexec bin dir, a node C library that is too old."""
+        from cni_plugin import probe
+
+        path = os.path.join(self.options.bin_dir, binary.EXECUTABLE)
+        try:
+            link = os.readlink(path) if os.path.islink(path) else ""
+            st = os.stat(path)
+            key: tuple[object, ...] = (link, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+        except OSError:
+            key = ("missing",)
+        if self._probed is None or self._probed[0] != key:
+            self._probed = (key, probe.problem(self.options.bin_dir))
+        return self._probed[1]
 
     # ---- binary -------------------------------------------------------------------------------------------
     def load_manifest(self) -> binary.Manifest | None:
@@ -287,6 +305,8 @@ class Installer:
             return Outcome(False, f"{name} differs from the chain of {base.filename}", primary=primary.filename)
         if self.manifest is not None and (reason := binary.status(opts.bin_dir, self.manifest)) is not None:
             return Outcome(False, reason, config=name, primary=primary.filename)
+        if opts.verify_plugin and (reason := self.plugin_problem()) is not None:
+            return Outcome(False, reason, config=name, primary=primary.filename)
         return Outcome(True, config=name, primary=primary.filename)
 
     # ---- passes -------------------------------------------------------------------------------------------
@@ -333,8 +353,10 @@ class Installer:
                 atomic.remove(path)
 
     # ---- uninstall ----------------------------------------------------------------------------------------
-    def uninstall(self) -> Outcome:
-        """Config first (owned files removed, chained primaries restored), readiness, binary last."""
+    def uninstall(self, remove_binary: bool = True) -> Outcome:
+        """Config first (owned files removed, chained primaries restored), readiness, binary last.
+        ``remove_binary=False`` leaves the binary for the caller to remove later (``ambient-cni node`` stops its
+        agent in between)."""
         opts = self.options
         out = Outcome(True)
         self.set_ready(False)
@@ -356,7 +378,9 @@ class Installer:
                         os.unlink(os.path.join(backups, leftover))
                 with contextlib.suppress(OSError):
                     os.rmdir(backups)
-        if opts.source is not None or os.path.lexists(os.path.join(opts.bin_dir, binary.EXECUTABLE)):
+        if remove_binary and (
+            opts.source is not None or os.path.lexists(os.path.join(opts.bin_dir, binary.EXECUTABLE))
+        ):
             out.binary_changed = binary.uninstall(opts.bin_dir)
         return out
 

@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from inotify_simple import INotify
@@ -42,8 +43,10 @@ class Watcher:
         fight_window_s: float = 10.0,
         backoff_s: float = 1.0,
         recheck_s: float = 5.0,
+        on_outcome: Callable[[Outcome | None], None] | None = None,
     ) -> None:
         self.installer = installer
+        self.on_outcome = on_outcome  # called after every pass (None: the pass failed); `ambient-cni node`
         self.fight_limit = fight_limit
         self.fight_window_s = fight_window_s
         self.backoff_s = backoff_s
@@ -63,6 +66,10 @@ class Watcher:
             os.write(self._stop_w, bytes([signum & 0xFF]))
         except BlockingIOError:
             pass
+
+    def request_stop(self) -> None:
+        """Make ``run()`` return (restart semantics: config and binary stay); safe from any thread."""
+        self._on_signal(signal.SIGTERM, None)
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -95,6 +102,12 @@ class Watcher:
 
     # ---- passes -------------------------------------------------------------------------------------------
     def _pass(self, full_binary: bool = False) -> Outcome | None:
+        outcome = self._pass_once(full_binary)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
+
+    def _pass_once(self, full_binary: bool) -> Outcome | None:
         try:
             outcome = self.installer.run_pass(full_binary_check=full_binary)
         except InstallError as exc:

@@ -2,8 +2,9 @@
 
 A "node" network namespace holds the pod bridge; two pods of namespace ``ambient-demo`` (enrolled) and one
 of ``default`` (not enrolled) are network namespaces attached to it by the real bridge plugin, run by the
-libcni driver through the chain our installer wrote. The node agent (file cluster view) and a
-ztunnel-compatible peer run as host processes. Traffic flows only between the pods' own addresses.
+libcni driver through the chain our installer wrote. The node agent (file cluster view, ``--host-netns`` = the
+demo's node netns, so the kubelet probe path is set up there and nowhere else) and a ztunnel-compatible peer run
+as host processes. Traffic flows only between the pods' own addresses and the node netns's bridge address.
 Everything is removed at the end, also on failure or Ctrl-C.
 """
 
@@ -144,6 +145,25 @@ def cni(node: Node, command: str, pod_netns: str, pod: str, namespace: str, uid:
     return run("ip", "netns", "exec", node.node, str(CNITOOL), command, NET_NAME, path, env=env, quiet=True)
 
 
+def peer_count(node: Node, uid: str, port: int) -> int:
+    try:
+        stats = json.loads(node.peer_stats.read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(stats.get("pods", {}).get(uid, {}).get("ports", {}).get(str(port), 0))
+
+
+def node_sets(node: Node) -> dict[str, str]:
+    """The node netns's probe sets, read over netlink (the agent is their only writer)."""
+    from nodeagent.dataplane.hostprobe import HostProbe
+
+    probe = HostProbe(f"/var/run/netns/{node.node}")
+    try:
+        return {entry.ip: uid for entry, uid in probe.entries().items()}
+    finally:
+        probe.close()
+
+
 def main() -> int:
     for needed in (BINARY, CNITOOL):
         if not needed.exists():
@@ -162,6 +182,7 @@ def main() -> int:
                     "ipam": {
                         "type": "host-local",
                         "ranges": [[{"subnet": "10.77.0.0/24"}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],  # pods reach the node (and answer its probes)
                         "dataDir": str(node.tmp / "ipam"),
                     },
                 },
@@ -188,6 +209,7 @@ def main() -> int:
             "--run-dir", str(node.run_dir), "--state-dir", str(node.state_dir),
             "--cluster-state", str(node.cluster_state), "--node-name", "demo-node",
             "--zds-socket", str(node.zds_socket), "--health-addr", node.health,
+            "--host-netns", f"/var/run/netns/{node.node}",
             log=node.tmp / "agent.out",
         )  # fmt: skip
         wait_for(lambda: node.zds_socket.exists(), "the agent's ZDS socket")
@@ -258,13 +280,28 @@ def main() -> int:
             if line.startswith(("*", "-A", ":ISTIO", "COMMIT")):
                 print("    " + line)
 
-        say("7. ambient-cni doctor --pod ambient-demo/client (the seed's three checks)")
+        say("7. The kubelet probe path: a probe from the node arrives from 169.254.7.127, not through the proxy")
+        before = peer_count(node, uids["server"], 15006)
+        probe = run("ip", "netns", "exec", node.node, PYTHON, "-c", client, quiet=True).strip()
+        print(f"  node ({node.node}) -> server:8080: {probe!r}")
+        after = peer_count(node, uids["server"], 15006)
+        print(f"  server's proxy 15006 connections: {before} before the probe, {after} after "
+              f"({'not through the proxy' if after == before else 'THROUGH THE PROXY'})")
+        print("  node netns nat table (SNAT of node-local sockets to enrolled pods' IPs):")
+        for line in run("ip", "netns", "exec", node.node, "iptables-save", "-t", "nat", quiet=True).splitlines():
+            if "ISTIO_POSTRT" in line and not line.startswith(":"):
+                print("    " + line)
+        print("  probe set istio-inpod-probes-v4 (IP -> pod UID):")
+        for ip, uid in sorted(node_sets(node).items()):
+            print(f"    {ip} {uid}")
+
+        say("8. ambient-cni doctor --pod ambient-demo/client (the seed's three checks, then the probe path)")
         run(
             str(BINARY), "doctor", "--pod", "ambient-demo/client", "--run-dir", str(node.run_dir),
             "--health-addr", node.health, "--peer-log", str(node.peer_log), check=False,
         )  # fmt: skip
 
-        say("8. Fail closed: with ztunnel gone, a new enrolled pod does not start")
+        say("9. Fail closed: with ztunnel gone, a new enrolled pod does not start")
         peer = node.procs[1]
         os.killpg(peer.pid, signal.SIGTERM)
         peer.wait(timeout=10)
@@ -280,11 +317,12 @@ def main() -> int:
         pods["late"] = ("ambient-demo", late_netns)
         uids["late"] = late_uid
 
-        say("9. Pods are deleted: DEL through the chain; rules and listeners are gone")
+        say("10. Pods are deleted: DEL through the chain; rules, listeners and probe-set entries are gone")
         for name, (namespace, netns) in pods.items():
             cni(node, "del", netns, name, namespace, uids[name])
         rules = run("ip", "netns", "exec", pods["client"][1], "iptables-save", quiet=True)
         print("  ISTIO chains left in client netns:", "yes" if "ISTIO" in rules else "none")
+        print("  probe-set entries left on the node:", node_sets(node) or "none")
         with urllib.request.urlopen(f"http://{node.health}/debug/pods", timeout=5) as response:
             print("  agent records:", response.read().decode().strip())
     return 0

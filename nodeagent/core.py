@@ -16,9 +16,10 @@ from cni_plugin import errors, wire
 from cni_plugin.enrollment import Exemptions, exemption_reason
 from nodeagent import decide, logs
 from nodeagent.clusterview.model import ClusterState, ClusterView, Pod
-from nodeagent.dataplane.api import Dataplane, DataplaneError, PodWork
+from nodeagent.dataplane.api import DEFAULT_CONTROLS, Dataplane, DataplaneError, PodControls, PodWork
 from nodeagent.keyedlock import KeyedLocks
 from nodeagent.metrics import Metrics
+from nodeagent.podstatus import RedirectionAnnotator
 from nodeagent.store import PodRecord, PodStore
 
 VIEW_CATCHUP_MAX_S = 0.1  # how long an ADD waits for a pod missing from a watched view (istio: 10 x 10 ms)
@@ -33,7 +34,9 @@ class Readiness:
     snapshot_published: Callable[[], bool] = lambda: False
 
 
-def work_from_record(record: PodRecord, service_account: str = "") -> PodWork:
+def work_from_record(
+    record: PodRecord, service_account: str = "", controls: PodControls = DEFAULT_CONTROLS
+) -> PodWork:
     return PodWork(
         uid=record.uid,
         name=record.name,
@@ -44,7 +47,14 @@ def work_from_record(record: PodRecord, service_account: str = "") -> PodWork:
         ips=record.ips,
         service_account=service_account,
         netns_inode=record.netns_inode,
+        controls=controls,
+        netns_dev=record.netns_dev,
     )
+
+
+def same_netns(record: PodRecord, inode: int, dev: int) -> bool:
+    """Whether (inode, dev) is the record's netns; a record from before schema 2 has no device to compare."""
+    return record.netns_inode == inode and (not record.netns_dev or not dev or record.netns_dev == dev)
 
 
 class AgentCore:
@@ -56,8 +66,10 @@ class AgentCore:
         exemptions: Exemptions,
         metrics: Metrics,
         readiness: Readiness | None = None,
+        annotator: RedirectionAnnotator | None = None,
     ) -> None:
         self.view = view
+        self.annotator = annotator  # Kubernetes view: ambient.istio.io/redirection on the pod
         self.store = store
         self.dataplane = dataplane
         self.exemptions = exemptions
@@ -77,12 +89,19 @@ class AgentCore:
             return False, f"cluster view ({self.view.kind}) not synced: {reason}"
         if not self.readiness.snapshot_published():
             return False, "enrollment snapshot not published yet"
+        if self.store.needs_rebuild:
+            return False, ("the state database was corrupt and moved aside; rebuilding the records from the "
+                           "cluster view and the node's netns")
         if not self.readiness.socket_up:
             return False, "plugin socket not listening"
         dp_ready, dp_reason = self.dataplane.ready()
         if not dp_ready:
             return False, f"dataplane not ready: {dp_reason}"
         return True, ""
+
+    def forget_live_state(self) -> None:
+        """The records were lost (database moved aside): nothing counts as live until reconcile re-finds it."""
+        self.live_keys.clear()
 
     # -- dispatch -----------------------------------------------------------------------------------
     def handle(self, request: wire.Request) -> wire.Reply:
@@ -152,10 +171,11 @@ class AgentCore:
         if not request.netns:
             return wire.Reply(request.id, ok=False, code=errors.INVALID_ENV,
                               msg="ADD of an enrolled pod needs its network namespace (CNI_NETNS is empty)")
-        inode = _inode(request.netns)
-        if inode is None:
+        ident = netns_id(request.netns)
+        if ident is None:
             return wire.Reply(request.id, ok=False, code=errors.REDIRECTION_FAILED,
                               msg=f"pod network namespace {request.netns} does not exist")
+        inode, dev = ident
         work = PodWork(
             uid=request.pod.uid or (pod.uid if pod else ""),
             name=request.pod.name,
@@ -166,6 +186,8 @@ class AgentCore:
             ips=request.ips,
             service_account=pod.service_account if pod else "",
             netns_inode=inode,
+            controls=decide.controls_of(pod),
+            netns_dev=dev,
         )
         pod_key = (request.pod.namespace, request.pod.name)
         self.adding.add(pod_key)
@@ -180,7 +202,7 @@ class AgentCore:
             existing = self.store.get(work.container_id, work.ifname)
             if (
                 existing
-                and existing.netns_inode == inode
+                and same_netns(existing, inode, work.netns_dev)
                 and existing.netns_path == request.netns
                 and existing.key in self.live_keys
             ):
@@ -214,11 +236,11 @@ class AgentCore:
                               msg=f"pod {request.pod.namespace}/{request.pod.name} is enrolled but the node agent "
                               f"has no record of container {request.container_id} ({request.ifname})")
         if request.netns:
-            inode = _inode(request.netns)
-            if inode != record.netns_inode:
+            ident = netns_id(request.netns)
+            if ident is None or not same_netns(record, *ident):
                 return wire.Reply(request.id, ok=False, enrolled=True, code=errors.REDIRECTION_FAILED,
                                   msg=f"pod network namespace {request.netns} is not the one enrolled "
-                                  f"(inode {inode} != {record.netns_inode})")
+                                  f"(inode {ident[0] if ident else None} != {record.netns_inode})")
         return wire.Reply(request.id, ok=True, enrolled=True)
 
     def _gc(self, request: wire.Request) -> wire.Reply:
@@ -247,7 +269,7 @@ class AgentCore:
         for old in self.store.by_uid(work.uid):
             if old.key == (work.container_id, work.ifname):
                 continue
-            if old.netns_inode == work.netns_inode:  # same netns under another key: the add below re-covers it
+            if same_netns(old, work.netns_inode, work.netns_dev):  # same netns under another key: re-covered below
                 self.store.delete(*old.key)
                 self.live_keys.discard(old.key)
             else:
@@ -264,12 +286,15 @@ class AgentCore:
                 namespace=work.namespace,
                 netns_path=work.netns_path,
                 netns_inode=inode,
+                netns_dev=work.netns_dev,
                 ips=work.ips,
                 source=source,
             )
         )
         self.live_keys.add(record.key)
         self.metrics.enrolled.set(self.store.count())
+        if self.annotator is not None:
+            self.annotator.enabled(work.namespace, work.name, work.uid)
         return record
 
     def unenroll(self, record: PodRecord, why: str) -> None:
@@ -282,13 +307,23 @@ class AgentCore:
         self.store.delete(*record.key)
         self.live_keys.discard(record.key)
         self.metrics.enrolled.set(self.store.count())
+        if self.annotator is not None and not self.store.by_uid(record.uid):
+            self.annotator.removed(record.namespace, record.name, record.uid)
         logs.emit(self._log, logging.INFO, "pod removed from the mesh",
                   logs.pod_fields(record.namespace, record.name, record.uid, reason=why,
                                   container_id=record.container_id, ifname=record.ifname))
 
 
-def _inode(path: str) -> int | None:
+    def sync_host(self, prune: bool = True) -> dict[str, int]:
+        """Node-side probe state made to match the enrolled pods (after a reconcile pass)."""
+        known = [work_from_record(r) for r in self.store.all()]
+        return self.dataplane.sync_host(known, prune)
+
+
+def netns_id(path: str) -> tuple[int, int] | None:
+    """(inode, device) of what ``path`` names now, or None when nothing is there."""
     try:
-        return os.stat(path).st_ino
+        info = os.stat(path)
     except OSError:
         return None
+    return info.st_ino, info.st_dev

@@ -1,4 +1,5 @@
-"""HTTP endpoints: /healthz, /readyz, /metrics (Prometheus), /debug/pods (JSON records, used by doctor)."""
+"""HTTP endpoints: /healthz, /readyz, /metrics (Prometheus), /debug/pods (JSON records, used by doctor),
+/debug/dataplane (redirection mode, DNS default, node netns, each pod's variant; used by doctor)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -33,9 +35,11 @@ class HealthServer:
         ready: Callable[[], tuple[bool, str]],
         metrics: Metrics,
         store: PodStore,
+        dataplane_info: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         host, port = parse_addr(addr)
         self.ready = ready
+        self.dataplane_info = dataplane_info
         self.metrics = metrics
         self.store = store
         handler = _make_handler(self)
@@ -83,6 +87,9 @@ def _make_handler(server: HealthServer) -> type[BaseHTTPRequestHandler]:
                 self._reply(200, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
             elif path == "/debug/pods":
                 body = json.dumps([r.to_json() for r in server.store.all()], indent=1).encode()
+                self._reply(200, body, "application/json")
+            elif path == "/debug/dataplane" and server.dataplane_info is not None:
+                body = json.dumps(server.dataplane_info(), indent=1, sort_keys=True).encode()
                 self._reply(200, body, "application/json")
             else:
                 self._reply(404, b"not found\n")

@@ -41,6 +41,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, separators=(",", ":"))
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A size-capped log file that is created 0600 (also after each rotation) and forced to 0600 if it existed
+    wider, never opened through a symlink."""
+
+    def _open(self) -> Any:
+        from nodeagent.instance import open_private
+
+        fd = open_private(self.baseFilename, os.O_WRONLY | os.O_APPEND)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
@@ -59,8 +70,9 @@ def setup(run_dir: str | None, level: str = "info", stream: Any = None) -> loggi
     handler.setFormatter(formatter)
     logger.addHandler(handler)
     if run_dir:
-        file_handler = logging.handlers.RotatingFileHandler(
-            os.path.join(run_dir, AGENT_LOG_NAME), maxBytes=AGENT_LOG_MAX_BYTES, backupCount=AGENT_LOG_BACKUPS
+        file_handler = PrivateRotatingFileHandler(
+            os.path.join(run_dir, AGENT_LOG_NAME), maxBytes=AGENT_LOG_MAX_BYTES, backupCount=AGENT_LOG_BACKUPS,
+            encoding="utf-8",
         )
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)

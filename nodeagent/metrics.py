@@ -30,8 +30,40 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.reconcile_passes = Counter(
+            "ambient_cni_agent_reconcile_passes", "Reconcile passes completed", registry=self.registry
+        )
+        self.reconcile_pass_seconds = Histogram(
+            "ambient_cni_agent_reconcile_pass_seconds",
+            "Wall time of one reconcile pass (every record checked, drift verified and repaired)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.drift_repairs = Counter(
+            "ambient_cni_agent_drift_repairs",
+            "Pods whose redirection had drifted and was rewritten under guardrails, by phase (restore: taking over "
+            "a pod from a previous run; periodic: a reconcile pass)",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.drift_repair_failures = Counter(
+            "ambient_cni_agent_drift_repair_failures",
+            "Drift repairs that failed (the pod's guardrails stay until a later pass succeeds)",
+            registry=self.registry,
+        )
+        self.state_db_corruptions = Counter(
+            "ambient_cni_agent_state_db_corruptions",
+            "State databases found corrupt and moved aside (records then rebuilt from the view and netns discovery)",
+            registry=self.registry,
+        )
         self.snapshot_writes = Counter(
             "ambient_cni_agent_snapshot_writes", "Enrollment snapshots written", registry=self.registry
+        )
+        self.annotation_patches = Counter(
+            "ambient_cni_agent_annotation_patches",
+            "Pod annotation patches (ambient.istio.io/redirection) by result (ok, failed: retried, gone)",
+            ["result"],
+            registry=self.registry,
         )
         self.plugin_log_lines = Counter(
             "ambient_cni_agent_plugin_log_lines", "Plugin log lines re-emitted", registry=self.registry

@@ -1,14 +1,23 @@
 """Keeps the records and the dataplane in line with the view and with the real netns state.
 
-Runs on start, every ``interval`` seconds and shortly after each view change:
+Runs on start, every ``interval`` seconds (fixed rate: a pass starts ``interval`` after the previous one
+started) and 50 ms after each view change:
 
 (a) an enrolled pod of this node without a record (e.g. its namespace was just labelled, or it started
-    while the agent was down): find its netns without a CNI event (``netns_finder``) and enroll it;
-(b) a record whose pod is gone from the view (after a grace period, so an ADD that raced ahead of the
-    view is not undone), was replaced (uid changed), finished, or is no longer enrolled: remove it;
-(c) a record whose netns is gone or was replaced (inode changed): re-enroll the new netns or remove it;
-(d) a record from a previous run of the agent (not yet "live" in this process): hand it to the dataplane
-    again so that it can rebuild its state (e.g. the ZDS snapshot for ztunnel); retried until it works.
+    while the agent was down): find its netns without a CNI event (``netns_finder``, every candidate checked)
+    and enroll it;
+(b) a record whose pod is gone from the view, or whose uid the view does not hold (after a grace period, so an
+    ADD that raced ahead of the view is not undone), finished, or is no longer enrolled: remove it;
+(c) a record whose path no longer names the recorded netns (inode and device): follow the pod to a netns that
+    provably is its own and re-enroll it there (ZDS Add with the new fd), or drop it (ZDS Del);
+(d) a record from a previous run of the agent (not yet "live" in this process): the dataplane verifies its
+    netns, compares its redirection with the expected set, repairs drift under DROP guardrails, and hands it
+    to ztunnel again; retried until it works;
+(e) every live record: its redirection is checked for drift (a flushed table, a deleted ip rule, guardrails
+    left behind) and repaired under guardrails; the time of the last good check is stored (``verified_at``).
+(f) after the pass: the node-side probe path (SNAT rule, probe sets) repaired and synced to the enrolled
+    pods; stale entries pruned unless an enrolled pod has no known IP;
+(g) the plugin's remembered container identities whose pod is gone (``identity_gc``).
 """
 
 from __future__ import annotations
@@ -17,12 +26,13 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
-from nodeagent import decide, logs, netns_finder
-from nodeagent.clusterview.model import ClusterState
-from nodeagent.core import AgentCore, work_from_record
-from nodeagent.dataplane.api import DataplaneError, PodWork
+from nodeagent import decide, identity_gc, logs, netns_finder
+from nodeagent.clusterview.model import ClusterState, Pod
+from nodeagent.core import AgentCore, same_netns, work_from_record
+from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.store import PodRecord
 
 GONE_GRACE_S = 10.0
@@ -38,8 +48,10 @@ class Reconciler:
         interval: float = 30.0,
         proc_root: str = "/proc",
         gone_grace_s: float = GONE_GRACE_S,
+        on_first_pass: Callable[[], None] | None = None,
     ) -> None:
         self.core = core
+        self._on_first_pass = on_first_pass  # e.g. the dataplane may now send ztunnel its snapshot
         self.run_dir = run_dir
         self.interval = interval
         self.proc_root = proc_root
@@ -64,12 +76,15 @@ class Reconciler:
         self._trigger.set()
 
     def _run(self) -> None:
+        next_due = time.monotonic()
         while not self._stop.is_set():
-            self._trigger.wait(self.interval)
+            triggered = self._trigger.wait(max(0.0, next_due - time.monotonic()))
             if self._stop.is_set():
                 return
-            time.sleep(TRIGGER_DEBOUNCE_S)
+            if triggered:
+                time.sleep(TRIGGER_DEBOUNCE_S)  # let a burst of view changes settle
             self._trigger.clear()
+            next_due = time.monotonic() + self.interval
             try:
                 self.run_once()
             except Exception as exc:
@@ -81,13 +96,24 @@ class Reconciler:
         synced, _ = self.core.view.synced()
         if not synced:
             return actions
+        started, cpu_started = time.monotonic(), time.thread_time()
         with self._pass_lock:
+            epoch = self.core.store.epoch
             state = self.core.view.state()
             exemptions = self.core.exemptions
-            for record in self.core.store.all():
-                self._check_record(record, state, actions)
-            recorded_uids = {r.uid for r in self.core.store.all() if r.uid}
-            recorded_names = {(r.namespace, r.name) for r in self.core.store.all()}
+            records = self.core.store.all()
+            claims = Claims(records)
+            to_verify: list[tuple[PodRecord, Pod]] = []
+            for record in records:
+                checked = self._check_record(record, state, claims, actions)
+                if checked is not None:
+                    to_verify.append(checked)
+            records_done = time.monotonic()
+            self._check_drift(to_verify, actions)
+            drift_done = time.monotonic()
+            records = self.core.store.all()
+            recorded_uids = {r.uid for r in records if r.uid}
+            recorded_names = {(r.namespace, r.name) for r in records}
             for pod in state.pods.values():
                 if pod.terminal or not decide.pod_enrolled(pod, state, exemptions):
                     continue
@@ -95,61 +121,149 @@ class Reconciler:
                     continue
                 if pod.key in self.core.adding:
                     continue  # a CNI ADD is on it
-                self._enroll_running(pod.namespace, pod.name, pod.uid, pod.service_account, actions)
+                self._enroll_running(pod, claims, actions)
+            for action, count in self.core.sync_host(prune=True).items():
+                actions[action] += count
+            forgotten = identity_gc.prune_identities(self.run_dir, state, self.core.store, self.gone_grace_s)
+            if forgotten:
+                actions["forget_identity"] += forgotten
             self.passes += 1
+            if not actions["failed"] and self.core.store.mark_rebuilt(epoch):
+                logs.emit(self._log, logging.WARNING, "state database rebuilt from the cluster view and netns "
+                          "discovery", {"records": self.core.store.count()})
+        elapsed = time.monotonic() - started
+        if self.passes == 1 and self._on_first_pass is not None:
+            self._on_first_pass()
+        self.core.metrics.reconcile_passes.inc()
+        self.core.metrics.reconcile_pass_seconds.observe(elapsed)
         for action, count in actions.items():
             self.core.metrics.reconcile.labels(action).inc(count)
         if actions:
             logs.emit(self._log, logging.INFO, "reconcile pass", dict(actions))
+        logs.emit(self._log, logging.DEBUG, "reconcile pass done",
+                  {"duration_ms": round(elapsed * 1000, 2), "thread_cpu_ms": round((time.thread_time() - cpu_started)
+                                                                                    * 1000, 2),
+                   "records": len(records), "verified": len(to_verify),
+                   "records_ms": round((records_done - started) * 1000, 2),
+                   "drift_ms": round((drift_done - records_done) * 1000, 2)})
         return actions
 
-    def _check_record(self, record: PodRecord, state: ClusterState, actions: Counter[str]) -> None:
+    def _check_drift(self, checked: list[tuple[PodRecord, Pod]], actions: Counter[str]) -> None:
+        """(e): one cheap verification of every live pod; a drifted one is repaired under its lock."""
+        if not checked:
+            return
+        verdicts = self.core.dataplane.verify([work_from_record(r, pod.service_account) for r, pod in checked])
+        good: list[tuple[str, str]] = []
+        for (record, pod), problems in zip(checked, verdicts, strict=True):
+            if problems is None:
+                continue
+            if not problems:
+                good.append(record.key)
+                continue
+            with self.core.locks.hold(record.container_id):
+                current = self.core.store.get(*record.key)
+                if current is None or not same_netns(current, record.netns_inode, record.netns_dev):
+                    continue  # removed or re-enrolled meanwhile
+                if self._repair(current, pod, actions):
+                    good.append(record.key)
+        self.core.store.mark_verified(good, time.time())
+
+    def _repair(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> bool:
+        fields = logs.pod_fields(record.namespace, record.name, record.uid, netns=record.netns_path,
+                                 container_id=record.container_id)
+        try:
+            found = self.core.dataplane.repair(work_from_record(record, pod.service_account, decide.controls_of(pod)))
+        except DataplaneError as exc:
+            actions["failed"] += 1
+            self.core.metrics.drift_repair_failures.inc()
+            logs.emit(self._log, logging.ERROR, "redirection drift could not be repaired; will retry",
+                      {**fields, "error": exc.msg})
+            return False
+        if found:
+            self._count_repair(found, "periodic", fields, actions)
+        return True
+
+    def _count_repair(self, found: list[str], phase: str, fields: dict[str, object], actions: Counter[str]) -> None:
+        actions["repair"] += 1
+        logs.emit(self._log, logging.WARNING, "redirection drift repaired",
+                  {**fields, "phase": phase, "drift": found})
+        self.core.metrics.drift_repairs.labels(phase).inc()  # after the log line: whoever sees one sees both
+
+    def _check_record(
+        self, record: PodRecord, state: ClusterState, claims: Claims, actions: Counter[str]
+    ) -> tuple[PodRecord, Pod] | None:
+        """(b), (c), (d) for one record; returns (record, its pod) when its drift is to be checked."""
         pod = state.pod(record.namespace, record.name)
         with self.core.locks.hold(record.container_id):
             current = self.core.store.get(*record.key)
             if current is None:
-                return
-            if pod is None:
+                return None
+            replaced = pod is not None and bool(current.uid and pod.uid and current.uid != pod.uid)
+            if pod is None or replaced:
+                # The view holds no pod of this record's uid. Either the pod is gone (or was replaced), or a
+                # CNI ADD raced ahead of the view (a recreated StatefulSet pod keeps its name under a new
+                # uid, and the ADD can land before the watch shows the new uid): the grace tells them apart.
                 if time.time() - current.created_at >= self.gone_grace_s:
-                    self.core.unenroll(current, why="pod gone from the cluster view")
+                    why = (f"pod was replaced (uid {current.uid} -> {pod.uid})" if pod is not None and replaced
+                           else "pod gone from the cluster view")
+                    self.core.unenroll(current, why=why)
                     actions["remove"] += 1
-                return
-            if current.uid and pod.uid and current.uid != pod.uid:
-                self.core.unenroll(current, why=f"pod was replaced (uid {current.uid} -> {pod.uid})")
-                actions["remove"] += 1
-                return
+                return None
             if pod.terminal or not decide.pod_enrolled(pod, state, self.core.exemptions):
                 self.core.unenroll(current, why="pod no longer enrolled" if not pod.terminal else f"pod {pod.phase}")
                 actions["remove"] += 1
-                return
-            inode = netns_finder.netns_inode(current.netns_path)
-            if inode == current.netns_inode:
-                if current.key not in self.core.live_keys:
-                    self._restore(current, pod.service_account, actions)
-                return
-            self._netns_changed(current, pod.service_account, actions)
+                return None
+            ident = netns_finder.netns_id(current.netns_path)
+            if ident is None or not same_netns(current, *ident):
+                self._netns_changed(current, pod, claims, actions)
+                return None
+            if not current.netns_dev:  # recorded before the device was: the inode just matched, fill it in
+                self.core.store.set_netns_dev(current.key, ident[1])
+                current = replace(current, netns_dev=ident[1])
+            if current.key not in self.core.live_keys:
+                self._restore(current, pod, actions)
+                return None
+            return current, pod
 
-    def _restore(self, record: PodRecord, service_account: str, actions: Counter[str]) -> None:
+    def _restore(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> None:
+        fields = logs.pod_fields(record.namespace, record.name, record.uid, netns=record.netns_path,
+                                 container_id=record.container_id)
+        work = work_from_record(record, pod.service_account, decide.controls_of(pod))
         try:
-            self.core.dataplane.add(work_from_record(record, service_account), time.monotonic() + DATAPLANE_TIMEOUT_S)
+            found = self.core.dataplane.restore(work, time.monotonic() + DATAPLANE_TIMEOUT_S)
+        except NetnsGone as exc:
+            actions["failed"] += 1  # replaced between the check and the open: the next pass follows it
+            logs.emit(self._log, logging.WARNING, "recorded pod's netns changed while restoring it; will re-check",
+                      {**fields, "error": exc.msg})
+            return
         except DataplaneError as exc:
             actions["failed"] += 1
             logs.emit(self._log, logging.WARNING, "could not restore a recorded pod into the dataplane; will retry",
-                      logs.pod_fields(record.namespace, record.name, record.uid, error=exc.msg))
+                      {**fields, "error": exc.msg})
             return
         self.core.live_keys.add(record.key)
         actions["restore"] += 1
+        if found:
+            self._count_repair(found, "restore", fields, actions)
+        self.core.store.mark_verified([record.key], time.time())
 
-    def _netns_changed(self, record: PodRecord, service_account: str, actions: Counter[str]) -> None:
-        location = netns_finder.find(self.run_dir, record.namespace, record.name, record.uid, self.proc_root)
+    def _netns_changed(self, record: PodRecord, pod: Pod, claims: Claims, actions: Counter[str]) -> None:
+        """The record's path no longer names its netns: follow the pod to a netns that provably is its own, or
+        drop it (ZDS Del; nothing is done inside whatever now sits at the old path)."""
+        notes: list[str] = []
+        location = netns_finder.find(
+            self.run_dir, record.namespace, record.name, record.uid, self.proc_root,
+            known_ips=(*record.ips, *pod.ips), claimed_by=claims.checker(record), notes=notes,
+        )
         fields = logs.pod_fields(record.namespace, record.name, record.uid, old_netns=record.netns_path,
-                                 old_inode=record.netns_inode)
+                                 old_inode=record.netns_inode, refused=notes)
         if location is None:
-            self.core.unenroll(record, why="pod network namespace is gone")
+            refused = f" ({'; '.join(notes)})" if notes else ""
+            self.core.unenroll(record, why=f"pod network namespace is gone{refused}")
             actions["remove"] += 1
             return
-        if location.inode == record.netns_inode:  # same netns, only the path moved (e.g. another pid)
-            self.core.store.upsert(replace(record, netns_path=location.netns_path))
+        if same_netns(record, location.inode, location.dev):  # same netns, only the path moved (e.g. another pid)
+            self.core.store.upsert(replace(record, netns_path=location.netns_path, netns_dev=location.dev))
             return
         logs.emit(self._log, logging.WARNING, "pod network namespace was replaced; re-enrolling",
                   {**fields, "new_netns": location.netns_path, "new_inode": location.inode})
@@ -157,33 +271,40 @@ class Reconciler:
         work = PodWork(
             uid=record.uid, name=record.name, namespace=record.namespace, netns_path=location.netns_path,
             container_id=location.container_id or record.container_id, ifname=location.ifname or record.ifname,
-            ips=location.ips or record.ips, service_account=service_account, netns_inode=location.inode,
+            ips=location.ips or record.ips, service_account=pod.service_account, netns_inode=location.inode,
+            controls=decide.controls_of(pod),
+            netns_dev=location.dev,
         )
         try:
-            self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile")
+            new = self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile")
+            claims.add(new)
             actions["reenroll"] += 1
         except DataplaneError as exc:
             actions["failed"] += 1
             logs.emit(self._log, logging.WARNING, "re-enrolling failed; will retry", {**fields, "error": exc.msg})
 
-    def _enroll_running(
-        self, namespace: str, name: str, uid: str, service_account: str, actions: Counter[str]
-    ) -> None:
-        location = netns_finder.find(self.run_dir, namespace, name, uid, self.proc_root)
+    def _enroll_running(self, pod: Pod, claims: Claims, actions: Counter[str]) -> None:
+        notes: list[str] = []
+        location = netns_finder.find(self.run_dir, pod.namespace, pod.name, pod.uid, self.proc_root,
+                                     known_ips=pod.ips, claimed_by=claims.checker(None, pod.uid), notes=notes)
         if location is None:
+            if notes:
+                logs.emit(self._log, logging.WARNING, "a netns found for an enrolled pod was refused",
+                          logs.pod_fields(pod.namespace, pod.name, pod.uid, refused=notes))
             return  # not running on this node (yet): the CNI ADD will come
+        namespace, name, uid = pod.namespace, pod.name, pod.uid
         container_id = location.container_id or f"uid:{uid or namespace + '/' + name}"
         work = PodWork(
             uid=uid, name=name, namespace=namespace, netns_path=location.netns_path, container_id=container_id,
-            ifname=location.ifname or "eth0", ips=location.ips, service_account=service_account,
-            netns_inode=location.inode,
+            ifname=location.ifname or "eth0", ips=location.ips or pod.ips, service_account=pod.service_account,
+            netns_inode=location.inode, netns_dev=location.dev, controls=decide.controls_of(pod),
         )
         fields = logs.pod_fields(namespace, name, uid, netns=location.netns_path, found_by=location.source)
         with self.core.locks.hold(container_id):
             if self.core.store.get(container_id, work.ifname) is not None:
                 return
             try:
-                self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile")
+                claims.add(self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile"))
             except DataplaneError as exc:
                 actions["failed"] += 1
                 logs.emit(self._log, logging.WARNING, "enrolling an already-running pod failed; will retry",
@@ -191,3 +312,32 @@ class Reconciler:
                 return
         actions["enroll"] += 1
         logs.emit(self._log, logging.INFO, "enrolled an already-running pod", fields)
+
+
+class Claims:
+    """Which recorded pod holds which netns (by inode, device compared when both are known), so that a netns
+    found for one pod is never handed over as another's."""
+
+    def __init__(self, records: list[PodRecord]) -> None:
+        self._by_inode: dict[int, list[PodRecord]] = {}
+        for record in records:
+            self.add(record)
+
+    def add(self, record: PodRecord) -> None:
+        self._by_inode.setdefault(record.netns_inode, []).append(record)
+
+    def checker(self, own: PodRecord | None, uid: str = "") -> Callable[[tuple[int, int]], str | None]:
+        own_uid = own.uid if own is not None else uid
+
+        def claimed_by(ident: tuple[int, int]) -> str | None:
+            inode, dev = ident
+            for other in self._by_inode.get(inode, []):
+                if own is not None and other.key == own.key:
+                    continue
+                if other.uid and other.uid == own_uid:
+                    continue
+                if same_netns(other, inode, dev):
+                    return f"{other.namespace}/{other.name} uid {other.uid}"
+            return None
+
+        return claimed_by

@@ -24,6 +24,7 @@ import msgpack
 from cni_plugin import errors, wire
 from nodeagent import logs
 from nodeagent.core import AgentCore
+from nodeagent.instance import UnsafePath, secure_dir
 
 READ_TIMEOUT_S = 2.0  # a whole request must arrive within this
 WRITE_TIMEOUT_S = 2.0
@@ -58,12 +59,10 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 
 def prepare_run_dir(run_dir: str) -> None:
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    info = os.stat(run_dir)
-    if info.st_uid != os.getuid():
-        raise ServerError(f"run dir {run_dir} is owned by uid {info.st_uid}, not by the agent (uid {os.getuid()})")
-    if info.st_mode & 0o077:
-        os.chmod(run_dir, 0o700)
+    try:
+        secure_dir(run_dir, "run dir")
+    except UnsafePath as exc:
+        raise ServerError(str(exc)) from None
 
 
 def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes:

@@ -72,7 +72,7 @@ class SnapshotPublisher:
             self._published.set()
             return False
         self._generation += 1
-        write_atomic(self.path, snapshot_format.encode(snap, time.time()), 0o644)
+        write_atomic(self.path, snapshot_format.encode(snap, time.time()), 0o600)
         self._last = fingerprint
         self.writes += 1
         self._published.set()

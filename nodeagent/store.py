@@ -4,19 +4,35 @@ WAL with ``synchronous=NORMAL``: a committed record survives a crash or kill of 
 is in the OS page cache, fsynced at checkpoints). Only a power loss can drop the last commits, and a power
 loss also destroys every pod netns those records describe, so the reconciler rebuilds them from the view
 either way. FULL would add an fsync to every ADD's critical path for no state that outlives the kernel.
+
+The database is a cache of what the cluster view and the node's netns already say. A corrupt one (garbled
+header, truncated file, a damaged page, a WAL that is not a WAL) is detected when it is opened (``quick_check``)
+and whenever a query reports corruption: the files are moved aside as ``agent.db.corrupt-<time>`` (with their
+``-wal``/``-shm``), a fresh database is opened, ``needs_rebuild`` is set (the agent is not ready until the
+reconciler has rebuilt the records from the view and netns discovery) and the listeners are told (log, metric).
+
+Every record carries the identity of its netns: inode *and* device (``netns_dev``, schema 2), and the time the
+agent last verified the pod's redirection (``verified_at``). Schema 1 databases are migrated in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
+import stat
+import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 DB_NAME = "agent.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CORRUPT_MARK = ".corrupt-"
+SIDE_FILES = ("-wal", "-shm")
 
 STATE_ENROLLED = "enrolled"
 
@@ -34,18 +50,40 @@ CREATE TABLE IF NOT EXISTS pods (
     source       TEXT NOT NULL DEFAULT 'cni',
     created_at   REAL NOT NULL,
     updated_at   REAL NOT NULL,
+    netns_dev    INTEGER NOT NULL DEFAULT 0,
+    verified_at  REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (container_id, ifname)
 );
 CREATE INDEX IF NOT EXISTS pods_uid ON pods (uid);
 """
 
+# Columns added after schema 1, with their definitions (migration = ALTER TABLE ... ADD COLUMN).
+_ADDED_COLUMNS = {
+    "netns_dev": "INTEGER NOT NULL DEFAULT 0",
+    "verified_at": "REAL NOT NULL DEFAULT 0",
+}
+
 _COLUMNS = (
-    "container_id, ifname, uid, name, namespace, netns_path, netns_inode, ips, state, source, created_at, updated_at"
+    "container_id, ifname, uid, name, namespace, netns_path, netns_inode, ips, state, source, created_at, updated_at,"
+    " netns_dev, verified_at"
 )
+
+# SQLite primary result codes that mean "this file is damaged" (not "busy", "permission", "no space").
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
+_CORRUPTION_CODES = (SQLITE_CORRUPT, SQLITE_NOTADB)
+_WAL_MAGICS = (0x377F0682, 0x377F0683)
+_WAL_VERSION = 3007000
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
     pass
+
+
+class CorruptDatabase(Exception):
+    """The database file (or its WAL) is damaged; the message says how."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +100,8 @@ class PodRecord:
     source: str = "cni"  # "cni" (an ADD) or "reconcile" (found without a CNI event)
     created_at: float = 0.0
     updated_at: float = 0.0
+    netns_dev: int = 0  # 0: recorded by an agent before schema 2 (filled in at the first verification)
+    verified_at: float = 0.0  # when the agent last found the pod's redirection as expected (0: not yet)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -75,6 +115,7 @@ class PodRecord:
             "namespace": self.namespace,
             "netns_path": self.netns_path,
             "netns_inode": self.netns_inode,
+            "netns_dev": self.netns_dev,
             "container_id": self.container_id,
             "ifname": self.ifname,
             "ips": list(self.ips),
@@ -82,11 +123,16 @@ class PodRecord:
             "source": self.source,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "verified_at": self.verified_at,
         }
 
 
 def _row_to_record(row: tuple[object, ...]) -> PodRecord:
-    (cid, ifname, uid, name, namespace, netns_path, inode, ips, state, source, created, updated) = row
+    (cid, ifname, uid, name, namespace, netns_path, inode, ips, state, source, created, updated, dev, verified) = row
+    try:
+        ip_list = json.loads(str(ips))
+    except ValueError:
+        ip_list = []
     return PodRecord(
         container_id=str(cid),
         ifname=str(ifname),
@@ -94,83 +140,275 @@ def _row_to_record(row: tuple[object, ...]) -> PodRecord:
         name=str(name),
         namespace=str(namespace),
         netns_path=str(netns_path),
-        netns_inode=int(inode),  # type: ignore[call-overload]
-        ips=tuple(json.loads(str(ips))),
+        netns_inode=_int(inode),
+        ips=tuple(str(ip) for ip in ip_list) if isinstance(ip_list, list) else (),
         state=str(state),
         source=str(source),
-        created_at=float(created),  # type: ignore[arg-type]
-        updated_at=float(updated),  # type: ignore[arg-type]
+        created_at=_float(created),
+        updated_at=_float(updated),
+        netns_dev=_int(dev),
+        verified_at=_float(verified),
     )
 
 
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _float(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) in _CORRUPTION_CODES
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+def check_wal_header(path: str) -> None:
+    """Raise CorruptDatabase when ``path`` (a -wal file) exists with content that is not a SQLite WAL.
+
+    SQLite silently ignores such a WAL (and every commit in it): the records it held are lost either way, so it
+    is treated like a damaged database (moved aside, logged, rebuilt) instead of passing unnoticed."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(32)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CorruptDatabase(f"cannot read {path}: {exc.strerror}") from None
+    if not header:
+        return  # an empty WAL is normal after a checkpoint
+    if len(header) < 32:
+        raise CorruptDatabase(f"{path} is {len(header)} bytes: shorter than a WAL header")
+    magic, version = struct.unpack(">II", header[:8])
+    if magic not in _WAL_MAGICS or version != _WAL_VERSION:
+        raise CorruptDatabase(f"{path} does not start with a SQLite WAL header (magic {magic:#x})")
+
+
+def quarantine_name(path: str, now: float | None = None) -> str:
+    """``agent.db.corrupt-20260102T030405Z`` (a numeric suffix when that name is taken)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time()))
+    base = f"{path}{CORRUPT_MARK}{stamp}"
+    candidate, n = base, 1
+    while any(os.path.lexists(candidate + s) for s in ("", *SIDE_FILES)):
+        n += 1
+        candidate = f"{base}.{n}"
+    return candidate
+
+
 class PodStore:
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, on_corruption: Callable[[str, str], None] | None = None) -> None:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(state_dir, DB_NAME)
         self._lock = threading.Lock()
+        self.listeners: list[Callable[[str, str], None]] = [on_corruption] if on_corruption else []
+        self.corruptions = 0  # databases moved aside by this process
+        self.epoch = 0  # bumped at every move-aside: a rebuild must start after the last one
+        self.needs_rebuild = False
+        self.last_corruption = ""
+        with self._lock:
+            self._db = self._open_or_quarantine()
+
+    # -- opening ------------------------------------------------------------------------------------------
+    def _open_or_quarantine(self) -> sqlite3.Connection:
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return self._open()
+        except CorruptDatabase as exc:
+            self._quarantine_files(str(exc))
+        try:
+            return self._open()
+        except CorruptDatabase as exc:  # a fresh file cannot be corrupt: something else is wrong here
+            raise StoreError(f"cannot create a fresh state database {self.path}: {exc}") from None
+
+    def _open(self) -> sqlite3.Connection:
+        """Open, check and migrate. Raises CorruptDatabase (damage) or StoreError (anything else)."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            info = None
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            raise StoreError(f"state database {self.path} is not a regular file")
+        check_wal_header(self.path + "-wal")
+        # SQLite creates the database 0644 and its -wal/-shm with the database's mode: create everything under
+        # umask 077, then force 0600 on what existed before.
+        old_umask = os.umask(0o077)
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise CorruptDatabase("quick_check: " + "; ".join(p.replace("\n", "; ") for p in problems)[:500])
+            _migrate(db)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
-        os.chmod(self.path, 0o600)
+            if db is not None:
+                db.close()
+            if is_corruption(exc):
+                raise CorruptDatabase(str(exc)) from None
+            raise StoreError(f"cannot open the state database {self.path}: {exc}") from None
+        except CorruptDatabase:
+            if db is not None:
+                db.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        for suffix in ("", *SIDE_FILES):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.path + suffix, 0o600)
+        return db
+
+    def _quarantine_files(self, why: str) -> str:
+        """Move the database and its side files aside. Caller holds the lock (or is the constructor)."""
+        target = quarantine_name(self.path)
+        for suffix in ("", *SIDE_FILES):
+            try:
+                os.rename(self.path + suffix, target + suffix)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"state database {self.path} is corrupt ({why}) and cannot be moved aside: "
+                                 f"{exc.strerror}") from None
+        self.corruptions += 1
+        self.epoch += 1
+        self.needs_rebuild = True
+        self.last_corruption = why
+        for listener in self.listeners:
+            with contextlib.suppress(Exception):
+                listener(why, target)
+        return target
+
+    def _recover_locked(self, exc: sqlite3.Error) -> None:
+        """A query reported corruption: move the files aside and continue on a fresh database."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        self._quarantine_files(f"query failed: {exc}")
+        self._db = self._open_or_quarantine()
+
+    def _call(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            try:
+                return op(self._db)
+            except sqlite3.Error as exc:
+                if not is_corruption(exc):
+                    raise StoreError(f"state database {self.path}: {exc}") from None
+                self._recover_locked(exc)
+            try:
+                return op(self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database {self.path} (fresh after a corruption): {exc}") from None
+
+    # -- rebuild bookkeeping --------------------------------------------------------------------------------
+    def mark_rebuilt(self, epoch: int) -> bool:
+        """The reconciler finished a complete pass that started at ``epoch``: records are rebuilt unless the
+        database was moved aside again meanwhile."""
+        with self._lock:
+            if self.needs_rebuild and epoch == self.epoch:
+                self.needs_rebuild = False
+                return True
+            return False
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    # -- records ------------------------------------------------------------------------------------------
     def upsert(self, record: PodRecord) -> PodRecord:
         now = time.time()
-        with self._lock:
-            existing = self._db.execute(
+
+        def op(db: sqlite3.Connection) -> PodRecord:
+            existing = db.execute(
                 "SELECT created_at FROM pods WHERE container_id=? AND ifname=?", record.key
             ).fetchone()
-            created = float(existing[0]) if existing else (record.created_at or now)
+            created = _float(existing[0]) if existing else (record.created_at or now)
             stored = replace(record, created_at=created, updated_at=now)
-            self._db.execute(
-                f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.execute(
+                f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     stored.container_id, stored.ifname, stored.uid, stored.name, stored.namespace,
                     stored.netns_path, stored.netns_inode, json.dumps(list(stored.ips)), stored.state,
-                    stored.source, stored.created_at, stored.updated_at,
+                    stored.source, stored.created_at, stored.updated_at, stored.netns_dev, stored.verified_at,
                 ),
             )
-        return stored
+            return stored
+
+        return self._call(op)
 
     def get(self, container_id: str, ifname: str) -> PodRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM pods WHERE container_id=? AND ifname=?", (container_id, ifname)
-            ).fetchone()
+        row = self._call(lambda db: db.execute(
+            f"SELECT {_COLUMNS} FROM pods WHERE container_id=? AND ifname=?", (container_id, ifname)
+        ).fetchone())
         return _row_to_record(row) if row else None
 
     def by_uid(self, uid: str) -> list[PodRecord]:
         if not uid:
             return []
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM pods WHERE uid=?", (uid,)).fetchall()
+        rows = self._call(lambda db: db.execute(f"SELECT {_COLUMNS} FROM pods WHERE uid=?", (uid,)).fetchall())
         return [_row_to_record(r) for r in rows]
 
     def by_pod(self, namespace: str, name: str) -> list[PodRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM pods WHERE namespace=? AND name=?", (namespace, name)
-            ).fetchall()
+        rows = self._call(lambda db: db.execute(
+            f"SELECT {_COLUMNS} FROM pods WHERE namespace=? AND name=?", (namespace, name)
+        ).fetchall())
         return [_row_to_record(r) for r in rows]
 
     def delete(self, container_id: str, ifname: str) -> bool:
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM pods WHERE container_id=? AND ifname=?", (container_id, ifname))
-        return cursor.rowcount > 0
+        count = self._call(lambda db: db.execute(
+            "DELETE FROM pods WHERE container_id=? AND ifname=?", (container_id, ifname)
+        ).rowcount)
+        return count > 0
 
     def all(self) -> list[PodRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM pods ORDER BY namespace, name").fetchall()
+        rows = self._call(lambda db: db.execute(f"SELECT {_COLUMNS} FROM pods ORDER BY namespace, name").fetchall())
         return [_row_to_record(r) for r in rows]
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM pods").fetchone()[0])
+        return int(self._call(lambda db: db.execute("SELECT COUNT(*) FROM pods").fetchone()[0]))
+
+    def mark_verified(self, keys: Iterable[tuple[str, str]], when: float) -> None:
+        """Record that these pods' redirection was found as expected at ``when`` (one transaction)."""
+        rows = [(when, cid, ifname) for cid, ifname in keys]
+        if not rows:
+            return
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            try:
+                db.executemany("UPDATE pods SET verified_at=? WHERE container_id=? AND ifname=?", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+
+        self._call(op)
+
+    def set_netns_dev(self, key: tuple[str, str], dev: int) -> None:
+        """Fill in the device of a record written before schema 2 (its inode was just verified)."""
+        self._call(lambda db: db.execute(
+            "UPDATE pods SET netns_dev=? WHERE container_id=? AND ifname=? AND netns_dev=0", (dev, *key)
+        ))
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create the schema, or bring a schema-1 table up to date (columns added, never dropped)."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        present = {str(row[1]) for row in db.execute("PRAGMA table_info(pods)").fetchall()}
+        for column, definition in _ADDED_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE pods ADD COLUMN {column} {definition}")
+        if int(version) < SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise

@@ -7,6 +7,7 @@ APT_PACKAGES=(
   golang-go golang-github-appc-cni-dev   # the libcni test driver, built offline
   iptables iproute2 procps psmisc
   containerd runc               # the real runtime tests (issue 6)
+  podman                        # the second real runtime (4.3, CNI backend); tests configure it through CONTAINERS_CONF
   hyperfine                     # benchmarks
   build-essential               # static pause binary (containerd tests)
   python3-venv libpython3.11    # the project venv; PyInstaller needs the shared libpython
@@ -20,4 +21,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "install-deps: apt-get install ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# deploy/ tests run the real kubectl (client only); Debian's kubernetes-client provides one when none is installed
+if ! command -v kubectl >/dev/null; then
+  echo "install-deps: apt-get install kubernetes-client" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
 fi

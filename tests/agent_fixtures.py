@@ -123,7 +123,13 @@ class AgentProcess:
             args += ["--cluster-state", str(self.cluster_state)]
         if self.kubeconfig is not None:
             args += ["--kubeconfig", str(self.kubeconfig)]
-        return args + self.extra_args
+        args += self.extra_args
+        # Network safety: an inpod agent programs the node netns it is given, and without --host-netns that
+        # is its own one, i.e. this machine's. Tests must always pass a netns of their own; fail loudly.
+        last = len(args) - 1 - args[::-1].index("--dataplane")  # click takes the last value
+        if args[last + 1] == "inpod" and "--host-netns" not in args:
+            raise AssertionError("an inpod agent in a test needs --host-netns <a netns the test created>")
+        return args
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> AgentProcess:
         with contextlib.suppress(FileNotFoundError):

@@ -2,14 +2,21 @@
 
 Everything a fixture creates (netns, temp dirs) is removed in a ``finally``, also when the test fails.
 Fixtures that need build outputs fail (never skip) with the command that builds them.
+
+Network safety: the node-side probe path (``ISTIO_POSTRT``, the ``istio-inpod-probes-*`` sets) must only ever be
+created in a netns a test made. Every test ends by checking this machine's own netns for it (read only: one
+netlink dump of the ipset list) and the session checks the nat table too; either fails loudly.
 """
 
 from __future__ import annotations
 
+import errno
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +24,43 @@ from tests.harness import netns as netns_mod
 from tests.harness.cni import make_bin_dir
 from tests.harness.netns import Netns
 from tests.harness.paths import require_driver, require_plugin
+from tests.plugin_fixtures import FakeAgent
+
+
+def _machine_probe_sets() -> list[str] | None:
+    """Names of probe sets in this machine's own netns (the test process's); None without the rights to list
+    them (a non-root run of the pure tests, which cannot create any either)."""
+    from pyroute2 import IPSet
+
+    try:
+        with IPSet() as ipset:
+            names = [str(m.get_attr("IPSET_ATTR_SETNAME")) for m in ipset.list()]
+    except Exception as exc:  # pyroute2 raises its own error types; only "not permitted" means "cannot know"
+        if getattr(exc, "code", None) in (errno.EPERM, errno.EACCES) or isinstance(exc, PermissionError):
+            return None
+        raise
+    return sorted(n for n in names if n.startswith("istio-inpod-probes"))
+
+
+def _machine_host_chain() -> bool:
+    proc = subprocess.run(["iptables", "-t", "nat", "-S", "ISTIO_POSTRT"], capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_netns_untouched_session() -> Iterator[None]:
+    before = (_machine_probe_sets(), _machine_host_chain())
+    yield
+    after = (_machine_probe_sets(), _machine_host_chain())
+    assert after == before, f"this machine's own netns gained node-side probe state: {before} -> {after}"
+
+
+@pytest.fixture(autouse=True)
+def _machine_netns_untouched() -> Iterator[None]:
+    before = _machine_probe_sets()
+    yield
+    after = _machine_probe_sets()
+    assert after == before, f"a test created probe sets in this machine's own netns: {before} -> {after}"
 
 
 @pytest.fixture(scope="session")
@@ -109,3 +153,20 @@ def node_netns(netns_factory: Callable[..., Netns]) -> Netns:
 @pytest.fixture
 def pod_netns(netns_factory: Callable[..., Netns]) -> Netns:
     return netns_factory("acpod")
+
+
+@pytest.fixture
+def fake_agent(run_dir: Path) -> Iterator[Callable[..., FakeAgent]]:
+    """``start(respond) -> FakeAgent`` on ``<run_dir>/cni.sock`` (see ``tests.plugin_fixtures.FakeAgent``)."""
+    agents: list[FakeAgent] = []
+
+    def start(respond: Callable[[dict[str, Any]], bytes | None]) -> FakeAgent:
+        agent = FakeAgent(run_dir, respond)
+        agents.append(agent)
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in agents:
+            agent.close()

@@ -95,11 +95,24 @@ class Pod:
 
 @dataclass
 class Node:
-    """A node netns with a bridge; pods attach by veth (10.77.0.x/24 and fd00:77::x/64)."""
+    """A node netns with a bridge; pods attach by veth (10.77.0.x/24 and fd00:77::x/64).
+
+    ``with_gateway()`` gives the bridge the node's addresses (10.77.0.1, fd00:77::1) and every pod a default
+    route through them, as a real node has: what a "kubelet" on the node needs to probe pods."""
 
     ns: Netns
     bridge: str = "br0"
     pods: list[Pod] = field(default_factory=list)
+    gateway: bool = False
+
+    GATEWAY4 = "10.77.0.1"
+    GATEWAY6 = "fd00:77::1"
+
+    def with_gateway(self) -> Node:
+        self.ns.run("ip", "addr", "add", f"{self.GATEWAY4}/24", "dev", self.bridge)
+        self.ns.run("ip", "-6", "addr", "add", f"{self.GATEWAY6}/64", "dev", self.bridge, "nodad")
+        self.gateway = True
+        return self
 
     def add_pod(self, name: str = "") -> Pod:
         idx = len(self.pods) + 2
@@ -114,6 +127,9 @@ class Node:
             pod_ns.run("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
             pod_ns.run("ip", "-6", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
             pod_ns.run("ip", "link", "set", "eth0", "up")
+            if self.gateway:
+                pod_ns.run("ip", "route", "add", "default", "via", self.GATEWAY4)
+                pod_ns.run("ip", "-6", "route", "add", "default", "via", self.GATEWAY6)
         except BaseException:
             delete_netns(pod_ns)
             raise
@@ -237,6 +253,58 @@ class PeerProcess:
             self.proc.stderr.close()
 
 
+_KUBELET = """
+import socket, sys
+host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.settimeout(5)
+    s.connect((host, port))
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    out = b""
+    while chunk := s.recv(1024):
+        out += chunk
+sys.stdout.write(out.decode())
+"""
+
+
+def kubelet_probe(node_ns: Netns, dest: tuple[str, int], payload: str = "probe") -> str:
+    """A "kubelet": a separate process in the node netns (a local socket there) connects to a pod's port."""
+    proc = sh("nsenter", f"--net={node_ns.path}", PY, "-c", _KUBELET, dest[0], str(dest[1]), payload, check=False)
+    if proc.returncode != 0:
+        raise OSError(f"probe to {dest} failed: {proc.stderr.strip()[-300:]}")
+    return proc.stdout
+
+
+def node_sets(node_path: str) -> dict[str, str]:
+    """The probe sets of a test's node netns: {ip: uid comment} (read only)."""
+    from nodeagent.dataplane.hostprobe import HostProbe
+
+    probe = HostProbe(node_path)
+    try:
+        return {e.ip: uid for e, uid in probe.entries().items()}
+    finally:
+        probe.close()
+
+
+def edit_node_sets(node_path: str, fn: Callable[[Any], Any]) -> Any:
+    """Run ``fn(ProbeSets)`` in a test's node netns: changes behind the agent's back (lost state, strangers)."""
+    from nodeagent.dataplane.probesets import ProbeSets
+
+    fd = os.open(node_path, os.O_RDONLY)
+    try:
+        worker = NetnsWorker(fd, "test-sets")
+    finally:
+        os.close(fd)
+    sets = ProbeSets()
+    try:
+        return worker.call(lambda: fn(sets))
+    finally:
+        worker.call(sets.close)
+        worker.stop()
+
+
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -262,14 +330,15 @@ class Cluster:
     state_file: Path
     pods: list[dict[str, Any]] = field(default_factory=list)
 
-    def add_pod(self, make_netns: Callable[..., Any], name: str, namespace: str = AMBIENT_NS) -> tuple[Any, str]:
+    def add_pod(self, make_netns: Callable[..., Any], name: str, namespace: str = AMBIENT_NS,
+                annotations: dict[str, str] | None = None) -> tuple[Any, str]:
         """Create a netns and run the chain's ADD for it; returns (netns, uid)."""
         from tests.agent_fixtures import pod as pod_entry
         from tests.agent_fixtures import write_state
         from tests.harness.runners import run_driver
 
         ns = make_netns("acdp")
-        entry = pod_entry(name, namespace, nodeName="node-a")
+        entry = pod_entry(name, namespace, nodeName="node-a", annotations=annotations or {})
         self.pods.append(entry)
         write_state(self.state_file, {AMBIENT_NS: {"istio.io/dataplane-mode": "ambient"}, PLAIN_NS: {}}, self.pods)
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={entry['uid']}"
@@ -292,9 +361,10 @@ class Cluster:
 
 @pytest.fixture
 def cluster(
-    driver_binary: Path, cni_bin_dir: Path, scratch: Path, conf_dir: Path, cache_dir: Path, ipam_dir: Path,
-    node_netns: Any,
+    request: pytest.FixtureRequest, driver_binary: Path, cni_bin_dir: Path, scratch: Path, conf_dir: Path,
+    cache_dir: Path, ipam_dir: Path, node_netns: Any,
 ) -> Iterator[Cluster]:
+    """The node; ``@pytest.mark.parametrize("cluster", [[agent flags...]], indirect=True)`` adds agent flags."""
     from tests.agent_fixtures import AgentProcess, write_state
     from tests.harness.cni import write_conflist
 
@@ -302,7 +372,9 @@ def cluster(
     write_state(state, {AMBIENT_NS: {"istio.io/dataplane-mode": "ambient"}, PLAIN_NS: {}}, [])
     base = Path(tempfile.mkdtemp(prefix="acdp"))  # short: UNIX socket paths are limited
     zds = str(base / "zds.sock")
-    agent = AgentProcess(base, cluster_state=state, extra_args=["--dataplane", "inpod", "--zds-socket", zds])
+    agent = AgentProcess(base, cluster_state=state, extra_args=["--dataplane", "inpod", "--zds-socket", zds,
+                                                                "--host-netns", node_netns.path,
+                                                                *getattr(request, "param", [])])
     peer: PeerProcess | None = None
     try:
         agent.start(wait_ready=False)
@@ -324,12 +396,12 @@ def pod_ip(ns: Any) -> str:
     return out.split()[3].split("/")[0]
 
 
-def sock_in(ns_path: str, family: int = socket.AF_INET) -> socket.socket:
+def sock_in(ns_path: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
     fd = os.open(ns_path, os.O_RDONLY)
     try:
         worker = NetnsWorker(fd, "pod-sock")
         try:
-            return worker.socket(family)
+            return worker.socket(family, kind)
         finally:
             worker.stop()
     finally:

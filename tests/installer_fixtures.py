@@ -27,12 +27,13 @@ FAKE_PLUGIN = r"""#!{python} -I
 import json, os, sys
 conf = json.load(sys.stdin)
 command = os.environ.get("CNI_COMMAND", "")
+if command == "VERSION":  # libcni sends only {{"cniVersion"}} here (no run_dir): answer before logging
+    print(json.dumps({{"cniVersion": "1.0.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}}))
+    sys.exit(0)
 run_dir = conf.get("run_dir", "/nonexistent")
 with open(os.path.join(run_dir, "exec.log"), "a") as log:
     log.write(json.dumps({{"command": command, "type": conf.get("type"), "prev": bool(conf.get("prevResult"))}}) + "\n")
-if command == "VERSION":
-    print(json.dumps({{"cniVersion": "1.0.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}}))
-elif command == "ADD":
+if command == "ADD":
     result = dict(conf.get("prevResult") or {{}})
     result["cniVersion"] = conf["cniVersion"]
     print(json.dumps(result))

@@ -1,15 +1,23 @@
-"""Helpers shared by the tests/test_plugin_*.py modules (not fixtures of other parts)."""
+"""Helpers shared by the tests/test_plugin_*.py modules: result assertions, snapshots, a fake agent."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import socket
 import stat
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
+from cni_plugin import snapshot, wire
 from tests.harness.paths import FIXTURES, PLUGIN
+from tests.harness.runners import PluginResult
 
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 PRE_1 = ("0.3.0", "0.3.1", "0.4.0")
@@ -71,3 +79,101 @@ def env_without(env: dict[str, str], *names: str) -> dict[str, str]:
 
 def netns_exists(path: str) -> bool:
     return os.path.exists(path)
+
+
+def assert_error(result: PluginResult, code: int, *needles: str) -> dict[str, Any]:
+    assert result.code != 0, result.describe()
+    assert isinstance(result.json, dict), f"stdout is not one JSON object: {result.describe()}"
+    assert set(result.json) == {"cniVersion", "code", "msg", "details"}, result.json
+    assert result.json["code"] == code, result.describe()
+    for needle in needles:
+        assert needle in result.json["msg"] + result.json["details"], result.json
+    assert_no_traceback(result.stdout, result.stderr)
+    return result.json
+
+
+def assert_silent_success(result: PluginResult) -> None:
+    assert result.code == 0, result.describe()
+    assert result.stdout == b"", result.describe()
+    assert_no_traceback(result.stdout, result.stderr)
+
+
+def write_snapshot(run_dir: Path, namespaces: dict[str, bool], pods: dict[str, bool] | None = None) -> None:
+    snap = snapshot.Snapshot(node="acpt-node", generation=1, namespaces=namespaces, pods=pods or {})
+    path = run_dir / snapshot.SNAPSHOT_NAME
+    path.write_bytes(snapshot.encode(snap, time.time()))
+    path.chmod(0o644)  # the plugin accepts it (the agent writes 0600) and refuses a group/world-writable one
+
+
+def lib_packb(message: Any) -> bytes:
+    """The msgpack library's encoder, as the agent uses it (the plugin has its own, ``cni_plugin.minipack``)."""
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def lib_unpackb(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, strict_map_key=True)
+
+
+class FakeAgent:
+    """Answers each request on ``<run_dir>/cni.sock`` with ``respond(request_map) -> bytes | None`` (raw
+    frame bytes to send; None = never answer). Records the decoded requests. It speaks the msgpack library, as
+    the agent does, so every exchange also checks the plugin's ``cni_plugin.minipack`` against the library."""
+
+    def __init__(self, run_dir: Path, respond: Callable[[dict[str, Any]], bytes | None]) -> None:
+        self.path = str(run_dir / wire.SOCKET_NAME)
+        self.respond = respond
+        self.requests: list[dict[str, Any]] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        self._sock.listen(16)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    length = wire.frame_length(_recv_exact(conn, wire.HEADER.size))
+                    request = wire.decode_body(_recv_exact(conn, length), lib_unpackb)
+                except (OSError, wire.WireError):
+                    continue
+                self.requests.append(request)
+                answer = self.respond(request)
+                if answer is None:
+                    self._stop.wait(10)
+                    continue
+                try:
+                    conn.sendall(answer)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+        self._sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise OSError("peer closed")
+        data += chunk
+    return data
+
+
+def reply(ok: bool, code: int = 0, msg: str = "", enrolled: bool = True) -> Callable[[dict[str, Any]], bytes]:
+    def respond(request: dict[str, Any]) -> bytes:
+        return wire.encode_frame(wire.Reply(id=request.get("id", ""), ok=ok, enrolled=enrolled, code=code,
+                                            msg=msg).to_wire(), lib_packb)
+    return respond

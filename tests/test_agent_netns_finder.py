@@ -8,6 +8,7 @@ a process started inside a test netns and moved into a real cgroup named after t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin import hints
 from nodeagent import netns_finder
 
 UID = "1e054806-e667-4109-a5af-08b3e6ba0c42"
@@ -55,13 +57,39 @@ def test_no_uid_matches_nothing() -> None:
 
 
 def test_hint_parsing_is_tolerant_and_strict_where_it_matters() -> None:
-    hint = netns_finder.parse_hint(
+    hint = hints.parse(
         '{"netns": "/var/run/netns/cni-1", "container_id": "c1", "ifname": "eth0", "uid": "u", '
         '"ips": ["10.0.0.5/24", "fd00::5/64"], "written_at": 1.5}'
     )
     assert hint is not None and hint.netns == "/var/run/netns/cni-1" and hint.ips == ("10.0.0.5/24", "fd00::5/64")
-    for bad in ("", "not json", "[]", '{"netns": ""}', '{"container_id": "c1"}'):
-        assert netns_finder.parse_hint(bad) is None, bad
+    for bad in ("", "not json", "[]", "1", "null", '"x"', '{"netns": ""}', '{"container_id": "c1"}',
+                '{"netns": 5}', '{"netns": "/x", "ips": "10.0.0.5/24"}', '{"netns": "/x", "ips": [1]}',
+                '{"netns": "/x", "uid": "../u"}', '{"netns": "/x", "written_at": "now"}',
+                '{"netns": "/x\\u0000y"}', '{"netns": "/x\\ud800"}', "[" * 100_000 + "]" * 100_000):
+        assert hints.parse(bad) is None, bad[:80]
+
+
+def test_the_agent_reads_hints_only_inside_the_hints_dir(tmp_path: Path) -> None:
+    """A crafted hint outside ``<run_dir>/pods`` is never reached: not by a traversing name, not through a
+    symlink, and a FIFO in its place does not block the reader."""
+    run_dir = tmp_path / "run"
+    (run_dir / "pods").mkdir(parents=True)
+    outside = tmp_path / "evil_x"
+    outside.write_text(json.dumps({"netns": "/proc/self/ns/net", "uid": "u"}))
+    for namespace, name in (("../../evil", "x"), (str(tmp_path / "evil"), "x"), ("..", "evil_x")):
+        assert netns_finder.read_hint(str(run_dir), namespace, name) is None
+    (run_dir / "pods" / "shop_cart-0").symlink_to(outside)
+    assert netns_finder.read_hint(str(run_dir), "shop", "cart-0") is None
+    (run_dir / "pods" / "shop_cart-0").unlink()
+    os.mkfifo(run_dir / "pods" / "shop_cart-0")
+    started = time.monotonic()
+    assert netns_finder.find(str(run_dir), "shop", "cart-0", "") is None
+    assert time.monotonic() - started < 1
+    (run_dir / "pods").rename(tmp_path / "real-pods")
+    (run_dir / "pods").symlink_to(tmp_path / "real-pods")
+    (tmp_path / "real-pods" / "shop_cart-0").unlink()
+    (tmp_path / "real-pods" / "shop_cart-0").write_text(json.dumps({"netns": "/proc/self/ns/net"}))
+    assert netns_finder.read_hint(str(run_dir), "shop", "cart-0") is None, "a symlinked hints dir is refused"
 
 
 @pytest.fixture
@@ -108,3 +136,58 @@ def test_running_pod_is_found_through_proc(
     finally:
         proc.kill()
         proc.wait()
+
+
+def _sleeper_in(ns: object) -> subprocess.Popen[bytes]:
+    path = ns.path  # type: ignore[attr-defined]
+    proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "30"])  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # wait until the exec happened (same pid, now sleep in the netns)
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(path).st_ino:
+                return proc
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("the sleeper did not enter its netns")
+
+
+def test_the_pods_oldest_process_decides_and_every_candidate_is_checked(
+    netns_factory: Callable[..., object], pod_cgroup: Path
+) -> None:
+    """A pid can be reused and a hint can be stale: the pod's oldest process names its netns, and whatever a
+    source names must hold one of the pod's IPs, not be the host's or enrolled as another pod, and, when
+    processes live in it, be the pod's."""
+    first, later, stranger = (netns_factory("acfind") for _ in range(3))
+    procs = []
+    try:
+        procs = [_sleeper_in(first), _sleeper_in(later), _sleeper_in(stranger)]
+        for proc in procs[:2]:  # the first two join the pod's cgroup; the third stays outside any pod
+            (pod_cgroup / "cgroup.procs").write_text(str(proc.pid))
+        found = netns_finder.from_proc(UID)
+        assert found is not None and found.netns_path == f"/proc/{procs[0].pid}/ns/net"
+        assert (found.inode, found.dev) == netns_finder.netns_id(first.path)  # type: ignore[attr-defined]
+
+        ip = "10.77.9.9/32"
+        assert netns_finder.rejection(found, UID) == "no IP of the pod is known to check it against"
+        assert "holds none of the pod's IPs (10.77.9.9)" in str(netns_finder.rejection(found, UID, (ip,)))
+        subprocess.run(["ip", "-n", first.name, "addr", "add", ip, "dev", "lo"], check=True)  # type: ignore[attr-defined]
+        assert netns_finder.rejection(found, UID, (ip,)) is None
+        assert netns_finder.rejection(found, UID, (ip,), claimed_by=lambda _ident: "shop/other uid u2") == (
+            "it is enrolled as another pod (shop/other uid u2)"
+        )
+
+        ident = netns_finder.netns_id(stranger.path)  # type: ignore[attr-defined]
+        assert ident is not None
+        subprocess.run(["ip", "-n", stranger.name, "addr", "add", ip, "dev", "lo"], check=True)  # type: ignore[attr-defined]
+        stale_hint = netns_finder.NetnsLocation(stranger.path, ident[0], ips=(ip,), source="hint",  # type: ignore[attr-defined]
+                                                dev=ident[1])
+        assert "its processes belong to another pod" in str(netns_finder.rejection(stale_hint, UID))
+
+        host = netns_finder.netns_id("/proc/self/ns/net")
+        assert host is not None
+        own = netns_finder.NetnsLocation("/proc/self/ns/net", host[0], ips=(ip,), source="hint", dev=host[1])
+        assert "network namespace" in str(netns_finder.rejection(own, UID))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -33,12 +33,13 @@ def test_rows_print_at_once_and_mark_missed_targets(capsys: pytest.CaptureFixtur
 
 def test_render_has_machine_summary_and_every_row() -> None:
     rows = [report.Row("a", "baseline", "1 ms"), report.Row("a", "ratio", "1.2x", "<= 1.35x", True),
-            report.Row("b", "p99", "20 ms", "<= 15 ms", False)]
+            report.Row("b", "p99", "20 ms", "<= 15 ms", False), report.Row("b", "headline", "1.3x", summary=True)]
     info = {"cpu": "2 x Test CPU", "kernel": "6.1", "python": "3.11", "load": "1.00 1.00 1.00", "commit": "abc"}
     text = report.render(rows, {"a": "Module a"}, info, started=0.0, load_before="0.50 0.50 0.50")
     summary = report.block(text)
     assert "| ratio | 1.2x | <= 1.35x | met |" in summary and "| p99 | 20 ms | <= 15 ms | **MISSED** |" in summary
     assert "baseline" not in summary  # context rows only in the full tables
+    assert "| headline | 1.3x |  |  |" in summary  # unless marked for the summary
     assert "## bench.a" in text and "Module a" in text and "| baseline | 1 ms |  |  |" in text
     assert "2 x Test CPU" in text and "commit abc" in text and "targets missed: 1 (p99)" in text
 
@@ -62,5 +63,9 @@ def test_every_benchmark_module_takes_argv_and_report_is_not_one() -> None:
     names = runner.discover()
     assert "report" not in names and names[0] == "plugin_exec"
     for name in names:
-        entry = importlib.import_module(f"bench.{name}").main
-        assert list(inspect.signature(entry).parameters) == ["argv"], name
+        module = importlib.import_module(f"bench.{name}")
+        assert list(inspect.signature(module.main).parameters) == ["argv"], name
+        source = inspect.getsource(module)
+        # every result goes through report.row (so make bench's tables cover it), none is printed as a table
+        assert "report.row(" in source, f"bench.{name} does not report through bench.report"
+        assert 'print("|' not in source and "print(f\"|" not in source, f"bench.{name} prints its own table"

@@ -25,7 +25,7 @@ PRIMARIES = [
     (CONFLIST_FIXTURES / "flannel__10-flannel.conflist").read_bytes(),
 ]
 MIN_CYCLES = 200
-TIME_LIMIT_S = 55.0
+TIME_LIMIT_S = 240.0  # the cycle count decides; the limit only stops a hung run (an idle machine needs ~20 s)
 
 
 class Observer(threading.Thread):

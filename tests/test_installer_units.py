@@ -234,9 +234,12 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=installer_env(**env), timeout=60, check=False)
 
 
-def test_cli_env_vars_fill_the_entry(scratch: Path) -> None:
+def test_cli_env_vars_fill_the_entry(scratch: Path, plugin_binary: Path) -> None:
     (scratch / "10-a.conflist").write_text('{"cniVersion":"1.0.0","name":"a","plugins":[{"type":"calico"}]}')
-    proc = _cli(str(scratch), str(scratch / "nobin"), "--once", "--skip-binary", "--ready-file", "",
+    bin_dir = scratch / "bin"  # --skip-binary: the plugin was put there by hand (and must answer VERSION)
+    bin_dir.mkdir()
+    (bin_dir / "ambient-cni").symlink_to(plugin_binary.resolve())
+    proc = _cli(str(scratch), str(bin_dir), "--once", "--skip-binary", "--ready-file", "",
                 AMBIENT_CNI_EXCLUDE_NAMESPACES="kube-system, monitoring", AMBIENT_CNI_DEADLINE_MS="2500",
                 AMBIENT_CNI_RUN_DIR="/run/x", AMBIENT_CNI_LOG_LEVEL="debug", AMBIENT_CNI_FILE_MODE="0640",
                 AMBIENT_CNI_AGENT_POD_NAMESPACE="mesh", AMBIENT_CNI_LOG_FILE="none")

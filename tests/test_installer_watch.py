@@ -199,7 +199,8 @@ def test_inplace_primary_rewrite_is_rechained(node: Node) -> None:
         elapsed = _timed(lambda: primary.write_bytes(FLANNEL), lambda: _chained(primary, ["flannel", "portmap"]))
         assert elapsed < REPAIR_BOUND_S
     proc = subprocess.run([*installer_argv(node.conf, node.bin)[:3], "uninstall", "--conf-dir", str(node.conf),
-                           "--bin-dir", str(node.bin), "--ready-file", str(node.ready)],
+                           "--bin-dir", str(node.bin), "--ready-file", str(node.ready),
+                           "--host-netns", "none"],  # no node-side probe path here: leave any netns alone
                           capture_output=True, env=installer_env(), timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert primary.read_bytes() == FLANNEL

@@ -10,142 +10,34 @@ with its own tests; this pins only what the plugin does with each kind of reply.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 
 from cni_plugin import snapshot, wire
 from tests.harness.cni import netconf
-from tests.harness.runners import PluginResult, plugin_env, run_plugin
+from tests.harness.runners import plugin_env, run_plugin
 from tests.plugin_fixtures import (
     ENROLLED_POD_ARGS,
     EXCLUDED_NS,
     EXCLUDED_POD_ARGS,
     PRE_1,
     VERSIONS,
+    FakeAgent,
+    assert_error,
     assert_no_traceback,
+    assert_silent_success,
     env_without,
+    lib_packb,
     load_fixture,
+    reply,
+    write_snapshot,
 )
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _assert_error(result: PluginResult, code: int, *needles: str) -> dict[str, Any]:
-    assert result.code != 0, result.describe()
-    assert isinstance(result.json, dict), f"stdout is not one JSON object: {result.describe()}"
-    assert set(result.json) == {"cniVersion", "code", "msg", "details"}, result.json
-    assert result.json["code"] == code, result.describe()
-    for needle in needles:
-        assert needle in result.json["msg"] + result.json["details"], result.json
-    assert_no_traceback(result.stdout, result.stderr)
-    return result.json
-
-
-def _assert_silent_success(result: PluginResult) -> None:
-    assert result.code == 0, result.describe()
-    assert result.stdout == b"", result.describe()
-    assert_no_traceback(result.stdout, result.stderr)
-
-
-def _write_snapshot(run_dir: Path, namespaces: dict[str, bool], pods: dict[str, bool] | None = None) -> None:
-    snap = snapshot.Snapshot(node="acpt-node", generation=1, namespaces=namespaces, pods=pods or {})
-    (run_dir / snapshot.SNAPSHOT_NAME).write_bytes(snapshot.encode(snap, time.time()))
-
-
-def lib_packb(message: Any) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def lib_unpackb(body: bytes) -> Any:
-    return msgpack.unpackb(body, raw=False, strict_map_key=True)
-
-
-class FakeAgent:
-    """Answers each request on ``<run_dir>/cni.sock`` with ``respond(request_map) -> bytes | None`` (raw
-    frame bytes to send; None = never answer). Records the decoded requests."""
-
-    def __init__(self, run_dir: Path, respond: Callable[[dict[str, Any]], bytes | None]) -> None:
-        self.path = str(run_dir / wire.SOCKET_NAME)
-        self.respond = respond
-        self.requests: list[dict[str, Any]] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(self.path)
-        self._sock.listen(16)
-        self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn:
-                conn.settimeout(5)
-                try:
-                    length = wire.frame_length(_recv_exact(conn, wire.HEADER.size))
-                    request = wire.decode_body(_recv_exact(conn, length), lib_unpackb)
-                except (OSError, wire.WireError):
-                    continue
-                self.requests.append(request)
-                answer = self.respond(request)
-                if answer is None:
-                    self._stop.wait(10)
-                    continue
-                try:
-                    conn.sendall(answer)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
-        self._sock.close()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-
-
-def _recv_exact(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            raise OSError("peer closed")
-        data += chunk
-    return data
-
-
-def reply(ok: bool, code: int = 0, msg: str = "", enrolled: bool = True) -> Callable[[dict[str, Any]], bytes]:
-    def respond(request: dict[str, Any]) -> bytes:
-        return wire.encode_frame(wire.Reply(id=request.get("id", ""), ok=ok, enrolled=enrolled, code=code,
-                                            msg=msg).to_wire(), lib_packb)
-    return respond
-
-
-@pytest.fixture
-def fake_agent(run_dir: Path) -> Iterator[Callable[..., FakeAgent]]:
-    agents: list[FakeAgent] = []
-
-    def start(respond: Callable[[dict[str, Any]], bytes | None]) -> FakeAgent:
-        agent = FakeAgent(run_dir, respond)
-        agents.append(agent)
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in agents:
-            agent.close()
 
 
 def _add_env(**overrides: Any) -> dict[str, str]:
@@ -199,6 +91,14 @@ ERROR_CASES: list[tuple[str, dict[str, str] | None, Any, int, str]] = [
     ("bad-portmapping", None, {"runtimeConfig": {"portMappings": [{"hostPort": "80", "containerPort": 80}]}},
      7, "hostport"),
     ("bad-prevresult-ips", None, {"prevResult": {"cniVersion": "1.0.0", "ips": "10.0.0.1"}}, 6, "ips"),
+    # nothing on stdin is an internal error (102): depth past the recursion limit, strings no encoder takes
+    ("stdin-deeply-nested", None, b"[" * 100_000 + b"]" * 100_000, 6, "recursion"),
+    ("prevresult-deeply-nested", None, {"prevResult": {"cniVersion": "1.0.0", "x": json.loads("[" * 200 + "]" * 200)}},
+     6, "nested"),
+    ("runtimeconfig-deeply-nested", None, {"runtimeConfig": {"x": json.loads("[" * 900 + "]" * 900)}}, 6, "nested"),
+    ("lone-surrogate", None, {"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.1/24\ud800"}]}},
+     6, "surrogate"),
+    ("run-dir-nul", None, {"run_dir": "/tmp/ac\x00x"}, 7, "run_dir"),
 ]
 
 
@@ -220,31 +120,31 @@ def test_error_table(
                 conf[key] = value
         stdin = conf
     result = run_plugin(env or _add_env(), stdin)
-    error = _assert_error(result, code, needle)
+    error = assert_error(result, code, needle)
     known = isinstance(stdin, dict) and stdin.get("cniVersion") in VERSIONS and case not in ENV_STAGE
     assert error["cniVersion"] == (stdin["cniVersion"] if known else "1.1.0"), "errors answer in the config's version"
 
 
 def test_enrolled_pod_without_agent_is_code_11_naming_the_snapshot(run_dir: Path, plugin_binary: Path) -> None:
     result = run_plugin(plugin_env("ADD", cni_args=ENROLLED_POD_ARGS), netconf("1.0.0", run_dir=run_dir))
-    _assert_error(result, 11, str(run_dir / snapshot.SNAPSHOT_NAME))
+    assert_error(result, 11, str(run_dir / snapshot.SNAPSHOT_NAME))
 
 
 def test_enrolled_pod_with_snapshot_but_no_socket_is_code_11_naming_the_socket(
     run_dir: Path, plugin_binary: Path
 ) -> None:
-    _write_snapshot(run_dir, {"shop": True})
+    write_snapshot(run_dir, {"shop": True})
     conf = netconf("1.0.0", run_dir=run_dir, deadline_ms=300)
     started = time.monotonic()
     result = run_plugin(plugin_env("ADD", cni_args=ENROLLED_POD_ARGS), conf)
-    _assert_error(result, 11, str(run_dir / wire.SOCKET_NAME))
+    assert_error(result, 11, str(run_dir / wire.SOCKET_NAME))
     assert time.monotonic() - started < 5, "the deadline bounds the wait for the agent"
 
 
 def test_status_without_agent_is_code_50(run_dir: Path, plugin_binary: Path) -> None:
     result = run_plugin(plugin_env("STATUS", container_id=None, netns=None, ifname=None),
                         netconf("1.1.0", run_dir=run_dir))
-    _assert_error(result, 50, str(run_dir / wire.SOCKET_NAME))
+    assert_error(result, 50, str(run_dir / wire.SOCKET_NAME))
 
 
 @pytest.mark.parametrize(
@@ -256,26 +156,31 @@ def test_status_without_agent_is_code_50(run_dir: Path, plugin_binary: Path) -> 
         (lambda request: wire.HEADER.pack(3) + b"\xc1\xc1\xc1", 103, "bad reply"),
         (lambda request: wire.encode_frame({"v": 2, "id": "x", "ok": True}, lib_packb), 103, "version"),
         (lambda request: None, 11, "did not answer"),
+        # the agent dies mid-request: it is the agent failing (retry), not a protocol breach
+        (lambda request: b"", 11, "went away mid-request"),
+        (lambda request: wire.HEADER.pack(40) + b"\x85\xa1v\x01", 11, "went away mid-request"),
+        (lambda request: b"\x00\x00", 11, "went away mid-request"),
     ],
-    ids=["redirection-failed", "unclassified", "retryable", "garbage-reply", "wrong-protocol", "timeout"],
+    ids=["redirection-failed", "unclassified", "retryable", "garbage-reply", "wrong-protocol", "timeout",
+         "closed-before-reply", "closed-mid-body", "closed-mid-header"],
 )
 def test_agent_failures_become_cni_errors(
     respond: Callable[[dict[str, Any]], bytes | None], code: int, needle: str,
     run_dir: Path, fake_agent: Callable[..., FakeAgent], plugin_binary: Path,
 ) -> None:
-    _write_snapshot(run_dir, {"shop": True})
+    write_snapshot(run_dir, {"shop": True})
     agent = fake_agent(respond)
     prev = load_fixture("prevresults", "1.0.0-dualstack")
     conf = netconf("1.0.0", run_dir=run_dir, deadline_ms=500, prevResult=prev)
     result = run_plugin(plugin_env("ADD", cni_args=ENROLLED_POD_ARGS), conf)
-    _assert_error(result, code, needle)
+    assert_error(result, code, needle)
     assert agent.requests and agent.requests[0]["op"] == "add"
 
 
 def test_enrolled_add_sends_the_wire_request_and_passes_through(
     run_dir: Path, fake_agent: Callable[..., FakeAgent], plugin_binary: Path
 ) -> None:
-    _write_snapshot(run_dir, {"shop": True})
+    write_snapshot(run_dir, {"shop": True})
     agent = fake_agent(reply(True))
     prev = load_fixture("prevresults", "1.0.0-rich")
     conf = netconf("1.0.0", run_dir=run_dir, prevResult=prev)
@@ -293,10 +198,10 @@ def test_enrolled_add_sends_the_wire_request_and_passes_through(
 def test_check_of_unknown_enrolled_pod_is_code_3(
     run_dir: Path, fake_agent: Callable[..., FakeAgent], plugin_binary: Path
 ) -> None:
-    _write_snapshot(run_dir, {"shop": True})
+    write_snapshot(run_dir, {"shop": True})
     fake_agent(reply(False, 3, "no record of container ac0123456789abcdef"))
     conf = netconf("1.0.0", run_dir=run_dir, prevResult=load_fixture("prevresults", "1.0.0"))
-    _assert_error(run_plugin(plugin_env("CHECK", cni_args=ENROLLED_POD_ARGS), conf), 3, "no record")
+    assert_error(run_plugin(plugin_env("CHECK", cni_args=ENROLLED_POD_ARGS), conf), 3, "no record")
 
 
 def test_status_with_a_ready_agent_is_silent(
@@ -305,7 +210,7 @@ def test_status_with_a_ready_agent_is_silent(
     agent = fake_agent(reply(True, enrolled=False))
     result = run_plugin(plugin_env("STATUS", container_id=None, netns=None, ifname=None),
                         netconf("1.1.0", run_dir=run_dir))
-    _assert_silent_success(result)
+    assert_silent_success(result)
     assert agent.requests[0]["op"] == "status"
 
 
@@ -316,13 +221,13 @@ def test_gc_passes_valid_attachments(
     conf = netconf("1.1.0", run_dir=run_dir)
     conf["cni.dev/valid-attachments"] = [{"containerID": "abc", "ifname": "eth0"}]
     result = run_plugin(plugin_env("GC", container_id=None, netns=None, ifname=None), conf)
-    _assert_silent_success(result)
+    assert_silent_success(result)
     assert agent.requests[0]["valid_attachments"] == [{"container_id": "abc", "ifname": "eth0"}]
 
 
 def test_gc_without_agent_is_silent(run_dir: Path, plugin_binary: Path) -> None:
     result = run_plugin(plugin_env("GC", container_id=None, netns=None, ifname=None), netconf("1.1.0", run_dir=run_dir))
-    _assert_silent_success(result)
+    assert_silent_success(result)
 
 
 # ------------------------------------------------------------------------------------------ pass-through
@@ -389,7 +294,7 @@ def test_non_kubernetes_and_agent_pods_need_no_agent(run_dir: Path, plugin_binar
 
 
 def test_namespace_not_enrolled_in_snapshot_needs_no_agent(run_dir: Path, plugin_binary: Path) -> None:
-    _write_snapshot(run_dir, {"shop": False}, {"shop/cart-0": False})
+    write_snapshot(run_dir, {"shop": False}, {"shop/cart-0": False})
     conf = netconf("1.0.0", run_dir=run_dir, prevResult=load_fixture("prevresults", "1.0.0"))
     result = run_plugin(plugin_env("ADD", cni_args=ENROLLED_POD_ARGS), conf)
     assert result.code == 0, result.describe()
@@ -415,16 +320,16 @@ def test_del_is_tolerant_and_silent(env: dict[str, str], with_prev: bool, run_di
     prev = load_fixture("prevresults", "0.4.0") if with_prev else None
     conf = netconf("0.4.0", run_dir=run_dir, prev_result=prev)
     for _ in range(2):  # repeated DEL
-        _assert_silent_success(run_plugin(env, conf))
+        assert_silent_success(run_plugin(env, conf))
 
 
 def test_del_with_unresponsive_agent_is_silent_and_bounded(
     run_dir: Path, fake_agent: Callable[..., FakeAgent], plugin_binary: Path
 ) -> None:
-    _write_snapshot(run_dir, {"shop": True})
+    write_snapshot(run_dir, {"shop": True})
     fake_agent(lambda request: None)
     started = time.monotonic()
-    _assert_silent_success(run_plugin(plugin_env("DEL", cni_args=ENROLLED_POD_ARGS), netconf("1.0.0", run_dir=run_dir)))
+    assert_silent_success(run_plugin(plugin_env("DEL", cni_args=ENROLLED_POD_ARGS), netconf("1.0.0", run_dir=run_dir)))
     assert time.monotonic() - started < 5
 
 
@@ -436,7 +341,7 @@ def test_del_removes_the_netns_hint(run_dir: Path, plugin_binary: Path) -> None:
     data = json.loads(hint.read_text())
     assert data["netns"] == "/var/run/netns/acpodh" and data["container_id"] == "ac0123456789abcdef"
     assert set(data) == {"netns", "container_id", "ifname", "uid", "ips", "written_at"}
-    _assert_silent_success(run_plugin(plugin_env("DEL", cni_args=args), netconf("1.0.0", run_dir=run_dir)))
+    assert_silent_success(run_plugin(plugin_env("DEL", cni_args=args), netconf("1.0.0", run_dir=run_dir)))
     assert not hint.exists()
 
 
@@ -444,7 +349,7 @@ def test_del_removes_the_netns_hint(run_dir: Path, plugin_binary: Path) -> None:
 def test_check_excluded_pod_is_silent(version: str, run_dir: Path, plugin_binary: Path) -> None:
     conf = netconf(version, run_dir=run_dir, prevResult=load_fixture("prevresults", version))
     conf["exclude_namespaces"] = [EXCLUDED_NS]
-    _assert_silent_success(run_plugin(plugin_env("CHECK", cni_args=EXCLUDED_POD_ARGS), conf))
+    assert_silent_success(run_plugin(plugin_env("CHECK", cni_args=EXCLUDED_POD_ARGS), conf))
 
 
 # --------------------------------------------------------------------------------------- config details
@@ -462,7 +367,7 @@ def test_runtime_config_keys_are_case_insensitive(run_dir: Path, plugin_binary: 
         assert result.code == 0 and result.json == prev, result.describe()
     bad = netconf("1.0.0", run_dir=run_dir, prevResult=prev,
                   runtimeConfig={"portMappings": [{"HostPort": "8080", "ContainerPort": 80}]})
-    _assert_error(run_plugin(_add_env(), bad), 7, "hostport")
+    assert_error(run_plugin(_add_env(), bad), 7, "hostport")
 
 
 def test_unknown_config_keys_are_tolerated(run_dir: Path, plugin_binary: Path) -> None:

@@ -99,3 +99,38 @@ def test_no_path_around_the_proxy(cluster: Cluster, netns_factory) -> None:  # n
         assert res.code != 0
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("cluster", [["--redirect-mode", "redirect"]], indirect=True)
+def test_redirect_mode_and_pod_annotations_from_the_file_view(cluster: Cluster, netns_factory) -> None:  # noqa: F811
+    """``--redirect-mode redirect``: the pod's rules are the golden ``redirect`` set, TCP still goes in and out
+    through 15006/15001; a pod's annotations (file view) pick its own variant; the chain's host-local IPs are
+    in the node's probe set with the pods' UIDs."""
+    from pathlib import Path
+
+    from nodeagent.dataplane import rules
+    from tests.dataplane_fixtures import node_sets
+
+    golden = Path(__file__).parent / "golden" / "dataplane" / "variants"
+    a_ns, a_uid = cluster.add_pod(netns_factory, "client")
+    b_ns, b_uid = cluster.add_pod(netns_factory, "server")
+    d_ns, d_uid = cluster.add_pod(netns_factory, "dns", annotations={
+        "ambient.istio.io/dns-capture": "true", "ambient.istio.io/bypass-inbound-capture": "true"})
+    a, b = as_pod(a_ns, a_uid, "client"), as_pod(b_ns, b_uid, "server")
+    assert rules.normalise_save(a.ns.iptables_save()) == (golden / "redirect_v4.save").read_text()
+    d_save = rules.normalise_save(Netns(d_ns.name).iptables_save())
+    assert d_save == (golden / "redirect_dns_ingress_v4.save").read_text()
+
+    server = TcpServer(b, PORT)
+    try:
+        assert tcp_exchange(a, (b.ip, PORT), b"redirect") == b"echo:redirect"
+        wait_for(lambda: cluster.peer.port_count(a.uid, 15001) == 1 and cluster.peer.port_count(b.uid, 15006) == 1,
+                 what="peer counters")
+        assert server.seen[-1][0] == b.ip
+    finally:
+        server.close()
+
+    node_path = cluster.agent.argv()[cluster.agent.argv().index("--host-netns") + 1]
+    assert node_sets(node_path) == {a.ip: a_uid, b.ip: b_uid, pod_ip(d_ns): d_uid}
+    cluster.del_pod(a_ns, "client", a_uid)
+    assert node_sets(node_path) == {b.ip: b_uid, pod_ip(d_ns): d_uid}

@@ -37,4 +37,15 @@ def pod_from(obj: dict[str, Any]) -> Pod:
         node_name=str(spec.get("nodeName") or ""),
         phase=str(status.get("phase") or ""),
         service_account=str(spec.get("serviceAccountName") or ""),
+        ips=pod_ips(status),
     )
+
+
+def pod_ips(status: dict[str, Any]) -> tuple[str, ...]:
+    entries = status.get("podIPs")
+    if not isinstance(entries, list):
+        entries = []
+    ips = [str(e.get("ip")) for e in entries if isinstance(e, dict) and e.get("ip")]
+    if not ips and status.get("podIP"):
+        ips = [str(status["podIP"])]
+    return tuple(ips)

@@ -29,6 +29,7 @@ class Pod:
     node_name: str = ""
     phase: str = ""
     service_account: str = ""
+    ips: tuple[str, ...] = ()  # status.podIPs: lets the agent check a netns it found without a CNI event
 
     @property
     def key(self) -> tuple[str, str]:

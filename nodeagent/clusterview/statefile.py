@@ -34,6 +34,7 @@ class _PodEntry(BaseModel):
     node_name: str = Field("", alias="nodeName")
     phase: str = ""
     service_account: str = Field("", alias="serviceAccount")
+    ips: list[str] = Field(default_factory=list, alias="podIPs")
 
 
 class _StateFile(BaseModel):
@@ -85,6 +86,7 @@ def parse(text: str, node_name: str) -> tuple[dict[str, Namespace], dict[tuple[s
             node_name=entry.node_name or node_name,
             phase=entry.phase,
             service_account=entry.service_account,
+            ips=tuple(entry.ips),
         )
         pods[pod.key] = pod
     return namespaces, pods

@@ -8,9 +8,35 @@ per pod (a second ``add`` of the same pod leaves one copy of everything).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cni_plugin import errors
+from nodeagent.dataplane.rules import RedirectMode, Variant
+
+
+@dataclass(frozen=True)
+class PodControls:
+    """A pod's own redirection controls (its annotations), decided by the agent and carried in ``PodWork``.
+
+    ``dns_capture`` None: the agent's default. ``problem``: why the annotations cannot be honoured (the
+    enrollment is then refused with that message)."""
+
+    dns_capture: bool | None = None
+    bypass_inbound: bool = False
+    reroute_interfaces: tuple[str, ...] = ()
+    problem: str = ""
+
+    def variant(self, mode: RedirectMode, dns_default: bool) -> Variant:
+        """The rule set for this pod under the agent's mode and DNS default (ValueError on a bad interface)."""
+        return Variant(
+            mode=mode,
+            dns_capture=dns_default if self.dns_capture is None else self.dns_capture,
+            inbound_capture=not self.bypass_inbound,
+            reroute_interfaces=self.reroute_interfaces,
+        )
+
+
+DEFAULT_CONTROLS = PodControls()
 
 
 @dataclass(frozen=True)
@@ -25,8 +51,10 @@ class PodWork:
     ifname: str = "eth0"
     ips: tuple[str, ...] = ()  # CIDR strings, v4 and v6
     service_account: str = ""
-    netns_inode: int = 0  # filled in by the dataplane on add; 0 when unknown
+    netns_inode: int = 0  # the netns identity the caller expects at netns_path (inode, device); 0 when unknown
+    netns_dev: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    controls: PodControls = DEFAULT_CONTROLS  # the pod's annotations, from the agent's cluster view
 
 
 class DataplaneError(Exception):
@@ -37,6 +65,10 @@ class DataplaneError(Exception):
         self.msg = msg
         self.retryable = retryable
         self.code = errors.TRY_AGAIN_LATER if retryable else code
+
+
+class NetnsGone(DataplaneError):
+    """The netns at the pod's path is not the one enrolled (replaced or gone): nothing was done inside it."""
 
 
 class Dataplane(Protocol):
@@ -52,8 +84,36 @@ class Dataplane(Protocol):
         """Best effort: ZDS del, rules removed if the netns still exists. Never raises for a missing netns."""
         ...
 
+    def restore(self, pod: PodWork, deadline: float) -> list[str]:
+        """Take over a pod enrolled by an earlier run: verify that its netns is the recorded one (NetnsGone
+        otherwise), repair drift under guardrails, hand it to ztunnel. Returns the drift found and repaired.
+        Never removes redirection on failure."""
+        ...
+
+    def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
+        """Drift per pod, in order: [] as expected, a list of differences, or None when not checked now."""
+        ...
+
+    def repair(self, pod: PodWork) -> list[str]:
+        """Rewrite a drifted pod's redirection under guardrails; returns the drift found. Raises DataplaneError
+        (traffic then stays stopped by the guardrails)."""
+        ...
+
     def ready(self) -> tuple[bool, str]:
         """Whether ADDs can be served now (e.g. a ztunnel is connected), with a reason when not."""
+        ...
+
+    def sync_host(self, known: list[PodWork], prune: bool) -> dict[str, int]:
+        """After a reconcile pass: node-side state (probe rules and sets) made to match the enrolled pods
+        (``known``: recorded pods the dataplane may not hold yet). Returns counts of what was repaired."""
+        ...
+
+    def uninstall(self) -> list[str]:
+        """Remove the node-side state (a real uninstall, not a restart). Returns what was removed."""
+        ...
+
+    def debug_info(self) -> dict[str, Any]:
+        """What ``doctor`` needs to know about the dataplane (mode, DNS default, node netns, pod variants)."""
         ...
 
     def close(self) -> None: ...
@@ -72,8 +132,27 @@ class RecordingDataplane:
     def remove(self, pod: PodWork) -> None:
         self.added.pop(pod.uid or f"{pod.namespace}/{pod.name}", None)
 
+    def restore(self, pod: PodWork, deadline: float) -> list[str]:
+        self.add(pod, deadline)
+        return []
+
+    def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
+        return [[] for _ in pods]  # nothing is installed, so nothing can drift
+
+    def repair(self, pod: PodWork) -> list[str]:
+        return []
+
     def ready(self) -> tuple[bool, str]:
         return True, ""
+
+    def sync_host(self, known: list[PodWork], prune: bool) -> dict[str, int]:
+        return {}
+
+    def uninstall(self) -> list[str]:
+        return []
+
+    def debug_info(self) -> dict[str, Any]:
+        return {"dataplane": "record"}
 
     def close(self) -> None:
         return None

@@ -1,19 +1,23 @@
-"""The seed's three debugging checks as pure functions over collected evidence (used by ``doctor``).
+"""The seed's three debugging checks, and a fourth, as pure functions over collected evidence (``doctor``).
 
 1. logs: the agent's log (JSON lines) and the ztunnel/peer log mention the pod, and the peer's last word on it
    is "received netns, starting proxy" (not a delete);
 2. sockets: 15001, 15006 and 15008 are listening inside the pod netns (``ss -ntlp`` output);
-3. rules: the netns's ``iptables-save`` holds exactly the expected ISTIO lines (missing/extra shown), and the
-   policy routing is in place.
+3. rules: the netns's ``iptables-save`` holds exactly the expected ISTIO lines of the pod's variant
+   (missing/extra shown), and the policy routing is in place;
+4. probe path and variant: the node netns's SNAT rule is the first POSTROUTING rule, the pod's IPs are in the
+   probe sets with its UID, DNS capture's rules match the pod's setting, and the redirection mode in use.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nodeagent.dataplane import rules
-from nodeagent.dataplane.rules import Family
+from nodeagent.dataplane import guardrails, hostrules, rules
+from nodeagent.dataplane.hostrules import SetEntry
+from nodeagent.dataplane.rules import DEFAULT_PARAMS, DEFAULT_VARIANT, Family, RuleParams, Variant
 
 PROXY_PORTS = (15001, 15006, 15008)
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -103,17 +107,26 @@ def check_sockets(ss_output: str) -> CheckResult:
     return res
 
 
-def check_rules(saves: dict[Family, str], route_lines: dict[Family, str]) -> CheckResult:
+def check_rules(
+    saves: dict[Family, str],
+    route_lines: dict[Family, str],
+    variant: Variant = DEFAULT_VARIANT,
+    params: RuleParams = DEFAULT_PARAMS,
+) -> CheckResult:
     """``saves``: family -> iptables-save text; ``route_lines``: family -> ``ip rule`` + table 100 routes."""
-    res = CheckResult("iptables: the redirection rules match the expected set", PASS)
+    res = CheckResult(f"iptables: the redirection rules match the expected set ({variant.name})", PASS)
     for fam, text in saves.items():
         tag = "iptables" if fam is Family.V4 else "ip6tables"
-        for d in rules.diff_rules(text, fam):
+        expected = rules.expected_rules(fam, params, variant)
+        for d in rules.diff_rules(text, fam, params, variant):
             res.problems += [f"{tag} -t {d.table}: missing  {ln}" for ln in d.missing]
             res.problems += [f"{tag} -t {d.table}: extra    {ln}" for ln in d.extra]
             if d.ok:
-                res.evidence.append(f"{tag} -t {d.table}: {len(rules.expected_rules(fam)[d.table])} rules as expected")
-    p = rules.DEFAULT_PARAMS
+                res.evidence.append(f"{tag} -t {d.table}: {len(expected.get(d.table, []))} rules as expected")
+        if guardrails.present(text):
+            res.problems.append(f"{tag} -t filter: DROP guardrails ({guardrails.GUARD_CHAIN}) in place: a repair "
+                                "has not finished; the pod's TCP/UDP traffic is stopped")
+    p = params
     for fam, text in route_lines.items():
         ip = "ip" if fam is Family.V4 else "ip -6"
         want_rule = f"fwmark {p.connmark:#x}/{p.mask:#x} lookup {p.route_table}"
@@ -125,6 +138,73 @@ def check_rules(saves: dict[Family, str], route_lines: dict[Family, str]) -> Che
             res.evidence.append(f"{ip} route table {p.route_table}: local default dev lo")
         else:
             res.problems.append(f"{ip} route table {p.route_table}: missing  local default dev lo")
+    if res.problems:
+        res.status = FAIL
+    return res
+
+
+def check_probe_path(
+    host_saves: Mapping[Family, str] | None,
+    set_entries: Mapping[SetEntry, str] | None,
+    addresses: list[str],
+    uid: str,
+    variant: Variant,
+    variant_source: str,
+    pod_saves: Mapping[Family, str],
+    host_netns: str = "",
+    params: RuleParams = DEFAULT_PARAMS,
+) -> CheckResult:
+    """Check 4. ``host_saves``/``set_entries`` None: the node netns could not be read (the check is skipped
+    for those parts, with the reason in ``host_netns``)."""
+    res = CheckResult("probe path and variant: node SNAT rule first, pod IPs in the probe set, DNS, mode", PASS)
+    res.evidence.append(f"redirection mode: {variant.mode.value} (from {variant_source}); inbound capture: "
+                        f"{'on' if variant.inbound_capture else 'off (bypass-inbound-capture)'}"
+                        + (f"; rerouted interfaces: {', '.join(variant.reroute_interfaces)}"
+                           if variant.reroute_interfaces else ""))
+    # DNS capture: the pod's nat and raw rules say what its setting is
+    v4 = pod_saves.get(Family.V4, "")
+    has_dns = f"--to-ports {params.dns_port}" in v4 and f"-j CT --zone {params.dns_ct_zone}" in v4
+    if variant.dns_capture:
+        if has_dns:
+            res.evidence.append(f"DNS capture: on (nat UDP/TCP 53 -> {params.dns_port}, raw CT zone "
+                                f"{params.dns_ct_zone} present)")
+        else:
+            res.problems.append(f"DNS capture is on for the pod but its rules to {params.dns_port} / CT zone "
+                                f"{params.dns_ct_zone} are missing")
+    elif has_dns:
+        res.problems.append("DNS capture is off for the pod but its netns has DNS capture rules")
+    else:
+        res.evidence.append("DNS capture: off")
+    if host_saves is None or set_entries is None:
+        res.status = SKIP if not res.problems else FAIL
+        res.problems.append(f"node netns not checked: {host_netns or 'unknown (agent unreachable; use --host-netns)'}")
+        return res
+    entries = hostrules.entries_of(addresses)
+    families = sorted({e.family for e in entries} | {Family.V4}, key=lambda f: f.value)
+    for fam in families:
+        tag = "iptables" if fam is Family.V4 else "ip6tables"
+        save = host_saves.get(fam)
+        if save is None:
+            res.problems.append(f"{tag} -t nat of the node netns not readable")
+            continue
+        d = hostrules.host_diff(save, fam, params)
+        res.problems += [f"node {tag} -t nat: missing  {ln}" for ln in d.missing]
+        res.problems += [f"node {tag} -t nat: extra    {ln}" for ln in d.extra]
+        res.problems += [f"node {tag} -t nat: {ln} is not the first POSTROUTING rule" for ln in d.misplaced]
+        if d.ok:
+            res.evidence.append(f"node {host_netns} {tag} -t nat: POSTROUTING rule 1 -j {hostrules.HOST_CHAIN}")
+            res.evidence.append(f"  {hostrules.host_chain_rule(fam, params)}")
+    if not entries:
+        res.problems.append("the pod's IPs are not known: probe-set membership not checked")
+    for entry in entries:
+        name = params.probe_set(entry.family)
+        comment = set_entries.get(entry)
+        if comment is None:
+            res.problems.append(f"{name}: {entry.ip} missing (kubelet probes would go through the proxy)")
+        elif uid and comment != uid:
+            res.problems.append(f"{name}: {entry.ip} belongs to pod uid {comment}, not {uid}")
+        else:
+            res.evidence.append(f"{name}: {entry.ip} comment {comment}")
     if res.problems:
         res.status = FAIL
     return res

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 from nodeagent.dataplane import rules
-from nodeagent.dataplane.rules import Family, RuleParams
+from nodeagent.dataplane.rules import DEFAULT_VARIANT, Family, RuleParams, Variant
 
 TIMEOUT_S = 10.0
 _MAX_PIPED_INPUT = 60_000  # below the pipe buffer (64 KiB): written before the exec, never blocks; else a file
@@ -144,35 +144,39 @@ def restore(family: Family, text: str) -> None:
         _run([family.restore_cmd, "--noflush"], stdin=text)
 
 
-def install(family: Family, params: RuleParams = rules.DEFAULT_PARAMS) -> None:
-    """Install (or refresh) our chains for one family (see ``install_families``)."""
-    install_families([family], params)
+def install(family: Family, params: RuleParams = rules.DEFAULT_PARAMS, variant: Variant = DEFAULT_VARIANT) -> None:
+    """Install (or refresh) our chains for ``variant`` for one family (see ``install_families``)."""
+    install_families([family], params, variant)
 
 
 def install_families(
     families: Sequence[Family],
     params: RuleParams = rules.DEFAULT_PARAMS,
+    variant: Variant = DEFAULT_VARIANT,
     meanwhile: Callable[[], None] | None = None,
 ) -> None:
-    """Install (or refresh) our chains for every family: one iptables-restore each, one transaction per table.
+    """Install (or refresh) our chains for ``variant`` in every family: one iptables-restore each, one
+    transaction per table.
 
     All families' restores start at once with ``rules.first_install_input`` (no ``iptables-save`` before);
     ``meanwhile`` (e.g. the policy routes) runs in this thread while they work. A restore refuses when our
-    chains exist already (a re-add, a reconcile, drift): that family then takes the general path, its current
-    ``iptables-save`` -> ``rules.install_input`` -> restore, which is idempotent. Any other failure fails there
-    too and is raised. Raises IptablesError, or what ``meanwhile`` raised (after every child has exited).
+    chains exist already (a re-add, a variant change, a repair, drift): that family then takes the general path,
+    its current ``iptables-save`` -> ``rules.install_input`` -> restore, which is idempotent and removes another
+    variant's chains. Any other failure fails there too and is raised. Raises IptablesError, or what
+    ``meanwhile`` raised (after every child has exited).
     """
     started: dict[Family, _Child] = {}
     try:
         for fam in families:
-            started[fam] = _Child([fam.restore_cmd, "--noflush"], rules.first_install_input(fam, params).encode())
+            text = rules.first_install_input(fam, params, variant)
+            started[fam] = _Child([fam.restore_cmd, "--noflush"], text.encode())
         if meanwhile is not None:
             meanwhile()
     finally:
         done = {fam for fam, child in started.items() if child.finish()[0] == 0}
     for fam in families:
         if fam not in done:
-            restore(fam, rules.install_input(fam, save(fam), params))
+            restore(fam, rules.install_input(fam, save(fam), params, variant))
 
 
 def remove(family: Family) -> bool:

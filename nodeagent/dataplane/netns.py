@@ -8,6 +8,10 @@ so no request can make the agent rewrite the node's own rules.
 (pyroute2's helper: Python 3.11 has no ``os.setns``) and then exits; the agent's other threads never move.
 Subprocesses started from that thread inherit its netns (verified by ``tests/test_dataplane_netns.py``), so
 ``iptables-restore`` runs there without an extra ``nsenter`` exec.
+
+``NetnsWorker`` is the long-lived kind: one thread that joins a netns once and then runs jobs there, one at a
+time (the node netns of the host-side probe path; the ZDS peer's pod netns). ``open_any_netns`` is the check
+it starts from: a network namespace, any one (the node's own is the point there).
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import queue
+import socket
 import stat
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -68,6 +75,15 @@ class NetnsHandle:
     path: str
     fd: int
     inode: int
+    dev: int = 0
+
+    @property
+    def ns_id(self) -> NsId:
+        return NsId(self.dev, self.inode)
+
+    def matches(self, inode: int, dev: int = 0) -> bool:
+        """Whether this is the netns recorded as (inode, device); a device of 0 (not recorded) is not compared."""
+        return self.inode == inode and (not dev or self.dev == dev)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -83,6 +99,19 @@ class NetnsHandle:
 
 def open_netns(path: str, extra_forbidden: dict[NsId, str] | None = None) -> NetnsHandle:
     """Open ``path`` as a pod network namespace or raise NetnsError (nothing changed)."""
+    handle = open_any_netns(path)
+    forbidden = forbidden_namespaces()
+    if extra_forbidden:
+        forbidden.update(extra_forbidden)
+    what = forbidden.get(handle.ns_id)
+    if what is not None:
+        handle.close()
+        raise NetnsError(f"refusing {path}: it is {what}, not a pod's")
+    return handle
+
+
+def open_any_netns(path: str) -> NetnsHandle:
+    """Open ``path`` if it is a network namespace (any, the host's included) or raise NetnsError."""
     if not path:
         raise NetnsError("no network namespace path given")
     try:
@@ -103,16 +132,16 @@ def open_netns(path: str, extra_forbidden: dict[NsId, str] | None = None) -> Net
             raise NetnsError(f"cannot inspect {path}: {exc.strerror}") from None
         if nstype != CLONE_NEWNET:
             raise NetnsError(f"{path} is a namespace but not a network namespace")
-        forbidden = forbidden_namespaces()
-        if extra_forbidden:
-            forbidden.update(extra_forbidden)
-        what = forbidden.get(NsId(st.st_dev, st.st_ino))
-        if what is not None:
-            raise NetnsError(f"refusing {path}: it is {what}, not a pod's")
-        return NetnsHandle(path=path, fd=fd, inode=st.st_ino)
+        return NetnsHandle(path=path, fd=fd, inode=st.st_ino, dev=st.st_dev)
     except BaseException:
         os.close(fd)
         raise
+
+
+def enter(fd: int) -> None:
+    """Move the calling thread into the netns ``fd``. Only for threads that end afterwards (``run_in_netns``
+    and the reconciler's verification thread): no other work may run in a pod netns."""
+    _pr_netns.setns(fd)
 
 
 def run_in_netns(fd: int, fn: Callable[[], T], name: str = "netns-worker") -> T:
@@ -135,3 +164,49 @@ def run_in_netns(fd: int, fn: Callable[[], T], name: str = "netns-worker") -> T:
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["result"]  # type: ignore[return-value]
+
+
+class NetnsWorker:
+    """One thread that joins the netns ``netns_fd`` once and then runs submitted jobs there, one at a time.
+
+    Sockets (netlink ones included) belong to the netns of the thread that created them, and subprocesses
+    inherit it, so everything a job creates lives in that netns. The caller may close ``netns_fd`` once the
+    constructor returned."""
+
+    def __init__(self, netns_fd: int, name: str) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], object], Future[object]] | None] = queue.Queue()
+        self._ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(netns_fd,), name=name, daemon=True)
+        self._thread.start()
+        self._ready.result(timeout=10)
+
+    def _run(self, fd: int) -> None:
+        try:
+            _pr_netns.setns(fd)
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        fut: Future[object] = Future()
+        self._jobs.put((fn, fut))
+        return fut.result(timeout=timeout)  # type: ignore[return-value]
+
+    def socket(self, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        return self.call(lambda: socket.socket(family, kind))
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)

@@ -160,3 +160,17 @@ def present(families: list[Family], p: RuleParams = DEFAULT_PARAMS) -> dict[str,
             out[f"{tag} rule"] = bool(_our_rules(ipr, fam, p))
             out[f"{tag} route"] = bool(_our_routes(ipr, fam, p))
     return out
+
+
+def addresses() -> tuple[str, ...]:
+    """The calling thread's netns's global unicast addresses as CIDR strings (a pod's IPs when the request
+    named none, e.g. a pod enrolled by the reconcile without a CNI event)."""
+    out: list[str] = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            if msg.get("scope") != 0:  # RT_SCOPE_UNIVERSE only: no lo, no link-local
+                continue
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr:
+                out.append(f"{addr}/{msg.get('prefixlen')}")
+    return tuple(out)

@@ -11,6 +11,7 @@ fresh snapshot), so a late ack can never be taken for the answer to a later requ
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ log = logging.getLogger("ambient-cni.agent.zds")
 
 MAX_DATAGRAM = 1024  # ztunnel's receive buffer: bigger messages are an error there
 HELLO_TIMEOUT_S = 5.0
+SNAPSHOT_GATE_TIMEOUT_S = 30.0
 
 
 class ZdsError(Exception):
@@ -166,10 +168,14 @@ class ZdsServer:
         path: str,
         snapshot_source: Callable[[], list[SnapshotEntry]],
         ack_timeout_s: float = 5.0,
+        snapshot_gate: Callable[[float], bool] | None = None,
     ) -> None:
         self.path = path
         self.ack_timeout_s = ack_timeout_s
         self._snapshot_source = snapshot_source
+        # Waits (bounded) until the snapshot is complete, e.g. until a restarted agent has taken its pods over:
+        # ztunnel drops every pod a snapshot does not name.
+        self._snapshot_gate = snapshot_gate
         self._lock = threading.Lock()
         self._conns: list[_Connection] = []  # oldest first; only connections whose snapshot went out
         self._next_id = 0
@@ -181,10 +187,20 @@ class ZdsServer:
     def start(self) -> None:
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
+        if _served_by_someone(self.path):
+            raise OSError(errno.EADDRINUSE, f"another process already serves the ZDS socket {self.path}; "
+                          "is a second agent running?")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket from a previous run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.bind(self.path)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
         os.chmod(self.path, 0o600)  # before listen(): nobody can connect in between
         sock.listen(16)
         self._listener = sock
@@ -260,7 +276,10 @@ class ZdsServer:
             log.warning("zds connection %d: hello failed: %s", cid, exc)
             conn.close()
             return
-        if self._stop.is_set():  # the server closed while this connection said hello
+        if self._snapshot_gate is not None and not self._snapshot_gate(SNAPSHOT_GATE_TIMEOUT_S):
+            log.warning("zds connection %d: the agent has not taken over its pods after %.0f s; sending the "
+                        "snapshot as it is", cid, SNAPSHOT_GATE_TIMEOUT_S)
+        if self._stop.is_set():  # the server closed while this connection said hello (or waited at the gate)
             conn.close()
             return
         log.info("zds: ztunnel connected (connection %d), sending snapshot", cid)
@@ -324,6 +343,21 @@ class ZdsServer:
             except ZdsError as exc:
                 errors.append(exc.msg)
         return errors
+
+
+def _served_by_someone(path: str) -> bool:
+    """Whether a live listener sits at ``path`` (a stale socket file refuses the connection)."""
+    if not os.path.lexists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _del_request(uid: str) -> zds_pb2.WorkloadRequest:

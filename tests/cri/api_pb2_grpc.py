@@ -69,6 +69,36 @@ class RuntimeServiceStub:
                 request_serializer=tests_dot_cri_dot_api__pb2.StatusRequest.SerializeToString,
                 response_deserializer=tests_dot_cri_dot_api__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.CreateContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/CreateContainer',
+                request_serializer=tests_dot_cri_dot_api__pb2.CreateContainerRequest.SerializeToString,
+                response_deserializer=tests_dot_cri_dot_api__pb2.CreateContainerResponse.FromString,
+                _registered_method=True)
+        self.StartContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/StartContainer',
+                request_serializer=tests_dot_cri_dot_api__pb2.StartContainerRequest.SerializeToString,
+                response_deserializer=tests_dot_cri_dot_api__pb2.StartContainerResponse.FromString,
+                _registered_method=True)
+        self.StopContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/StopContainer',
+                request_serializer=tests_dot_cri_dot_api__pb2.StopContainerRequest.SerializeToString,
+                response_deserializer=tests_dot_cri_dot_api__pb2.StopContainerResponse.FromString,
+                _registered_method=True)
+        self.RemoveContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/RemoveContainer',
+                request_serializer=tests_dot_cri_dot_api__pb2.RemoveContainerRequest.SerializeToString,
+                response_deserializer=tests_dot_cri_dot_api__pb2.RemoveContainerResponse.FromString,
+                _registered_method=True)
+        self.ContainerStatus = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ContainerStatus',
+                request_serializer=tests_dot_cri_dot_api__pb2.ContainerStatusRequest.SerializeToString,
+                response_deserializer=tests_dot_cri_dot_api__pb2.ContainerStatusResponse.FromString,
+                _registered_method=True)
+        self.ListContainers = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ListContainers',
+                request_serializer=tests_dot_cri_dot_api__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=tests_dot_cri_dot_api__pb2.ListContainersResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -116,6 +146,42 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ContainerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +219,36 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=tests_dot_cri_dot_api__pb2.StatusRequest.FromString,
                     response_serializer=tests_dot_cri_dot_api__pb2.StatusResponse.SerializeToString,
+            ),
+            'CreateContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateContainer,
+                    request_deserializer=tests_dot_cri_dot_api__pb2.CreateContainerRequest.FromString,
+                    response_serializer=tests_dot_cri_dot_api__pb2.CreateContainerResponse.SerializeToString,
+            ),
+            'StartContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartContainer,
+                    request_deserializer=tests_dot_cri_dot_api__pb2.StartContainerRequest.FromString,
+                    response_serializer=tests_dot_cri_dot_api__pb2.StartContainerResponse.SerializeToString,
+            ),
+            'StopContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopContainer,
+                    request_deserializer=tests_dot_cri_dot_api__pb2.StopContainerRequest.FromString,
+                    response_serializer=tests_dot_cri_dot_api__pb2.StopContainerResponse.SerializeToString,
+            ),
+            'RemoveContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveContainer,
+                    request_deserializer=tests_dot_cri_dot_api__pb2.RemoveContainerRequest.FromString,
+                    response_serializer=tests_dot_cri_dot_api__pb2.RemoveContainerResponse.SerializeToString,
+            ),
+            'ContainerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContainerStatus,
+                    request_deserializer=tests_dot_cri_dot_api__pb2.ContainerStatusRequest.FromString,
+                    response_serializer=tests_dot_cri_dot_api__pb2.ContainerStatusResponse.SerializeToString,
+            ),
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=tests_dot_cri_dot_api__pb2.ListContainersRequest.FromString,
+                    response_serializer=tests_dot_cri_dot_api__pb2.ListContainersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +440,168 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/Status',
             tests_dot_cri_dot_api__pb2.StatusRequest.SerializeToString,
             tests_dot_cri_dot_api__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/CreateContainer',
+            tests_dot_cri_dot_api__pb2.CreateContainerRequest.SerializeToString,
+            tests_dot_cri_dot_api__pb2.CreateContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/StartContainer',
+            tests_dot_cri_dot_api__pb2.StartContainerRequest.SerializeToString,
+            tests_dot_cri_dot_api__pb2.StartContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/StopContainer',
+            tests_dot_cri_dot_api__pb2.StopContainerRequest.SerializeToString,
+            tests_dot_cri_dot_api__pb2.StopContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/RemoveContainer',
+            tests_dot_cri_dot_api__pb2.RemoveContainerRequest.SerializeToString,
+            tests_dot_cri_dot_api__pb2.RemoveContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContainerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ContainerStatus',
+            tests_dot_cri_dot_api__pb2.ContainerStatusRequest.SerializeToString,
+            tests_dot_cri_dot_api__pb2.ContainerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ListContainers',
+            tests_dot_cri_dot_api__pb2.ListContainersRequest.SerializeToString,
+            tests_dot_cri_dot_api__pb2.ListContainersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,11 +14,23 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cri.env import CriEnv
+
+class NodeEnv(Protocol):
+    """What the product needs from a runtime environment (tests.cri.env.CriEnv, tests.podman.env.PodmanEnv)."""
+
+    name: str
+    root: str
+
+    @property
+    def conf_dir(self) -> Path: ...
+
+    @property
+    def bin_dir(self) -> Path: ...
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # AMBIENT_CNI_PRODUCT: test another build of the frozen binary (default: the one `make build` makes)
@@ -61,13 +73,14 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
 class Node:
     """The product's pieces on one environment. All paths live under the environment's temp root."""
 
-    env: CriEnv
+    env: NodeEnv
     dataplane: str = "record"
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: list[dict[str, Any]] = field(default_factory=list)
     agent: subprocess.Popen[bytes] | None = None
     peer: subprocess.Popen[bytes] | None = None
     health_port: int = 0
+    agent_args: list[str] = field(default_factory=list)  # extra `ambient-cni agent` flags
 
     @property
     def base(self) -> Path:
@@ -96,6 +109,11 @@ class Node:
     @property
     def peer_log(self) -> Path:
         return self.base / "peer.log"
+
+    @property
+    def peer_stats(self) -> Path:
+        """The ZDS peer's counters (JSON): connections per pod uid and listener port."""
+        return self.base / "peer-stats.json"
 
     @property
     def health_addr(self) -> str:
@@ -167,6 +185,10 @@ class Node:
                     str(self.zds_socket),
                     "--health-addr",
                     self.health_addr,
+                    # network safety: the probe path goes to the environment's node netns, never this machine's
+                    "--host-netns",
+                    self.env.netns_path,
+                    *self.agent_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -249,7 +271,8 @@ class Node:
         self.base.mkdir(parents=True, exist_ok=True)
         with open(self.peer_log, "ab") as log:
             self.peer = subprocess.Popen(
-                [str(VENV_PYTHON), "-m", "zds_peer", "--zds-socket", str(self.zds_socket)],
+                [str(VENV_PYTHON), "-m", "zds_peer", "--zds-socket", str(self.zds_socket),
+                 "--stats-file", str(self.peer_stats)],
                 cwd=str(REPO_ROOT),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -9,11 +9,21 @@ tested against this. It covers what the agent uses, with the upstream wire behav
   stream of JSON lines ``{"type": "ADDED"|"MODIFIED"|"DELETED", "object": {...}}`` for every change after N,
   then live changes until ``timeoutSeconds``. A version older than the compaction point gets, like the real
   server, a 200 stream with one ``ERROR`` event carrying a ``Status`` with ``code: 410`` (reason Expired).
+- ``PATCH /api/v1/namespaces/<ns>/pods/<name>`` with ``Content-Type: application/merge-patch+json``: the
+  RFC 7386 JSON merge patch applied to the stored pod (``null`` removes a key), ``resourceVersion`` bumped and
+  a ``MODIFIED`` event sent only when something changed, the updated pod returned (200). As the real server:
+  404 ``NotFound`` for a missing pod; 422 ``Invalid`` ("field is immutable") when the patch changes
+  ``metadata.uid``; 409 ``Conflict`` when it names a ``metadata.resourceVersion`` that is not the current one;
+  400 ``BadRequest`` for a body that is not a JSON object or renames the pod; 415 for the other patch types
+  (which the real server does accept: JSON patch, strategic merge, apply).
 - Test controls: upsert/delete objects, ``compact()`` the event history, ``drop_watches()`` (closes open
-  streams, as an API server restart does) and ``hold_watches()`` (new watch requests wait).
+  streams, as an API server restart does), ``hold_watches()`` (new watch requests wait), ``fail_patches(n)``
+  (the next n PATCHes get a 500, as an overloaded server or a failing webhook answers) and ``pod()`` (read one).
 
 Not covered: authentication (any bearer token is accepted), label selectors, protobuf, pagination
-(``limit``/``continue``), bookmarks being sent, and any resource other than namespaces and pods.
+(``limit``/``continue``), bookmarks being sent, PATCH of pods other than the merge patch above. The node-lifecycle
+resources (DaemonSet GET, Node GET and JSON PATCH, failure modes for every request) are in
+``tests/fakekube/lifecycle.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from tests.fakekube import lifecycle as lifecycle_mod
+
 
 class FakeKube:
     def __init__(self) -> None:
@@ -38,11 +50,19 @@ class FakeKube:
         self._drop_generation = 0
         self._watches_allowed = threading.Event()
         self._watches_allowed.set()
+        self._patch_failures = 0
         self.requests: list[str] = []
+        self.patches: list[tuple[str, str, dict[str, Any]]] = []  # (namespace, name, body) of accepted PATCHes
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._stopping = False
+        self.lifecycle = lifecycle_mod.Lifecycle(self._next_rv)  # DaemonSets, Nodes, failure modes
+
+    def _next_rv(self) -> int:
+        with self._cond:
+            self._rv += 1
+            return self._rv
 
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -118,6 +138,51 @@ class FakeKube:
     def count(self, prefix: str) -> int:
         return sum(1 for r in self.requests if r.startswith(prefix))
 
+    def fail_patches(self, n: int) -> None:
+        """The next ``n`` PATCH requests are answered 500 InternalError."""
+        with self._cond:
+            self._patch_failures = n
+
+    def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._cond:
+            obj = self._objects["pods"].get((namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def patch_pod(self, namespace: str, name: str, patch: Any) -> tuple[int, dict[str, Any]]:
+        """Apply a JSON merge patch as the API server does; returns (HTTP status, body)."""
+        with self._cond:
+            if self._patch_failures > 0:
+                self._patch_failures -= 1
+                return 500, _status(500, "InternalError", "Internal error occurred: injected by the test")
+            stored = self._objects["pods"].get((namespace, name))
+            if stored is None:
+                return 404, _status(404, "NotFound", f'pods "{name}" not found', name)
+            if not isinstance(patch, dict):
+                return 400, _status(400, "BadRequest", "the body of the request must be a JSON object")
+            meta_patch = patch.get("metadata") if isinstance(patch.get("metadata"), dict) else {}
+            want_rv = meta_patch.get("resourceVersion")
+            if want_rv is not None and str(want_rv) != stored["metadata"]["resourceVersion"]:
+                return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on pods "{name}": the object '
+                                    "has been modified; please apply your changes to the latest version and try again",
+                                    name)
+            updated = merge_patch(stored, patch)
+            meta = updated.get("metadata") or {}
+            if meta.get("name") != name or meta.get("namespace") != namespace:
+                return 400, _status(400, "BadRequest", f"the name of the object ({meta.get('name')}) does not "
+                                    f"match the name on the URL ({name})", name)
+            if meta.get("uid") != stored["metadata"]["uid"]:
+                return 422, _status(422, "Invalid", f'Pod "{name}" is invalid: metadata.uid: Invalid value: '
+                                    f'"{meta.get("uid")}": field is immutable', name)
+            self.patches.append((namespace, name, copy.deepcopy(patch)))
+            if updated == stored:
+                return 200, copy.deepcopy(stored)
+            self._rv += 1
+            updated["metadata"]["resourceVersion"] = str(self._rv)
+            self._objects["pods"][(namespace, name)] = updated
+            self._events.append((self._rv, "pods", "MODIFIED", copy.deepcopy(updated)))
+            self._cond.notify_all()
+            return 200, copy.deepcopy(updated)
+
     # -- internals ----------------------------------------------------------------------------------
     def _upsert(self, resource: str, obj: dict[str, Any]) -> None:
         with self._cond:
@@ -141,6 +206,27 @@ class FakeKube:
             return {"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge recursively, ``null`` deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _status(code: int, reason: str, message: str, name: str = "") -> dict[str, Any]:
+    body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": message, "reason": reason, "code": code}
+    if name:
+        body["details"] = {"name": name, "kind": "pods"}
+    return body
+
+
 def _node_from_selector(selector: str | None) -> str | None:
     if not selector:
         return None
@@ -158,7 +244,24 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:
             return
 
+        def _lifecycle(self, method: str, raw: bytes = b"") -> bool:
+            """Failure modes and the node-lifecycle resources (tests/fakekube/lifecycle.py); ``raw``: the body
+            of a PATCH, already read."""
+            answer = fake.lifecycle.failure_response()
+            if answer is None:
+                path = urlparse(self.path).path
+                if method == "PATCH":
+                    answer = fake.lifecycle.patch(path, self.headers.get("Content-Type", ""), raw)
+                else:
+                    answer = fake.lifecycle.get(path)
+            if answer is None:
+                return False
+            lifecycle_mod.respond(self, *answer)
+            return True
+
         def do_GET(self) -> None:
+            if self._lifecycle("GET"):
+                return
             parsed = urlparse(self.path)
             query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
             resource = {"/api/v1/namespaces": "namespaces", "/api/v1/pods": "pods"}.get(parsed.path)
@@ -174,6 +277,31 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                 return
             self._watch(resource, node, int(query.get("resourceVersion") or 0),
                         float(query.get("timeoutSeconds") or 1800))
+
+        def do_PATCH(self) -> None:
+            parsed = urlparse(self.path)
+            parts = parsed.path.strip("/").split("/")
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            if self._lifecycle("PATCH", raw):
+                return
+            if len(parts) != 6 or parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "pods":
+                self._json(404, _status(404, "NotFound", f"{parsed.path} not found"))
+                return
+            namespace, name = parts[3], parts[5]
+            fake.requests.append("patch pods")
+            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            if content_type != "application/merge-patch+json":
+                self._json(415, _status(415, "UnsupportedMediaType",
+                                        f"the body of the request was in an unknown format - accepted media types "
+                                        f"of this fake include: application/merge-patch+json (got {content_type!r})"))
+                return
+            try:
+                patch = json.loads(raw)
+            except ValueError:
+                self._json(400, _status(400, "BadRequest", "the body of the request is not valid JSON"))
+                return
+            self._json(*fake.patch_pod(namespace, name, patch))
 
         def _json(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
