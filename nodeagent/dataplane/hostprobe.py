@@ -96,10 +96,15 @@ class HostProbe:
         return self._worker.call(fn, timeout)
 
     def close(self) -> None:
-        try:
-            self._call(self._sets.close, 5)
-        except Exception as exc:
-            log.debug("closing the probe-set socket failed: %s", exc)
+        """Close the netlink sockets, then stop the node-netns thread. Under the set lock: an ADD's upsert runs on
+        the fast-path socket from the request's own thread, and a socket must never be closed under a thread
+        about to use it (CPython reads the fd number only after releasing the GIL, so that thread could send to
+        whatever took the number next). An upsert after this fails cleanly ("not open")."""
+        with self._lock:
+            try:
+                self._call(self._sets.close, 5)
+            except Exception as exc:
+                log.debug("closing the probe-set socket failed: %s", exc)
         self._worker.stop()
 
     # -- start / repair ---------------------------------------------------------------------------------------
