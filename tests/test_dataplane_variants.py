@@ -77,6 +77,18 @@ def test_restore_input_golden(variant: Variant, family: Family) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids)
+def test_fresh_netns_input_is_the_golden_with_chains_created(variant: Variant, family: Family) -> None:
+    """A fresh pod's single restore (``first_install_input``) is the golden input with each ``:CHAIN - [0:0]``
+    declaration turned into ``-N CHAIN`` (refused when the chain exists): the same tables and rules, byte for
+    byte, for every variant."""
+    golden = golden_path(variant.name, family, "restore").read_text()
+    expected = "".join(f"-N {ln[1:].split()[0]}\n" if ln.startswith(":ISTIO") else f"{ln}\n"
+                       for ln in golden.splitlines())
+    assert rules.first_install_input(family, variant=variant) == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
 def test_host_restore_input_golden(family: Family) -> None:
     check_golden(golden_path("host", family, "restore"), hostrules.host_install_input(family, ""))
 
@@ -179,6 +191,22 @@ def test_variant_change_leaves_only_the_new_variant(netns_factory, family: Famil
     assert ours == "\n".join(ln for ln in seed.splitlines() if "ISTIO" in ln)
     assert in_ns(ns, lambda: iptables.remove(family)) is True
     assert "ISTIO" not in ns.iptables_save(v6)
+
+
+def test_both_families_at_once_switching_variants_both_ways(netns_factory) -> None:  # noqa: F811
+    """The agent's install (both families' restores at once): the seed's rules in a fresh netns (one restore per
+    family), then a variant with more tables (refused by the existing chains: the general path adds the raw
+    table), then back (the general path removes it); each time ``iptables-save`` equals that variant's golden."""
+    ns = netns_factory()
+    more = Variant(R, True, False, VIFS)  # nat ISTIO_PRERT and the raw table, absent from the seed's rules
+    for variant in (rules.DEFAULT_VARIANT, more, rules.DEFAULT_VARIANT):
+        in_ns(ns, lambda v=variant: iptables.install_families(FAMILIES, variant=v))
+        for family in FAMILIES:
+            got = rules.normalise_save(ns.iptables_save(family is Family.V6))
+            want = rules.normalise_save(golden_path(variant.name, family, "save").read_text())
+            assert [ln for ln in got.splitlines() if "ISTIO" in ln] == [
+                ln for ln in want.splitlines() if "ISTIO" in ln], (variant.name, family)
+            assert all(d.ok for d in rules.diff_rules(got, family, variant=variant))
 
 
 def test_host_save_golden(netns_factory) -> None:  # noqa: F811

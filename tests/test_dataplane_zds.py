@@ -4,6 +4,7 @@ SOCK_SEQPACKET socket with real netns fds (SCM_RIGHTS): our peer (zds_peer) and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -194,6 +195,34 @@ def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdi
             os.close(fd)
         first.close()
         dp.close()
+
+
+def test_snapshot_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its_duplicate(
+        dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+    """The snapshot hands the ZDS server duplicates of the pods' netns fds (the server closes them once sent);
+    a pod left out because its path no longer names the netns we hold must not leak its duplicate."""
+    a, b, other = netns_factory(), netns_factory(), netns_factory()
+    client = RawClient(dataplane.zds.path)
+    try:
+        wait_for(lambda: client.kinds() == ["snapshot_sent"], what="empty snapshot")
+        pa, pb = pod_in(a), pod_in(b)
+        for pod in (pa, pb):
+            dataplane.add(pod, time.monotonic() + 5)
+        dataplane._pods[pa.uid].pod = dataclasses.replace(pa, netns_path=other.path)  # the path was reused
+        fds_before = sorted(os.listdir("/proc/self/fd"))
+        entries = dataplane._snapshot()
+        try:
+            assert [e.uid for e in entries] == [pb.uid]
+            held = dataplane._pods[pb.uid].handle
+            assert held is not None and entries[0].fd not in (None, held.fd)  # a duplicate, owned by the caller
+            assert entries[0].fd is not None and os.fstat(entries[0].fd).st_ino == os.stat(b.path).st_ino
+        finally:
+            for entry in entries:
+                if entry.fd is not None:
+                    os.close(entry.fd)
+        assert sorted(os.listdir("/proc/self/fd")) == fds_before
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("mode", ["silent", "error"])
