@@ -314,6 +314,15 @@ def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "con
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _snapshot_pods(path: Path) -> dict[str, object]:
+    """The pods the agent's enrollment snapshot names (empty while it is not written yet)."""
+    try:
+        pods = json.loads(path.read_bytes()).get("pods", {})
+    except (OSError, ValueError):
+        return {}
+    return pods if isinstance(pods, dict) else {}
+
+
 # -- the full chain: libcni driver -> frozen plugin -> agent (inpod) -> zds_peer ---------------------------------
 AMBIENT_NS = "ambient-test"
 PLAIN_NS = "plain-test"
@@ -341,9 +350,14 @@ class Cluster:
         entry = pod_entry(name, namespace, nodeName="node-a", annotations=annotations or {})
         self.pods.append(entry)
         write_state(self.state_file, {AMBIENT_NS: {"istio.io/dataplane-mode": "ambient"}, PLAIN_NS: {}}, self.pods)
+        # The pod object exists before its sandbox: wait until the agent's view has it (its enrollment snapshot
+        # names it), else the ADD could be decided by the namespace alone, before the pod's annotations are known.
+        snapshot = self.agent.run_dir / "enrollment.json"
+        wait_for(lambda: f"{namespace}/{name}" in _snapshot_pods(snapshot), timeout=15,
+                 what=f"pod {namespace}/{name} in the agent's view")
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={entry['uid']}"
         deadline = time.monotonic() + 15
-        while True:  # the agent reloads the state file asynchronously; ADD is retried like a runtime would
+        while True:  # ADD is retried like a runtime would (e.g. ztunnel not connected yet)
             res = run_driver("add", self.conf_name, ns.path, container_id=f"c-{name}", cni_args=args, **self.common)
             if res.code == 0 or time.monotonic() > deadline:
                 break
