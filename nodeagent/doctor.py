@@ -158,7 +158,7 @@ def doctor_cmd(
     if bool(pod) == bool(netns):
         raise click.UsageError("give exactly one of --pod NAMESPACE/NAME or --netns PATH")
     try:
-        _doctor(pod, netns, run_dir, health_addr, peer_log, host_netns)
+        _doctor(pod, netns, run_dir, health_addr, peer_log, host_netns, bin_dir)
     except (click.ClickException, SystemExit):
         raise
     except Exception as exc:  # never a traceback: one line that says what failed
@@ -166,7 +166,8 @@ def doctor_cmd(
 
 
 def _doctor(
-    pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None, host_netns: str | None
+    pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None, host_netns: str | None,
+    bin_dir: str | None,
 ) -> None:
     target, notes = resolve(pod, netns, run_dir, health_addr)
     if not target.netns_path:
