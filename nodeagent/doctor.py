@@ -167,7 +167,7 @@ def doctor_cmd(
 
 def _doctor(
     pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None, host_netns: str | None,
-    bin_dir: str | None = None,
+    bin_dir: str | None,
 ) -> None:
     target, notes = resolve(pod, netns, run_dir, health_addr)
     if not target.netns_path:
