@@ -145,7 +145,7 @@ def _run(workdir: Path, empty: Path, names: list[str], agent: subprocess.Popen[b
         add_ms.append(exec_once(add_case))
         exec_once(del_case)
     # the agent's share alone: the same ADD over the socket from this process (no plugin exec)
-    from tests.agent_fixtures import call, request
+    from testbed.agent import call, request
 
     wire_ms = []
     for _ in range(runs):

@@ -1,6 +1,6 @@
 """RunPodSandbox latency under containerd CRI: an enrolled pod through our chain vs the same chain without us.
 
-Two containerd environments run side by side (tests/cri/env.py): A has the primary conflist only
+Two containerd environments run side by side (testbed/cri/env.py): A has the primary conflist only
 (bridge + host-local + portmap), B has the same primary plus ambient-cni installed by our installer, the agent
 (``--dataplane inpod``) and the ZDS peer. Pods are created alternately on A and B so both see the same machine
 load; each RunPodSandbox is timed end to end (CRI call to reply; the sandbox is READY then), and the sandbox is
@@ -29,10 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import report
 from bench.plugin_exec import build_empty
 from cni_plugin import snapshot as snapshot_mod
-from tests.cri import env as env_mod
-from tests.cri.client import CriClient
-from tests.cri.env import CriEnv
-from tests.cri.product import ENROLLED_NS_LABELS, Node, require_product
+from testbed.cri import env as env_mod
+from testbed.cri.client import CriClient
+from testbed.cri.env import CriEnv
+from testbed.cri.product import ENROLLED_NS_LABELS, Node, require_product
 
 TARGET_ENROLLED = 1.30
 TARGET_UNENROLLED = 1.15

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 from bench import report
-from tests.cri import env as env_mod
-from tests.cri.nodepod import IMAGE_TAR, NodeCri, NodePod, NodePodDirs, fake_kube_in_netns, import_image
-from tests.cri.product import VENV_PYTHON
-from tests.harness.paths import REPO_ROOT
+from testbed.cri import env as env_mod
+from testbed.cri.nodepod import IMAGE_TAR, NodeCri, NodePod, NodePodDirs, fake_kube_in_netns, import_image
+from testbed.cri.product import VENV_PYTHON
+from testbed.paths import REPO_ROOT
 
 READY_TARGET_S = 3.0
 RSS_TARGET_MB = 80.0

@@ -1,6 +1,6 @@
 """``podman run --rm`` with vs without ambient-cni in the chain (podman 4.3, CNI backend).
 
-One podman environment (tests/podman/env.py): a network made by ``podman network create``, chained by our
+One podman environment (testbed/podman/env.py): a network made by ``podman network create``, chained by our
 installer (inplace); the agent (``--dataplane inpod``) and the ZDS peer run. The baseline is the identical
 conflist without ambient-cni, chosen per command with ``--network-config-dir`` (podman validates every
 network in the conf dir, so the baseline dir holds that one network too). Series are interleaved (the order
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import report
-from tests.cri.product import require_product
-from tests.podman import env as env_mod
-from tests.podman.config import TOOL_IMAGE
-from tests.podman.env import PodmanEnv
-from tests.podman.product import ENROLLED_NS_LABELS, Identity, Network, Node
+from testbed.cri.product import require_product
+from testbed.podman import env as env_mod
+from testbed.podman.config import TOOL_IMAGE
+from testbed.podman.env import PodmanEnv
+from testbed.podman.product import ENROLLED_NS_LABELS, Identity, Network, Node
 
 ENROLLED = Identity("shop", "bench-0", "6f1c0000-0000-4000-8000-00000000be01")
 NOT_ENROLLED = Identity("web", "bench-1", "6f1c0000-0000-4000-8000-00000000be02")

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start(workdir: Path, names: list[str], node_netns: str) -> tuple[subprocess.Popen[bytes], AckingZtunnel]:
-    from tests.agent_fixtures import call, request
+    from testbed.agent import call, request
 
     state = workdir / "state.yaml"
     pods = "\n".join(f"  - {{name: p{i}, namespace: shop, uid: uid-{i}}}" for i in range(PODS))

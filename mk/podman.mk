@@ -2,10 +2,10 @@
 .PHONY: podman-up podman-down test-podman bench-podman
 
 podman-up: build
-	$(PY) -m tests.podman.env up
+	$(PY) -m testbed.podman.env up
 
 podman-down:
-	$(PY) -m tests.podman.env down
+	$(PY) -m testbed.podman.env down
 
 test-podman: deps build driver
 	$(PY) -m pytest -m podman tests/test_podman_*.py tests/test_plugin_identity.py $(PYTEST_ARGS)

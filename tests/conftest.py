@@ -20,11 +20,14 @@ from typing import Any
 
 import pytest
 
-from tests.harness import netns as netns_mod
-from tests.harness.cni import make_bin_dir
-from tests.harness.netns import Netns
-from tests.harness.paths import require_driver, require_plugin
+from testbed import netns as netns_mod
+from testbed.cni import make_bin_dir
+from testbed.netns import Netns
+from testbed.paths import MissingBuildOutput, require_driver, require_plugin
 from tests.plugin_fixtures import FakeAgent
+
+# Fixture modules of their own (pytest registers their fixtures for every test; nothing imports them).
+pytest_plugins = ["tests.dataplane_fixtures"]
 
 
 def _machine_probe_sets() -> list[str] | None:
@@ -63,16 +66,23 @@ def _machine_netns_untouched() -> Iterator[None]:
     assert after == before, f"a test created probe sets in this machine's own netns: {before} -> {after}"
 
 
+def _required(require: Callable[[], Path]) -> Path:
+    try:
+        return require()
+    except MissingBuildOutput as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def plugin_binary() -> Path:
     """``dist/ambient-cni`` (fails the test with `make build` advice when missing)."""
-    return require_plugin()
+    return _required(require_plugin)
 
 
 @pytest.fixture(scope="session")
 def driver_binary() -> Path:
     """``tests/tools/bin/cnitool`` (fails the test with `make driver` advice when missing)."""
-    return require_driver()
+    return _required(require_driver)
 
 
 def _scratch_dir(prefix: str) -> Iterator[Path]:
@@ -129,7 +139,8 @@ def run_dir(scratch: Path) -> Path:
 
 @pytest.fixture
 def netns_factory() -> Iterator[Callable[..., Netns]]:
-    """``make(prefix="acpt") -> Netns``: fresh netns with lo up; all removed after the test."""
+    """``make(prefix="acpt") -> Netns`` (``testbed.netns.Netns``): a fresh netns with lo up; all removed after
+    the test, also when it fails."""
     created: list[str] = []
 
     def make(prefix: str = "acpt", loopback_up: bool = True) -> Netns:

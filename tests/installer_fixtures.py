@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.harness.paths import FIXTURES, REPO_ROOT, VENV_PYTHON
+from testbed.paths import FIXTURES, REPO_ROOT, VENV_PYTHON
 
 CONFLIST_FIXTURES = FIXTURES / "conflists"
 SHARED_CONFLISTS = Path("/work/shared/fixtures/conflists")

@@ -16,8 +16,8 @@ from typing import Any
 import msgpack
 
 from cni_plugin import snapshot, wire
-from tests.harness.paths import FIXTURES, PLUGIN
-from tests.harness.runners import PluginResult
+from testbed.paths import FIXTURES, PLUGIN
+from testbed.runners import PluginResult
 
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 PRE_1 = ("0.3.0", "0.3.1", "0.4.0")

@@ -22,21 +22,12 @@ from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.drift import RouteFacts
 from nodeagent.dataplane.inpod import InPodDataplane
 from nodeagent.dataplane.rules import Family
-from tests.agent_fixtures import AgentProcess
-from tests.dataplane_fixtures import (  # noqa: F401
-    Cluster,
-    Netns,
-    Node,
-    PeerProcess,
-    Pod,
-    TcpServer,
-    cluster,
-    node,
-    pod_ip,
-    tcp_exchange,
-    tmpdir_short,
-    wait_for,
-)
+from testbed.agent import AgentProcess
+from testbed.cluster import Cluster
+from testbed.netns import Netns
+from testbed.peer import PeerProcess
+from testbed.pods import Node, Pod, TcpServer, pod_ip, tcp_exchange
+from testbed.poll import wait_for
 
 PORT = 8080
 INTERVAL_S = 1.0  # AgentProcess runs the agent with --reconcile-interval 1
@@ -67,7 +58,7 @@ def wait_repaired(ns: Netns, budget_s: float) -> float:
 
 
 @pytest.fixture
-def two_pods(cluster: Cluster, netns_factory: Callable[..., Netns]) -> tuple[Pod, Pod, TcpServer]:  # noqa: F811
+def two_pods(cluster: Cluster, netns_factory: Callable[..., Netns]) -> tuple[Pod, Pod, TcpServer]:
     a_ns, a_uid = cluster.add_pod(netns_factory, "client")
     b_ns, b_uid = cluster.add_pod(netns_factory, "server")
     a, b = as_pod(a_ns, a_uid, "client"), as_pod(b_ns, b_uid, "server")
@@ -79,7 +70,7 @@ def two_pods(cluster: Cluster, netns_factory: Callable[..., Netns]) -> tuple[Pod
 
 
 def test_a_flushed_nat_table_is_repaired_and_traffic_goes_through_the_proxy_again(
-    cluster: Cluster, two_pods: tuple[Pod, Pod, TcpServer]  # noqa: F811
+    cluster: Cluster, two_pods: tuple[Pod, Pod, TcpServer]
 ) -> None:
     a, b, server = two_pods
     try:
@@ -97,7 +88,7 @@ def test_a_flushed_nat_table_is_repaired_and_traffic_goes_through_the_proxy_agai
         server.close()
 
 
-def test_a_deleted_ip_rule_is_repaired(cluster: Cluster, two_pods: tuple[Pod, Pod, TcpServer]) -> None:  # noqa: F811
+def test_a_deleted_ip_rule_is_repaired(cluster: Cluster, two_pods: tuple[Pod, Pod, TcpServer]) -> None:
     a, b, server = two_pods
     try:
         b.ns.run("ip", "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100")  # B's TPROXY has no route now
@@ -113,7 +104,7 @@ def test_a_deleted_ip_rule_is_repaired(cluster: Cluster, two_pods: tuple[Pod, Po
         server.close()
 
 
-def test_a_replaced_netns_is_re_enrolled(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:  # noqa: F811
+def test_a_replaced_netns_is_re_enrolled(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:
     ns, uid = cluster.add_pod(netns_factory, "web")
     ip = pod_ip(ns)
     agent = cluster.agent
@@ -145,7 +136,7 @@ def test_a_replaced_netns_is_re_enrolled(cluster: Cluster, netns_factory: Callab
     wait_for(counted, what="the re-enrollment counted (at the end of the pass)")
 
 
-def test_a_gone_netns_is_dropped_from_ztunnel(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:  # noqa: F811
+def test_a_gone_netns_is_dropped_from_ztunnel(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:
     ns, uid = cluster.add_pod(netns_factory, "gone")
     hint = cluster.agent.run_dir / "pods" / "ambient-test_gone"
     assert hint.exists()
@@ -157,7 +148,7 @@ def test_a_gone_netns_is_dropped_from_ztunnel(cluster: Cluster, netns_factory: C
 
 
 def test_drift_made_while_the_agent_was_down_is_repaired_at_start(
-    cluster: Cluster, two_pods: tuple[Pod, Pod, TcpServer]  # noqa: F811
+    cluster: Cluster, two_pods: tuple[Pod, Pod, TcpServer]
 ) -> None:
     a, b, server = two_pods
     agent = cluster.agent
@@ -200,7 +191,7 @@ def test_guardrail_inputs_are_single_transactions_and_idempotent() -> None:
     assert drift.find_drift(None, {Family.V4: RouteFacts(True, True)}) == []
 
 
-def test_guardrails_stop_tcp_and_lift_cleanly(node: Node) -> None:  # noqa: F811
+def test_guardrails_stop_tcp_and_lift_cleanly(node: Node) -> None:
     a, b = node.add_pod("a"), node.add_pod("b")
     server = TcpServer(b, PORT)
     try:
@@ -216,7 +207,7 @@ def test_guardrails_stop_tcp_and_lift_cleanly(node: Node) -> None:  # noqa: F811
         server.close()
 
 
-def test_the_dataplane_verifies_and_repairs_both_families(node: Node, tmpdir_short: str) -> None:  # noqa: F811
+def test_the_dataplane_verifies_and_repairs_both_families(node: Node, tmpdir_short: str) -> None:
     """InPodDataplane.verify / repair directly, on a dual-stack pod: drift in ip6tables and in the v6 route is
     found, the repair restores both families and lifts its guardrails, and a healthy pod verifies clean twice
     (the second time from the nf_tables generation alone)."""
@@ -249,7 +240,7 @@ def test_the_dataplane_verifies_and_repairs_both_families(node: Node, tmpdir_sho
 
 
 @pytest.mark.parametrize("cluster", [["--redirect-mode", "redirect", "--dns-capture"]], indirect=True)
-def test_drift_is_judged_against_the_pods_variant(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:  # noqa: F811
+def test_drift_is_judged_against_the_pods_variant(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:
     """REDIRECT mode with DNS capture: a flushed nat table (REDIRECT to 15001/15006 and DNS to 15053) is found
     and rewritten with that variant's rules, not the default ones."""
     ns, _uid = cluster.add_pod(netns_factory, "web")

@@ -24,10 +24,11 @@ import pytest
 from nodeagent.dataplane.hostrules import set_entry
 from nodeagent.dataplane.probesets import ProbeSets
 from nodeagent.dataplane.rules import Family
-from tests.agent_fixtures import AMBIENT, AgentProcess, call, pod, request, wait_until, write_state
-from tests.dataplane_fixtures import PeerProcess, edit_node_sets, node_sets
-from tests.harness.netns import Netns
-from tests.harness.paths import REPO_ROOT, VENV_PYTHON
+from testbed.agent import AMBIENT, AgentProcess, call, pod, request, wait_until, write_state
+from testbed.netns import Netns
+from testbed.paths import REPO_ROOT, VENV_PYTHON
+from testbed.peer import PeerProcess
+from testbed.pods import edit_node_sets, node_sets
 
 UIDS = {name: f"uid-{name}" for name in ("a", "b", "c", "d")}
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from cni_plugin import snapshot
-from tests.agent_fixtures import AMBIENT, AgentProcess, call, pod, request, wait_until, write_state
-from tests.harness.netns import Netns
-from tests.harness.paths import REPO_ROOT, VENV_PYTHON
+from testbed.agent import AMBIENT, AgentProcess, call, pod, request, wait_until, write_state
+from testbed.netns import Netns
+from testbed.paths import REPO_ROOT, VENV_PYTHON
 
 
 @pytest.fixture

@@ -15,10 +15,12 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.agent_fixtures import AMBIENT, AgentProcess, call, pod, request, write_state
-from tests.dataplane_fixtures import AMBIENT_NS, PLAIN_NS, Cluster, PeerProcess, cluster, wait_for  # noqa: F401
-from tests.harness.netns import Netns
-from tests.harness.paths import REPO_ROOT, VENV_PYTHON
+from testbed.agent import AMBIENT, AgentProcess, call, pod, request, write_state
+from testbed.cluster import AMBIENT_NS, PLAIN_NS, Cluster
+from testbed.netns import Netns
+from testbed.paths import REPO_ROOT, VENV_PYTHON
+from testbed.peer import PeerProcess
+from testbed.poll import wait_for
 
 
 def second_agent(run_dir: Path, state_dir: Path, cluster_state: Path, zds: str,
@@ -38,7 +40,7 @@ def enrolled(agent: AgentProcess) -> list[dict[str, object]]:
     return [{k: v for k, v in r.items() if k != "verified_at"} for r in agent.records()]
 
 
-def test_a_second_agent_changes_nothing(cluster: Cluster, netns_factory: Callable[..., Netns],  # noqa: F811
+def test_a_second_agent_changes_nothing(cluster: Cluster, netns_factory: Callable[..., Netns],
                                         scratch: Path) -> None:
     first = cluster.agent
     _ns, uid = cluster.add_pod(netns_factory, "web-0")

@@ -1,6 +1,6 @@
-"""The agent's ``kubernetes`` cluster view (official client, list+watch) against tests/fakekube.
+"""The agent's ``kubernetes`` cluster view (official client, list+watch) against testbed/fakekube.
 
-There is no kube-apiserver on this machine: ``tests.fakekube.server.FakeKube`` stands in for it and speaks
+There is no kube-apiserver on this machine: ``testbed.fakekube.server.FakeKube`` stands in for it and speaks
 list+watch as the real server does (resourceVersion, chunked watch streams, fieldSelector spec.nodeName,
 410 Gone for compacted versions); see its docstring for what it does not cover. The agent is a real process.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from cni_plugin import snapshot
-from tests.agent_fixtures import AMBIENT, AgentProcess, call, request, wait_until
-from tests.fakekube.server import FakeKube
-from tests.harness.netns import Netns
+from testbed.agent import AMBIENT, AgentProcess, call, request, wait_until
+from testbed.fakekube.server import FakeKube
+from testbed.netns import Netns
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The Kubernetes view with the inpod dataplane: per-pod annotations pick the pod's rule variant, and the agent
 marks the pod ``ambient.istio.io/redirection: enabled`` once redirection is in place (removed on un-enroll).
 
-There is no kube-apiserver here: ``tests.fakekube.server.FakeKube`` stands in for it (list+watch, and PATCH
+There is no kube-apiserver here: ``testbed.fakekube.server.FakeKube`` stands in for it (list+watch, and PATCH
 with the API server's merge-patch semantics and errors; see its docstring). The agent, the ZDS peer, the pod
 and node netns and iptables are real; the node-side state goes to the test's node netns.
 """
@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from tests.agent_fixtures import AMBIENT, AgentProcess, call, request, wait_until
-from tests.dataplane_fixtures import PeerProcess
-from tests.fakekube.server import FakeKube
-from tests.harness.netns import Netns
+from testbed.agent import AMBIENT, AgentProcess, call, request, wait_until
+from testbed.fakekube.server import FakeKube
+from testbed.netns import Netns
+from testbed.peer import PeerProcess
 
 REDIRECTION = "ambient.istio.io/redirection"
 

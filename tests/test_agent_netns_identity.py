@@ -14,17 +14,18 @@ from collections.abc import Callable
 
 from nodeagent.dataplane import rules
 from nodeagent.dataplane.rules import Family
-from tests.agent_fixtures import AgentProcess
-from tests.dataplane_fixtures import Cluster, cluster, wait_for  # noqa: F401
-from tests.harness import netns as netns_mod
-from tests.harness.netns import Netns
+from testbed import netns as netns_mod
+from testbed.agent import AgentProcess
+from testbed.cluster import Cluster
+from testbed.netns import Netns
+from testbed.poll import wait_for
 
 
 def run_in(ns: Netns, *argv: str) -> str:
     return subprocess.run(["nsenter", f"--net={ns.path}", *argv], capture_output=True, text=True, check=True).stdout
 
 
-def received(cluster: Cluster, uid: str) -> int:  # noqa: F811
+def received(cluster: Cluster, uid: str) -> int:
     return cluster.peer.log().count(f'pod WorkloadUid("{uid}") received netns, starting proxy')
 
 
@@ -37,7 +38,7 @@ def passes(agent: AgentProcess) -> float:
 
 
 def test_a_reused_netns_path_is_never_taken_for_the_old_pod(
-    cluster: Cluster, netns_factory: Callable[..., Netns]  # noqa: F811
+    cluster: Cluster, netns_factory: Callable[..., Netns]
 ) -> None:
     x = netns_factory("acid")
     _, uid_a = cluster.add_pod(lambda *_: x, "pod-a")

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from cni_plugin import snapshot, wire
-from tests.agent_fixtures import AMBIENT, AgentProcess, pod, write_state
-from tests.harness.cni import ChainInfo, write_conflist
-from tests.harness.netns import Netns
-from tests.harness.runners import DriverResult, run_driver
+from testbed.agent import AMBIENT, AgentProcess, pod, write_state
+from testbed.cni import ChainInfo, write_conflist
+from testbed.netns import Netns
+from testbed.runners import DriverResult, run_driver
 
 DEADLINE_MS = 800
 

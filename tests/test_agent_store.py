@@ -20,10 +20,10 @@ import pytest
 
 from nodeagent import store as store_mod
 from nodeagent.store import PodRecord, PodStore
-from tests.agent_fixtures import AMBIENT, AgentProcess, pod, wait_until, write_state
-from tests.harness.cni import write_conflist
-from tests.harness.netns import Netns
-from tests.harness.runners import DriverResult, run_driver
+from testbed.agent import AMBIENT, AgentProcess, pod, wait_until, write_state
+from testbed.cni import write_conflist
+from testbed.netns import Netns
+from testbed.runners import DriverResult, run_driver
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ import msgpack
 import pytest
 
 from cni_plugin import snapshot, wire
-from tests.agent_fixtures import AMBIENT, AgentProcess, call, pod, request, send_raw, wait_until, write_state
-from tests.harness.netns import Netns
-from tests.harness.paths import REPO_ROOT, VENV_PYTHON
+from testbed.agent import AMBIENT, AgentProcess, call, pod, request, send_raw, wait_until, write_state
+from testbed.netns import Netns
+from testbed.paths import REPO_ROOT, VENV_PYTHON
 
 NAMESPACES = {
     "shop": AMBIENT,

@@ -18,7 +18,7 @@ from pydantic_core import SchemaValidator, ValidationError
 from cni_plugin import minischema, schema_gen
 from cni_plugin._generated_schema import NETCONF_SCHEMA
 from cni_plugin.config import NetConf
-from tests.harness.paths import FIXTURES, REPO_ROOT
+from testbed.paths import FIXTURES, REPO_ROOT
 
 BASE: dict[str, Any] = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "ambient-cni"}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cri import image
-from tests.cri.config import EnvLayout, PrimaryNet, containerd_config, primary_conflist, render_conflist
+from testbed.cri import image
+from testbed.cri.config import EnvLayout, PrimaryNet, containerd_config, primary_conflist, render_conflist
 
 GOLDEN = Path(__file__).parent / "golden" / "cri"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

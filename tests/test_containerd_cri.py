@@ -5,7 +5,7 @@ image), runs our chain (bridge + host-local + portmap + ambient-cni, installed b
 Real parts only: containerd, runc, the reference CNI plugins, the frozen ``dist/ambient-cni``, iptables in the
 pods' netns. The one stand-in is the cluster view: there is no kube-apiserver here, so the agent reads the
 ``--cluster-state`` file (the same namespace/pod objects an informer would deliver). containerd lives in its
-own netns (tests.cri.env); pods get 10.x addresses on a bridge inside it; nothing touches the host network.
+own netns (testbed.cri.env); pods get 10.x addresses on a bridge inside it; nothing touches the host network.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 from cni_plugin import snapshot as snapshot_mod
-from tests.cri import env as env_mod
-from tests.cri.client import CriClient, CriError, PodSpec
-from tests.cri.env import CriEnv
-from tests.cri.product import ENROLLED_NS_LABELS, PRODUCT, Node
+from testbed.cri import env as env_mod
+from testbed.cri.client import CriClient, CriError, PodSpec
+from testbed.cri.env import CriEnv
+from testbed.cri.product import ENROLLED_NS_LABELS, PRODUCT, Node
 
 pytestmark = [pytest.mark.containerd, pytest.mark.timeout(240)]
 

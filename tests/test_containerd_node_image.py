@@ -1,5 +1,5 @@
 """The node image under real containerd, run through the CRI API as the ``ambient-cni-node`` DaemonSet's pod
-(tests/cri/nodepod.py: command, env, mounts and security context read from deploy/): it installs the chain into
+(testbed/cri/nodepod.py: command, env, mounts and security context read from deploy/): it installs the chain into
 the test node's CNI dirs, its agent redirects an enrolled pod that containerd creates next (the seed's rules in
 the pod's netns, the netns handed to the test's ZDS peer), and its SIGTERM does what the Kubernetes API says:
 "DaemonSet deleted" puts the CNI dirs back to their original bytes; "upgrade" keeps the chain and binary, and
@@ -7,7 +7,7 @@ a new enrolled pod fails closed until the next container is up.
 
 Real parts: containerd 1.6 + runc, the image from ``make image`` (imported with ``ctr -n k8s.io images
 import``), the reference CNI plugins, iptables, the ZDS peer. The one fake is the Kubernetes API server
-(tests/fakekube: none can run here), listening inside the test node's netns.
+(testbed/fakekube: none can run here), listening inside the test node's netns.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import pytest
 from cni_plugin import snapshot as snapshot_mod
 from nodeagent.dataplane import rules
 from nodeimage.build import IMAGE_NAME
-from tests.cri import env as env_mod
-from tests.cri.client import CriError
-from tests.cri.env import CriEnv
-from tests.cri.nodepod import IMAGE_TAR, NodeCri, NodePod, NodePodDirs, fake_kube_in_netns, import_image
-from tests.cri.product import VENV_PYTHON
-from tests.fakekube.server import FakeKube
-from tests.harness.paths import REPO_ROOT
-from tests.node_fixtures import tree_bytes
+from testbed.cri import env as env_mod
+from testbed.cri.client import CriError
+from testbed.cri.env import CriEnv
+from testbed.cri.nodepod import IMAGE_TAR, NodeCri, NodePod, NodePodDirs, fake_kube_in_netns, import_image
+from testbed.cri.product import VENV_PYTHON
+from testbed.fakekube.server import FakeKube
+from testbed.node_proc import tree_bytes
+from testbed.paths import REPO_ROOT
 
 pytestmark = [pytest.mark.containerd, pytest.mark.timeout(400)]
 

@@ -9,10 +9,10 @@ import secrets
 import subprocess
 from pathlib import Path
 
-from tests.harness.cni import write_conflist
-from tests.harness.netns import Netns
-from tests.harness.paths import PLUGIN, REPO_ROOT, SYSTEM_CNI_DIR
-from tests.harness.runners import run_driver
+from testbed.cni import write_conflist
+from testbed.netns import Netns
+from testbed.paths import PLUGIN, REPO_ROOT, SYSTEM_CNI_DIR
+from testbed.runners import run_driver
 from tests.plugin_fixtures import EXCLUDED_POD_ARGS
 
 README = REPO_ROOT / "README.md"

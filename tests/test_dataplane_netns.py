@@ -12,7 +12,7 @@ import pytest
 from nodeagent.dataplane import netns
 from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
-from tests.dataplane_fixtures import netns_factory, sh, tmpdir_short  # noqa: F401
+from testbed.netns import sh
 
 
 def host_rules() -> str:
@@ -37,14 +37,14 @@ def test_open_refuses(path: str, message: str) -> None:
         netns.open_netns(path)
 
 
-def test_open_accepts_a_pod_netns_and_reports_its_inode(netns_factory) -> None:  # noqa: F811
+def test_open_accepts_a_pod_netns_and_reports_its_inode(netns_factory) -> None:
     ns = netns_factory()
     with netns.open_netns(ns.path) as h:
         assert h.inode == os.stat(ns.path).st_ino
         assert h.fd >= 0
 
 
-def test_thread_and_subprocess_inherit_only_the_thread(netns_factory) -> None:  # noqa: F811
+def test_thread_and_subprocess_inherit_only_the_thread(netns_factory) -> None:
     ns = netns_factory()
     want = f"net:[{os.stat(ns.path).st_ino}]"
     mine = os.readlink("/proc/thread-self/ns/net")
@@ -62,7 +62,7 @@ def test_thread_and_subprocess_inherit_only_the_thread(netns_factory) -> None:  
 
 
 @pytest.mark.parametrize("path", ["/proc/self/ns/net", "/proc/1/ns/net", "/etc/hostname", "/nonexistent/ns"])
-def test_dataplane_add_refuses_and_changes_nothing(tmpdir_short: str, path: str) -> None:  # noqa: F811
+def test_dataplane_add_refuses_and_changes_nothing(tmpdir_short: str, path: str) -> None:
     from zds_peer.client import Peer
 
     before = host_rules()

@@ -10,7 +10,7 @@ import pytest
 
 from nodeagent.dataplane import inpod, iptables, netns, routes, rules
 from nodeagent.dataplane.rules import Family
-from tests.dataplane_fixtures import Netns, netns_factory  # noqa: F401
+from testbed.netns import Netns
 
 GOLDEN = Path(__file__).parent / "golden" / "dataplane"
 
@@ -41,7 +41,7 @@ def test_pure_install_input_is_seed_shaped() -> None:
     assert "-A OUTPUT -j ISTIO_OUTPUT" in again
 
 
-def test_golden_seed_text(netns_factory) -> None:  # noqa: F811
+def test_golden_seed_text(netns_factory) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(Family.V4))
     got = ours(ns.iptables_save())
@@ -49,7 +49,7 @@ def test_golden_seed_text(netns_factory) -> None:  # noqa: F811
     assert got == want
 
 
-def test_golden_v6(netns_factory) -> None:  # noqa: F811
+def test_golden_v6(netns_factory) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(Family.V6))
     got = ours(ns.iptables_save(v6=True))
@@ -61,7 +61,7 @@ def test_golden_v6(netns_factory) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("family", [Family.V4, Family.V6])
-def test_idempotent_and_removal(netns_factory, family: Family) -> None:  # noqa: F811
+def test_idempotent_and_removal(netns_factory, family: Family) -> None:
     ns = netns_factory()
     v6 = family is Family.V6
     # a foreign rule in a built-in chain must survive everything we do
@@ -80,7 +80,7 @@ def test_idempotent_and_removal(netns_factory, family: Family) -> None:  # noqa:
     assert in_ns(ns, lambda: iptables.remove(family)) is False  # nothing left: a no-op
 
 
-def test_diff_shows_missing_and_extra(netns_factory) -> None:  # noqa: F811
+def test_diff_shows_missing_and_extra(netns_factory) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(Family.V4))
     ns.run("iptables", "-t", "nat", "-D", "ISTIO_OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x111/0xfff",
@@ -92,7 +92,7 @@ def test_diff_shows_missing_and_extra(netns_factory) -> None:  # noqa: F811
     assert not diffs["mangle"].missing
 
 
-def test_routes_idempotent(netns_factory) -> None:  # noqa: F811
+def test_routes_idempotent(netns_factory) -> None:
     ns = netns_factory()
     fams = [Family.V4, Family.V6]
     for _ in range(2):
@@ -109,7 +109,7 @@ def test_routes_idempotent(netns_factory) -> None:  # noqa: F811
     assert ns.run("ip", "route", "show", "table", "100").stdout.strip() == ""
 
 
-def test_install_redirection_v4_only_pod_leaves_ip6tables_alone(netns_factory) -> None:  # noqa: F811
+def test_install_redirection_v4_only_pod_leaves_ip6tables_alone(netns_factory) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: inpod.install_redirection(inpod.families_of(("10.1.0.5/24",))))
     assert "ISTIO" in ns.iptables_save()
@@ -128,14 +128,14 @@ def test_first_install_input_creates_chains_with_n() -> None:
         ln for ln in general.splitlines() if not ln.startswith(":")]
 
 
-def test_both_families_at_once_match_the_goldens(netns_factory) -> None:  # noqa: F811
+def test_both_families_at_once_match_the_goldens(netns_factory) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install_families([Family.V4, Family.V6]))
     assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
     assert ours(ns.iptables_save(v6=True)) == (GOLDEN / "ip6tables_save.txt").read_text()
 
 
-def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory) -> None:  # noqa: F811
+def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory) -> None:
     """Our mangle chains gone, nat intact: the fresh-netns restore commits mangle and is refused for nat; the
     general path then leaves exactly one copy of everything."""
     ns = netns_factory()
@@ -148,7 +148,7 @@ def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory) -> No
     assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
 
 
-def test_a_real_restore_failure_is_raised_and_meanwhile_still_runs(netns_factory) -> None:  # noqa: F811
+def test_a_real_restore_failure_is_raised_and_meanwhile_still_runs(netns_factory) -> None:
     ns = netns_factory()
     ran: list[bool] = []
     bad = rules.RuleParams(inbound_tunnel_port=99999)  # refused in mangle, the first table
@@ -158,7 +158,7 @@ def test_a_real_restore_failure_is_raised_and_meanwhile_still_runs(netns_factory
     assert "ISTIO" not in ns.iptables_save()
 
 
-def test_meanwhile_failure_waits_for_the_restores(netns_factory) -> None:  # noqa: F811
+def test_meanwhile_failure_waits_for_the_restores(netns_factory) -> None:
     ns = netns_factory()
 
     def boom() -> None:
@@ -176,7 +176,7 @@ def _routing_state(ns: Netns) -> list[str]:
                                                                                       "lo").stdout.split(">")[0]]
 
 
-def test_routes_batch_equals_what_iproute_sets(netns_factory) -> None:  # noqa: F811
+def test_routes_batch_equals_what_iproute_sets(netns_factory) -> None:
     """routes.install sends pre-encoded requests on a plain netlink socket; the kernel state must equal what
     pyroute2's IPRoute calls (the previous implementation) leave."""
     ours_ns, ref_ns = netns_factory(), netns_factory()
@@ -198,7 +198,7 @@ def test_routes_batch_equals_what_iproute_sets(netns_factory) -> None:  # noqa: 
     assert "proto static scope host" in _routing_state(ours_ns)[1]
 
 
-def test_routes_failure_names_the_request(netns_factory) -> None:  # noqa: F811
+def test_routes_failure_names_the_request(netns_factory) -> None:
     ns = netns_factory()
     ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
     ns.run("sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1")

@@ -20,7 +20,7 @@ import pytest
 from nodeagent.dataplane import hostrules, iptables, netns, rules
 from nodeagent.dataplane.hostprobe import HostProbe
 from nodeagent.dataplane.rules import Family, RedirectMode, Variant
-from tests.dataplane_fixtures import Netns, netns_factory  # noqa: F401
+from testbed.netns import Netns
 
 GOLDEN = Path(__file__).parent / "golden" / "dataplane"
 VIFS = ("fake1s0f0", "fake1s0f1")
@@ -166,7 +166,7 @@ def test_plan_sync_upserts_prunes_and_skips_prune_when_an_ip_is_unknown() -> Non
 # -- real: what iptables-save prints -----------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
 @pytest.mark.parametrize("variant", VARIANTS, ids=ids)
-def test_save_golden(netns_factory, variant: Variant, family: Family) -> None:  # noqa: F811
+def test_save_golden(netns_factory, variant: Variant, family: Family) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(family, variant=variant))
     got = rules.normalise_save(ns.iptables_save(family is Family.V6))
@@ -177,7 +177,7 @@ def test_save_golden(netns_factory, variant: Variant, family: Family) -> None:  
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
-def test_variant_change_leaves_only_the_new_variant(netns_factory, family: Family) -> None:  # noqa: F811
+def test_variant_change_leaves_only_the_new_variant(netns_factory, family: Family) -> None:
     ns = netns_factory()
     v6 = family is Family.V6
     ns.run("ip6tables" if v6 else "iptables", "-t", "raw", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT")  # foreign
@@ -193,7 +193,7 @@ def test_variant_change_leaves_only_the_new_variant(netns_factory, family: Famil
     assert "ISTIO" not in ns.iptables_save(v6)
 
 
-def test_both_families_at_once_switching_variants_both_ways(netns_factory) -> None:  # noqa: F811
+def test_both_families_at_once_switching_variants_both_ways(netns_factory) -> None:
     """The agent's install (both families' restores at once): the seed's rules in a fresh netns (one restore per
     family), then a variant with more tables (refused by the existing chains: the general path adds the raw
     table), then back (the general path removes it); each time ``iptables-save`` equals that variant's golden."""
@@ -209,7 +209,7 @@ def test_both_families_at_once_switching_variants_both_ways(netns_factory) -> No
             assert all(d.ok for d in rules.diff_rules(got, family, variant=variant))
 
 
-def test_host_save_golden(netns_factory) -> None:  # noqa: F811
+def test_host_save_golden(netns_factory) -> None:
     node = netns_factory()
     probe = HostProbe(node.path)
     try:

@@ -17,7 +17,8 @@ from google.protobuf.message import DecodeError
 from nodeagent.dataplane import zds_pb2
 from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
-from tests.dataplane_fixtures import Netns, netns_factory, tmpdir_short, wait_for  # noqa: F401
+from testbed.netns import Netns
+from testbed.poll import wait_for
 from zds_peer.client import Peer
 
 
@@ -82,7 +83,7 @@ class RawClient:
 
 
 @pytest.fixture
-def dataplane(tmpdir_short: str) -> Iterator[InPodDataplane]:  # noqa: F811
+def dataplane(tmpdir_short: str) -> Iterator[InPodDataplane]:
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), ack_timeout_s=1.0)
     try:
         yield dp
@@ -99,7 +100,7 @@ def listening_ports(ns: Netns) -> set[int]:
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
-def test_no_ztunnel_is_retryable_and_changes_nothing(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+def test_no_ztunnel_is_retryable_and_changes_nothing(dataplane: InPodDataplane, netns_factory) -> None:
     ns = netns_factory()
     assert dataplane.ready()[0] is False
     with pytest.raises(DataplaneError) as err:
@@ -108,7 +109,7 @@ def test_no_ztunnel_is_retryable_and_changes_nothing(dataplane: InPodDataplane, 
     assert "ISTIO" not in ns.iptables_save()
 
 
-def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns_factory) -> None:
     ns = netns_factory()
     peer = Peer(dataplane.zds.path).start()
     try:
@@ -131,7 +132,7 @@ def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns
         peer.stop()
 
 
-def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_factory) -> None:
     a, b = netns_factory(), netns_factory()
     first = RawClient(dataplane.zds.path)
     try:
@@ -161,8 +162,8 @@ def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_fact
         first.close()
 
 
-def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdir_short: str,  # noqa: F811
-                                                                          netns_factory) -> None:  # noqa: F811
+def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdir_short: str,
+                                                                          netns_factory) -> None:
     """A reconnect snapshot takes a while (one ack per pod). A pod removed meanwhile has its netns handle closed
     (its DelWorkload to the busy connection gives up), and the fd number is soon reused by another file: the
     snapshot must still send the netns it listed (the server owns duplicates), never a stale number."""
@@ -198,7 +199,7 @@ def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdi
 
 
 def test_snapshot_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its_duplicate(
-        dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+        dataplane: InPodDataplane, netns_factory) -> None:
     """The snapshot hands the ZDS server duplicates of the pods' netns fds (the server closes them once sent);
     a pod left out because its path no longer names the netns we hold must not leak its duplicate."""
     a, b, other = netns_factory(), netns_factory(), netns_factory()
@@ -226,7 +227,7 @@ def test_snapshot_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its
 
 
 @pytest.mark.parametrize("mode", ["silent", "error"])
-def test_ack_timeout_or_error_fails_closed(dataplane: InPodDataplane, netns_factory, mode: str) -> None:  # noqa: F811
+def test_ack_timeout_or_error_fails_closed(dataplane: InPodDataplane, netns_factory, mode: str) -> None:
     ns = netns_factory()
     client = RawClient(dataplane.zds.path, mode=mode)
     try:
@@ -248,7 +249,7 @@ def test_ack_timeout_or_error_fails_closed(dataplane: InPodDataplane, netns_fact
         client.close()
 
 
-def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_factory) -> None:
     ns = netns_factory()
     peer = Peer(dataplane.zds.path, ack_delay_s=1.5).start()
     try:
@@ -264,7 +265,7 @@ def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_
         peer.stop()
 
 
-def test_concurrent_adds(dataplane: InPodDataplane, netns_factory) -> None:  # noqa: F811
+def test_concurrent_adds(dataplane: InPodDataplane, netns_factory) -> None:
     nss = [netns_factory() for _ in range(6)]
     peer = Peer(dataplane.zds.path).start()
     try:
@@ -288,7 +289,7 @@ def test_concurrent_adds(dataplane: InPodDataplane, netns_factory) -> None:  # n
         peer.stop()
 
 
-def test_generated_pb2_is_up_to_date(tmpdir_short: str) -> None:  # noqa: F811
+def test_generated_pb2_is_up_to_date(tmpdir_short: str) -> None:
     """zds_pb2.py(i) are committed; they must equal what grpcio-tools' protoc makes from zds.proto now."""
     import subprocess
     import sys

@@ -2,7 +2,7 @@
 deploy/` away (the real kubectl reads exactly our objects, and the Kustomization file does not trip it), the
 same objects through kustomize, and the security-relevant facts pinned so that changing them is deliberate.
 
-kubectl needs an API server to map kinds to resources; none can run here, so ``tests/fakekube/discovery.py``
+kubectl needs an API server to map kinds to resources; none can run here, so ``testbed/fakekube/discovery.py``
 (a fake serving only discovery documents) stands in for it."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import yaml
 
 from ambient_cni.node.taint import DEFAULT_TAINT
 from nodeimage.build import IMAGE_NAME
-from tests.fakekube.discovery import DiscoveryServer
-from tests.harness.paths import REPO_ROOT
+from testbed.fakekube.discovery import DiscoveryServer
+from testbed.paths import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S_VERSION = "1.34.0"  # the schemas validated against (kubernetes-validate ships them)

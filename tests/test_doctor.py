@@ -9,29 +9,24 @@ import subprocess
 import pytest
 
 from nodeagent.dataplane.hostrules import set_entry
-from tests.dataplane_fixtures import (  # noqa: F401
-    PY,
-    ROOT,
-    Cluster,
-    Netns,
-    cluster,
-    edit_node_sets,
-    node_sets,
-    wait_for,
-)
+from testbed.cluster import Cluster
+from testbed.netns import Netns
+from testbed.paths import REPO_ROOT, VENV_PYTHON
+from testbed.pods import edit_node_sets, node_sets
+from testbed.poll import wait_for
 
 
-def doctor(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: F811
+def doctor(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PY, "-m", "ambient_cni", "doctor", *args, "--run-dir", str(cluster.agent.run_dir),
+        [str(VENV_PYTHON), "-m", "ambient_cni", "doctor", *args, "--run-dir", str(cluster.agent.run_dir),
          "--health-addr", cluster.agent.health, "--peer-log", cluster.peer.log_file],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
 
 
 # a long reconcile interval: the agent would otherwise repair the probe-set entry this test removes
 @pytest.mark.parametrize("cluster", [["--reconcile-interval", "600"]], indirect=True)
-def test_doctor_pass_then_fail(cluster: Cluster, netns_factory) -> None:  # noqa: F811
+def test_doctor_pass_then_fail(cluster: Cluster, netns_factory) -> None:
     ns, uid = cluster.add_pod(netns_factory, "curl")
     ok = doctor(cluster, "--pod", "ambient-test/curl")
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -71,7 +66,7 @@ def test_doctor_pass_then_fail(cluster: Cluster, netns_factory) -> None:  # noqa
     assert "[FAIL] 2. sockets" in gone.stdout and "nothing listens on 15001" in gone.stdout
 
 
-def test_doctor_clear_errors(cluster: Cluster) -> None:  # noqa: F811
+def test_doctor_clear_errors(cluster: Cluster) -> None:
     missing = doctor(cluster, "--pod", "ambient-test/nope")
     assert missing.returncode != 0 and "not found" in missing.stderr and "Traceback" not in missing.stderr
     host = doctor(cluster, "--netns", "/proc/1/ns/net")
@@ -81,7 +76,7 @@ def test_doctor_clear_errors(cluster: Cluster) -> None:  # noqa: F811
     assert both.returncode == 2 and "exactly one" in both.stderr
 
 
-def test_doctor_says_when_the_agent_last_verified_the_pod(cluster: Cluster, netns_factory) -> None:  # noqa: F811
+def test_doctor_says_when_the_agent_last_verified_the_pod(cluster: Cluster, netns_factory) -> None:
     cluster.add_pod(netns_factory, "web")
     wait_for(lambda: all(r["verified_at"] for r in cluster.agent.records()), what="the agent verified the pod")
     out = doctor(cluster, "--pod", "ambient-test/web")

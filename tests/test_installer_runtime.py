@@ -13,10 +13,10 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.harness.cni import write_conflist
-from tests.harness.netns import Netns
-from tests.harness.paths import REPO_ROOT, SYSTEM_CNI_DIR
-from tests.harness.runners import run_driver
+from testbed.cni import write_conflist
+from testbed.netns import Netns
+from testbed.paths import REPO_ROOT, SYSTEM_CNI_DIR
+from testbed.runners import run_driver
 from tests.installer_fixtures import installer_argv, installer_env, make_fake_bundle
 
 

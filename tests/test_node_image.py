@@ -18,7 +18,7 @@ from nodeagent.dataplane import rules
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, Family
 from nodeimage import build
 from nodeimage.__main__ import DEFAULT_CACHE
-from tests.harness.paths import REPO_ROOT
+from testbed.paths import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(300)
 BUNDLE = REPO_ROOT / "dist" / "ambient-cni.bundle"

@@ -1,8 +1,8 @@
 """The node lifecycle's decisions against the Kubernetes API: restart vs uninstall on SIGTERM, and removing the
 ``cni.istio.io/not-ready`` taint with an atomic JSON patch.
 
-There is no kube-apiserver on this machine: ``tests.fakekube`` is a fake that stands in for it (its
-node-lifecycle part, ``tests/fakekube/lifecycle.py``, answers with the real server's status codes and Status
+There is no kube-apiserver on this machine: ``testbed.fakekube`` is a fake that stands in for it (its
+node-lifecycle part, ``testbed/fakekube/lifecycle.py``, answers with the real server's status codes and Status
 bodies, and applies RFC 6902 JSON patches, ``test`` ops included). The code under test talks to it through the
 official ``kubernetes`` client, exactly as it talks to a real server.
 """
@@ -19,7 +19,7 @@ from ambient_cni.node import decision, targeting
 from ambient_cni.node.kubeapi import ApiError, LifecycleApi, observe
 from ambient_cni.node.taint import remove_taint, untaint_patch
 from nodeagent.clusterview.kubesource import make_api_client
-from tests.fakekube.server import FakeKube
+from testbed.fakekube.server import FakeKube
 
 NS, DS, NODE = "istio-system", "ambient-cni-node", "node-a"
 NOT_READY = {"key": "cni.istio.io/not-ready", "value": "true", "effect": "NoSchedule"}

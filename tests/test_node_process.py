@@ -2,7 +2,7 @@
 ready, the taint removed once ready, JSON-lines logs on stderr, and SIGTERM: keep everything for an upgrade,
 uninstall (config first, binary last) when the DaemonSet is gone.
 
-There is no kube-apiserver on this machine: ``tests.fakekube`` is a fake that stands in for it (list+watch of
+There is no kube-apiserver on this machine: ``testbed.fakekube`` is a fake that stands in for it (list+watch of
 namespaces and pods for the agent's view; DaemonSet and Node for the lifecycle)."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakekube.server import FakeKube
-from tests.harness.paths import PLUGIN
-from tests.node_fixtures import CLEAN_ENV, PRIMARY_NAME, NodeProc, tree_bytes
+from testbed.fakekube.server import FakeKube
+from testbed.node_proc import CLEAN_ENV, PRIMARY_NAME, NodeProc, tree_bytes
+from testbed.paths import PLUGIN
 
 pytestmark = pytest.mark.timeout(180)
 NOT_READY = {"key": "cni.istio.io/not-ready", "value": "true", "effect": "NoSchedule"}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PyInstaller.archive.readers import CArchiveReader
 
-from tests.harness.paths import PLUGIN
-from tests.harness.runners import run_plugin
+from testbed.paths import PLUGIN
+from testbed.runners import run_plugin
 
 HEAVY = ("pydantic", "pydantic_core", "click", "kubernetes", "google", "grpc", "yaml", "urllib3", "logging",
          "asyncio", "http", "ssl", "email", "conflist", "nodeagent", "msgpack")

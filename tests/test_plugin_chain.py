@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness.cni import write_conflist
-from tests.harness.netns import Netns
-from tests.harness.runners import run_driver
+from testbed.cni import write_conflist
+from testbed.netns import Netns
+from testbed.runners import run_driver
 from tests.plugin_fixtures import (
     ENROLLED_POD_ARGS,
     EXCLUDED_NS,

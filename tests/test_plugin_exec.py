@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from cni_plugin import snapshot, wire
-from tests.harness.cni import netconf
-from tests.harness.runners import plugin_env, run_plugin
+from testbed.cni import netconf
+from testbed.runners import plugin_env, run_plugin
 from tests.plugin_fixtures import (
     ENROLLED_POD_ARGS,
     EXCLUDED_NS,

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from cni_plugin import snapshot
-from tests.harness.cni import netconf
-from tests.harness.paths import PLUGIN
-from tests.harness.runners import BASE_ENV, PluginResult, plugin_env, run_plugin
+from testbed.cni import netconf
+from testbed.paths import PLUGIN
+from testbed.runners import BASE_ENV, PluginResult, plugin_env, run_plugin
 from tests.plugin_fixtures import (
     FakeAgent,
     assert_error,

@@ -27,10 +27,10 @@ from cni_plugin.wire import PodRef
 from nodeagent.clusterview.model import ClusterState, Pod
 from nodeagent.identity_gc import prune_identities
 from nodeagent.store import PodRecord, PodStore
-from tests.agent_fixtures import AMBIENT, AgentProcess, pod, wait_until, write_state
-from tests.harness.cni import netconf, write_conflist
-from tests.harness.netns import Netns
-from tests.harness.runners import DriverResult, plugin_env, run_driver, run_plugin
+from testbed.agent import AMBIENT, AgentProcess, pod, wait_until, write_state
+from testbed.cni import netconf, write_conflist
+from testbed.netns import Netns
+from testbed.runners import DriverResult, plugin_env, run_driver, run_plugin
 from tests.plugin_fixtures import assert_no_traceback, load_fixture
 
 CID = "4f" * 32  # podman's and containerd's ids: 64 hex digits

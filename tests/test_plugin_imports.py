@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.agent_fixtures import AMBIENT, pod, running_agent, write_state
-from tests.harness.cni import netconf
-from tests.harness.paths import REPO_ROOT, VENV_PYTHON
-from tests.harness.runners import plugin_env
+from testbed.agent import AMBIENT, pod, running_agent, write_state
+from testbed.cni import netconf
+from testbed.paths import REPO_ROOT, VENV_PYTHON
+from testbed.runners import plugin_env
 from tests.plugin_fixtures import ENROLLED_POD_ARGS, EXCLUDED_POD_ARGS, load_fixture
 
 FORBIDDEN = ("pydantic", "click", "http", "ssl", "asyncio", "logging", "kubernetes", "pyroute2", "grpc",

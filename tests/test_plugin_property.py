@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cni_plugin import hints, identity_cache
-from tests.harness.cni import netconf
-from tests.harness.paths import require_plugin
-from tests.harness.runners import run_plugin
+from testbed.cni import netconf
+from testbed.paths import require_plugin
+from testbed.runners import run_plugin
 from tests.plugin_fixtures import VERSIONS, FakeAgent, assert_no_traceback, reply, write_snapshot
 
 SILENT_ON_SUCCESS = {"DEL", "CHECK", "GC", "STATUS"}

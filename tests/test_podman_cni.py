@@ -3,9 +3,9 @@ installer in both modes, containers that are not Kubernetes pods.
 
 Real parts only: podman, conmon, runc, libcni inside podman, the reference plugins (bridge, host-local,
 portmap, firewall, tuning), the frozen ``dist/ambient-cni`` installed by ``ambient-cni install``. podman runs
-inside a network namespace of the test's own (``tests/podman/env.py``): the bridge and every firewall rule land
+inside a network namespace of the test's own (``testbed/podman/env.py``): the bridge and every firewall rule land
 there, never in the machine's netns. What the plugin read and printed is recorded by a wrapper in podman's CNI
-plugin dir (``tests/podman/product.py``); what podman kept is libcni's own cache.
+plugin dir (``testbed/podman/product.py``); what podman kept is libcni's own cache.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.podman import env as env_mod
-from tests.podman.config import TOOL_IMAGE
-from tests.podman.env import PodmanEnv
-from tests.podman.product import PRODUCT, Network, Node, install_recorder, recorded, remove_recorder
+from testbed.podman import env as env_mod
+from testbed.podman.config import TOOL_IMAGE
+from testbed.podman.env import PodmanEnv
+from testbed.podman.product import PRODUCT, Network, Node, install_recorder, recorded, remove_recorder
 
 pytestmark = [pytest.mark.podman, pytest.mark.timeout(300)]
 

@@ -8,8 +8,8 @@ import tarfile
 import tomllib
 from pathlib import Path
 
-from tests.podman import image
-from tests.podman.config import Layout, containers_conf, storage_conf, without_plugin
+from testbed.podman import image
+from testbed.podman.config import Layout, containers_conf, storage_conf, without_plugin
 
 GOLDEN = Path(__file__).parent / "golden" / "podman"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 from nodeagent.dataplane.rules import normalise_save
-from tests.podman import env as env_mod
-from tests.podman.config import TOOL_IMAGE
-from tests.podman.env import PodmanEnv
-from tests.podman.product import ENROLLED_NS_LABELS, PRODUCT, Identity, Network, Node, wait_for
+from testbed.podman import env as env_mod
+from testbed.podman.config import TOOL_IMAGE
+from testbed.podman.env import PodmanEnv
+from testbed.podman.product import ENROLLED_NS_LABELS, PRODUCT, Identity, Network, Node, wait_for
 
 pytestmark = [pytest.mark.podman, pytest.mark.timeout(300)]
 

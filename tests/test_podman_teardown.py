@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.podman import env as env_mod
-from tests.podman.config import TOOL_IMAGE
-from tests.podman.product import PRODUCT, Identity, Network, Node
+from testbed.podman import env as env_mod
+from testbed.podman.config import TOOL_IMAGE
+from testbed.podman.product import PRODUCT, Identity, Network, Node
 
 pytestmark = [pytest.mark.podman, pytest.mark.timeout(300)]
 

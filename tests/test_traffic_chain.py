@@ -9,18 +9,10 @@ import time
 
 import pytest
 
-from tests.dataplane_fixtures import (  # noqa: F401
-    AMBIENT_NS,
-    PLAIN_NS,
-    Cluster,
-    Netns,
-    Pod,
-    TcpServer,
-    cluster,
-    pod_ip,
-    tcp_exchange,
-    wait_for,
-)
+from testbed.cluster import AMBIENT_NS, PLAIN_NS, Cluster
+from testbed.netns import Netns
+from testbed.pods import Pod, TcpServer, pod_ip, tcp_exchange
+from testbed.poll import wait_for
 
 PORT = 8080
 
@@ -34,7 +26,7 @@ def listening(ns) -> set[int]:  # type: ignore[no-untyped-def]
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
-def test_full_chain_traffic(cluster: Cluster, netns_factory) -> None:  # noqa: F811
+def test_full_chain_traffic(cluster: Cluster, netns_factory) -> None:
     a_ns, a_uid = cluster.add_pod(netns_factory, "client")
     b_ns, b_uid = cluster.add_pod(netns_factory, "server")
     c_ns, c_uid = cluster.add_pod(netns_factory, "outsider", namespace=PLAIN_NS)
@@ -76,7 +68,7 @@ def test_full_chain_traffic(cluster: Cluster, netns_factory) -> None:  # noqa: F
         c_server.close()
 
 
-def test_no_path_around_the_proxy(cluster: Cluster, netns_factory) -> None:  # noqa: F811
+def test_no_path_around_the_proxy(cluster: Cluster, netns_factory) -> None:
     a_ns, a_uid = cluster.add_pod(netns_factory, "client")
     b_ns, b_uid = cluster.add_pod(netns_factory, "server")
     a, b = as_pod(a_ns, a_uid, "client"), as_pod(b_ns, b_uid, "server")
@@ -90,7 +82,7 @@ def test_no_path_around_the_proxy(cluster: Cluster, netns_factory) -> None:  # n
             tcp_exchange(a, (b.ip, PORT), timeout=2)
         assert len(server.seen) == seen  # nothing got through directly
         # and the agent now refuses new enrolled pods (fail closed: no ztunnel)
-        from tests.harness.runners import run_driver
+        from testbed.runners import run_driver
 
         ns = netns_factory("acdp")
         res = run_driver("add", cluster.conf_name, ns.path, container_id="c-late",
@@ -102,14 +94,14 @@ def test_no_path_around_the_proxy(cluster: Cluster, netns_factory) -> None:  # n
 
 
 @pytest.mark.parametrize("cluster", [["--redirect-mode", "redirect"]], indirect=True)
-def test_redirect_mode_and_pod_annotations_from_the_file_view(cluster: Cluster, netns_factory) -> None:  # noqa: F811
+def test_redirect_mode_and_pod_annotations_from_the_file_view(cluster: Cluster, netns_factory) -> None:
     """``--redirect-mode redirect``: the pod's rules are the golden ``redirect`` set, TCP still goes in and out
     through 15006/15001; a pod's annotations (file view) pick its own variant; the chain's host-local IPs are
     in the node's probe set with the pods' UIDs."""
     from pathlib import Path
 
     from nodeagent.dataplane import rules
-    from tests.dataplane_fixtures import node_sets
+    from testbed.pods import node_sets
 
     golden = Path(__file__).parent / "golden" / "dataplane" / "variants"
     a_ns, a_uid = cluster.add_pod(netns_factory, "client")

@@ -23,7 +23,10 @@ from nodeagent import decide
 from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
 from nodeagent.dataplane.rules import RedirectMode
-from tests.dataplane_fixtures import Node, PeerProcess, Pod, node, sock_in, tmpdir_short, wait_for  # noqa: F401
+from testbed.netns import sock_in
+from testbed.peer import PeerProcess
+from testbed.pods import Node, Pod
+from testbed.poll import wait_for
 
 ANSWER = "10.99.0.42"
 
@@ -116,7 +119,7 @@ def tcp_query(pod: Pod, server: str) -> str:
 
 
 @pytest.fixture(params=[False, True], ids=["default-off", "default-on"])
-def dns_mesh(request, node: Node, tmpdir_short: str) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:  # noqa: F811
+def dns_mesh(request, node: Node, tmpdir_short: str) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:
     node.with_gateway()
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), mode=RedirectMode.TPROXY,
                         dns_capture=request.param, host_netns=node.ns.path)

@@ -23,17 +23,9 @@ from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.hostrules import set_entry
 from nodeagent.dataplane.inpod import InPodDataplane
 from nodeagent.dataplane.rules import Family, RedirectMode
-from tests.dataplane_fixtures import (  # noqa: F401
-    Node,
-    PeerProcess,
-    Pod,
-    TcpServer,
-    kubelet_probe,
-    node,
-    tcp_exchange,
-    tmpdir_short,
-    wait_for,
-)
+from testbed.peer import PeerProcess
+from testbed.pods import Node, Pod, TcpServer, kubelet_probe, tcp_exchange
+from testbed.poll import wait_for
 
 PORT = 8080
 SNAT4 = "169.254.7.127"
@@ -47,7 +39,7 @@ def work(pod: Pod) -> PodWork:
 
 
 @pytest.fixture(params=[RedirectMode.TPROXY, RedirectMode.REDIRECT], ids=lambda m: m.value)
-def mesh(request, node: Node, tmpdir_short: str) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:  # noqa: F811
+def mesh(request, node: Node, tmpdir_short: str) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:
     node.with_gateway()
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), mode=request.param, host_netns=node.ns.path)
     peer = PeerProcess(dp.zds.path, tmpdir_short)

@@ -13,16 +13,9 @@ import pytest
 
 from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
-from tests.dataplane_fixtures import (  # noqa: F401
-    Node,
-    PeerProcess,
-    Pod,
-    TcpServer,
-    node,
-    tcp_exchange,
-    tmpdir_short,
-    wait_for,
-)
+from testbed.peer import PeerProcess
+from testbed.pods import Node, Pod, TcpServer, tcp_exchange
+from testbed.poll import wait_for
 
 PORT = 8080
 
@@ -33,7 +26,7 @@ def work(pod: Pod, v6: bool = False) -> PodWork:
 
 
 @pytest.fixture
-def mesh(node: Node, tmpdir_short: str) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:  # noqa: F811
+def mesh(node: Node, tmpdir_short: str) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), ack_timeout_s=5.0)
     peer = PeerProcess(dp.zds.path, tmpdir_short)
     try:

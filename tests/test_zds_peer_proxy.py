@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from tests.dataplane_fixtures import Netns, netns_factory  # noqa: F401
+from testbed.netns import Netns
 from zds_peer import proxy
 from zds_peer.stats import Stats
 
@@ -23,7 +23,7 @@ def _listening(ns: Netns) -> set[tuple[str, str]]:
     return out
 
 
-def test_one_trip_one_accept_thread_and_dns_sockets(netns_factory) -> None:  # noqa: F811
+def test_one_trip_one_accept_thread_and_dns_sockets(netns_factory) -> None:
     ns = netns_factory()
     ns.run("ip", "link", "set", "lo", "up")
     fd = os.open(ns.path, os.O_RDONLY)
@@ -74,7 +74,7 @@ def test_dns_socket_is_closed_by_whoever_lets_go_last() -> None:
         b.close()
 
 
-def test_stop_is_prompt_with_no_traffic(netns_factory) -> None:  # noqa: F811
+def test_stop_is_prompt_with_no_traffic(netns_factory) -> None:
     ns = netns_factory()
     ns.run("ip", "link", "set", "lo", "up")
     fd = os.open(ns.path, os.O_RDONLY)

@@ -4,7 +4,7 @@ containerd lives), the container's command, env, mounts and security context rea
 with each hostPath pointed at the test environment's own dirs (CNI conf/bin dirs, run dir at the same path
 inside and out, state dir, ztunnel socket dir, a lock file) and ``/var/run/netns`` + ``/proc`` as on a node.
 
-The Kubernetes API is the fake from ``tests.fakekube`` (no kube-apiserver can run here), listening inside the
+The Kubernetes API is the fake from ``testbed.fakekube`` (no kube-apiserver can run here), listening inside the
 test node's netns so that the container reaches it over the node's loopback.
 """
 
@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 import yaml
 from pyroute2 import netns as pr_netns
 
-from tests.cri import api_pb2
-from tests.cri.client import CriClient, CriError
-from tests.cri.env import CriEnv
-from tests.fakekube.server import FakeKube
-from tests.harness.paths import REPO_ROOT
+from testbed.cri import api_pb2
+from testbed.cri.client import CriClient, CriError
+from testbed.cri.env import CriEnv
+from testbed.fakekube.server import FakeKube
+from testbed.paths import REPO_ROOT
 
 IMAGE_TAR = REPO_ROOT / "dist" / "ambient-cni-image.tar"
 DEPLOY = REPO_ROOT / "deploy"
@@ -59,7 +59,7 @@ def in_netns(netns_path: str, fn: Callable[[], T]) -> T:
     ok, value = result[0]
     if not ok:
         raise value
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def http_in_netns(netns_path: str, url: str, timeout: float = 2.0) -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""The podman test image: one static binary (``tests/podman/tool.c``) as ``/t`` and ``/pause``, no libc.
+"""The podman test image: one static binary (``testbed/podman/tool.c``) as ``/t`` and ``/pause``, no libc.
 
 ``podman import`` of a plain tar (no registry, no network): entrypoint ``/t``, default command ``true``.
 The same layer, with entrypoint ``/pause``, is the pod infra image (podman runs an infra image's own
@@ -13,7 +13,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from tests.podman.config import PAUSE_IMAGE, TOOL_IMAGE
+from testbed.podman.config import PAUSE_IMAGE, TOOL_IMAGE
 
 SOURCE = Path(__file__).with_name("tool.c")
 IMAGES = {

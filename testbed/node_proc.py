@@ -1,6 +1,6 @@
 """``ambient-cni node`` (the frozen product) as a child process with temp CNI dirs, and the fake API server.
 
-There is no kube-apiserver on this machine: ``tests.fakekube`` stands in for it (see its docstrings)."""
+There is no kube-apiserver on this machine: ``testbed.fakekube`` stands in for it (see its docstrings)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.paths import FIXTURES, PLUGIN
+from testbed.paths import FIXTURES, PLUGIN
 
 PRIMARY = FIXTURES / "conflists" / "containerd__10-containerd-net.conflist"
 PRIMARY_NAME = "10-containerd-net.conflist"

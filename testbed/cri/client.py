@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from tests.cri import api_pb2, api_pb2_grpc
+from testbed.cri import api_pb2, api_pb2_grpc
 
 SANDBOX_READY = api_pb2.SANDBOX_READY
 SANDBOX_NOTREADY = api_pb2.SANDBOX_NOTREADY

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 
 class NodeEnv(Protocol):
-    """What the product needs from a runtime environment (tests.cri.env.CriEnv, tests.podman.env.PodmanEnv)."""
+    """What the product needs from a runtime environment (testbed.cri.env.CriEnv, testbed.podman.env.PodmanEnv)."""
 
     name: str
     root: str
@@ -30,6 +30,9 @@ class NodeEnv(Protocol):
 
     @property
     def bin_dir(self) -> Path: ...
+
+    @property
+    def netns_path(self) -> str: ...
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """A throw-away podman 4.3 (CNI backend) inside its own network namespace.
 
 ``up()`` makes a temp root ``/tmp/acpm<6 hex>-*`` and a netns ``acpm<6 hex>`` (lo up, nothing else), writes
-``containers.conf`` and ``storage.conf`` there (``tests/podman/config.py``; passed as ``CONTAINERS_CONF`` /
+``containers.conf`` and ``storage.conf`` there (``testbed/podman/config.py``; passed as ``CONTAINERS_CONF`` /
 ``CONTAINERS_STORAGE_CONF``: no file under /etc changes), builds the static tool image and imports it. Every
 podman command runs as ``nsenter --net=/run/netns/<netns> podman --root R --runroot R' ...`` with a clean
 environment: podman's bridge, the firewall/portmap plugins' iptables rules and the containers' veths all live
@@ -19,9 +19,9 @@ before the first live environment came up are removed when the last one goes.
 
 As a script, for humans::
 
-    python -m tests.podman.env up      # prints the environment (JSON) and leaves it running
-    python -m tests.podman.env ls
-    python -m tests.podman.env down    # tears down every environment started with `up`
+    python -m testbed.podman.env up      # prints the environment (JSON) and leaves it running
+    python -m testbed.podman.env ls
+    python -m testbed.podman.env down    # tears down every environment started with `up`
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.cri.env import _kill_cgroup_members, _mounts_under, _overlay_works, _pids_with, _remove_cgroups, _umount
-from tests.podman import image
-from tests.podman.config import Layout, containers_conf, storage_conf, without_plugin
+from testbed.cri.env import _kill_cgroup_members, _mounts_under, _overlay_works, _pids_with, _remove_cgroups, _umount
+from testbed.podman import image
+from testbed.podman.config import Layout, containers_conf, storage_conf, without_plugin
 
 STATE_DIR = Path("/run/ambient-cni-podman")  # one JSON file per environment + what existed before the first
 PREEXISTING = STATE_DIR / "preexisting.json"
@@ -61,7 +61,7 @@ class EnvError(RuntimeError):
 
 @dataclass
 class PodmanEnv:
-    """One environment. Serialisable, so ``python -m tests.podman.env down`` finds it again."""
+    """One environment. Serialisable, so ``python -m testbed.podman.env down`` finds it again."""
 
     name: str
     root: str
@@ -513,7 +513,7 @@ def main(argv: Sequence[str]) -> int:
         for env in load_all():
             print(f"{env.name} {env.root} owner {env.owner_pid} alive={_alive(env.owner_pid)}")
         return 0
-    print("usage: python -m tests.podman.env up|down|ls", file=sys.stderr)
+    print("usage: python -m testbed.podman.env up|down|ls", file=sys.stderr)
     return 2
 
 

@@ -68,7 +68,7 @@ def oci_layout_tar(pause_binary: bytes, image_name: str = PAUSE_IMAGE) -> bytes:
                 "os": "linux",
                 "config": {"Entrypoint": ["/pause"], "WorkingDir": "/"},
                 "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
-                "history": [{"created_by": "ambient-cni tests/cri/image.py", "created": "1970-01-01T00:00:00Z"}],
+                "history": [{"created_by": "ambient-cni testbed/cri/image.py", "created": "1970-01-01T00:00:00Z"}],
                 "created": "1970-01-01T00:00:00Z",
             }
         ),

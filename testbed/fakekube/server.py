@@ -23,7 +23,7 @@ tested against this. It covers what the agent uses, with the upstream wire behav
 Not covered: authentication (any bearer token is accepted), label selectors, protobuf, pagination
 (``limit``/``continue``), bookmarks being sent, PATCH of pods other than the merge patch above. The node-lifecycle
 resources (DaemonSet GET, Node GET and JSON PATCH, failure modes for every request) are in
-``tests/fakekube/lifecycle.py``.
+``testbed/fakekube/lifecycle.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from tests.fakekube import lifecycle as lifecycle_mod
+from testbed.fakekube import lifecycle as lifecycle_mod
 
 
 class FakeKube:
@@ -159,7 +159,8 @@ class FakeKube:
                 return 404, _status(404, "NotFound", f'pods "{name}" not found', name)
             if not isinstance(patch, dict):
                 return 400, _status(400, "BadRequest", "the body of the request must be a JSON object")
-            meta_patch = patch.get("metadata") if isinstance(patch.get("metadata"), dict) else {}
+            metadata = patch.get("metadata")
+            meta_patch = metadata if isinstance(metadata, dict) else {}
             want_rv = meta_patch.get("resourceVersion")
             if want_rv is not None and str(want_rv) != stored["metadata"]["resourceVersion"]:
                 return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on pods "{name}": the object '
@@ -245,7 +246,7 @@ def _handler(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
             return
 
         def _lifecycle(self, method: str, raw: bytes = b"") -> bool:
-            """Failure modes and the node-lifecycle resources (tests/fakekube/lifecycle.py); ``raw``: the body
+            """Failure modes and the node-lifecycle resources (testbed/fakekube/lifecycle.py); ``raw``: the body
             of a PATCH, already read."""
             answer = fake.lifecycle.failure_response()
             if answer is None:

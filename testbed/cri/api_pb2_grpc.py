@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from tests.cri import api_pb2 as tests_dot_cri_dot_api__pb2
+from testbed.cri import api_pb2 as testbed_dot_cri_dot_api__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tests/cri/api_pb2_grpc.py depends on'
+        + ' but the generated code in testbed/cri/api_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,68 +36,68 @@ class RuntimeServiceStub:
         """
         self.Version = channel.unary_unary(
                 '/runtime.v1.RuntimeService/Version',
-                request_serializer=tests_dot_cri_dot_api__pb2.VersionRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.VersionResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.VersionRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.VersionResponse.FromString,
                 _registered_method=True)
         self.RunPodSandbox = channel.unary_unary(
                 '/runtime.v1.RuntimeService/RunPodSandbox',
-                request_serializer=tests_dot_cri_dot_api__pb2.RunPodSandboxRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.RunPodSandboxResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.RunPodSandboxRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.RunPodSandboxResponse.FromString,
                 _registered_method=True)
         self.StopPodSandbox = channel.unary_unary(
                 '/runtime.v1.RuntimeService/StopPodSandbox',
-                request_serializer=tests_dot_cri_dot_api__pb2.StopPodSandboxRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.StopPodSandboxResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.StopPodSandboxRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.StopPodSandboxResponse.FromString,
                 _registered_method=True)
         self.RemovePodSandbox = channel.unary_unary(
                 '/runtime.v1.RuntimeService/RemovePodSandbox',
-                request_serializer=tests_dot_cri_dot_api__pb2.RemovePodSandboxRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.RemovePodSandboxResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.RemovePodSandboxRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.RemovePodSandboxResponse.FromString,
                 _registered_method=True)
         self.PodSandboxStatus = channel.unary_unary(
                 '/runtime.v1.RuntimeService/PodSandboxStatus',
-                request_serializer=tests_dot_cri_dot_api__pb2.PodSandboxStatusRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.PodSandboxStatusResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.PodSandboxStatusRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.PodSandboxStatusResponse.FromString,
                 _registered_method=True)
         self.ListPodSandbox = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ListPodSandbox',
-                request_serializer=tests_dot_cri_dot_api__pb2.ListPodSandboxRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.ListPodSandboxResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.ListPodSandboxRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.ListPodSandboxResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/runtime.v1.RuntimeService/Status',
-                request_serializer=tests_dot_cri_dot_api__pb2.StatusRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.StatusResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.StatusRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.CreateContainer = channel.unary_unary(
                 '/runtime.v1.RuntimeService/CreateContainer',
-                request_serializer=tests_dot_cri_dot_api__pb2.CreateContainerRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.CreateContainerResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.CreateContainerRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.CreateContainerResponse.FromString,
                 _registered_method=True)
         self.StartContainer = channel.unary_unary(
                 '/runtime.v1.RuntimeService/StartContainer',
-                request_serializer=tests_dot_cri_dot_api__pb2.StartContainerRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.StartContainerResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.StartContainerRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.StartContainerResponse.FromString,
                 _registered_method=True)
         self.StopContainer = channel.unary_unary(
                 '/runtime.v1.RuntimeService/StopContainer',
-                request_serializer=tests_dot_cri_dot_api__pb2.StopContainerRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.StopContainerResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.StopContainerRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.StopContainerResponse.FromString,
                 _registered_method=True)
         self.RemoveContainer = channel.unary_unary(
                 '/runtime.v1.RuntimeService/RemoveContainer',
-                request_serializer=tests_dot_cri_dot_api__pb2.RemoveContainerRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.RemoveContainerResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.RemoveContainerRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.RemoveContainerResponse.FromString,
                 _registered_method=True)
         self.ContainerStatus = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ContainerStatus',
-                request_serializer=tests_dot_cri_dot_api__pb2.ContainerStatusRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.ContainerStatusResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.ContainerStatusRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.ContainerStatusResponse.FromString,
                 _registered_method=True)
         self.ListContainers = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ListContainers',
-                request_serializer=tests_dot_cri_dot_api__pb2.ListContainersRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.ListContainersResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.ListContainersResponse.FromString,
                 _registered_method=True)
 
 
@@ -187,68 +187,68 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Version': grpc.unary_unary_rpc_method_handler(
                     servicer.Version,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.VersionRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.VersionResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.VersionRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.VersionResponse.SerializeToString,
             ),
             'RunPodSandbox': grpc.unary_unary_rpc_method_handler(
                     servicer.RunPodSandbox,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.RunPodSandboxRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.RunPodSandboxResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.RunPodSandboxRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.RunPodSandboxResponse.SerializeToString,
             ),
             'StopPodSandbox': grpc.unary_unary_rpc_method_handler(
                     servicer.StopPodSandbox,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.StopPodSandboxRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.StopPodSandboxResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.StopPodSandboxRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.StopPodSandboxResponse.SerializeToString,
             ),
             'RemovePodSandbox': grpc.unary_unary_rpc_method_handler(
                     servicer.RemovePodSandbox,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.RemovePodSandboxRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.RemovePodSandboxResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.RemovePodSandboxRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.RemovePodSandboxResponse.SerializeToString,
             ),
             'PodSandboxStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.PodSandboxStatus,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.PodSandboxStatusRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.PodSandboxStatusResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.PodSandboxStatusRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.PodSandboxStatusResponse.SerializeToString,
             ),
             'ListPodSandbox': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPodSandbox,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.ListPodSandboxRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.ListPodSandboxResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.ListPodSandboxRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.ListPodSandboxResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.StatusRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.StatusRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.StatusResponse.SerializeToString,
             ),
             'CreateContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateContainer,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.CreateContainerRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.CreateContainerResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.CreateContainerRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.CreateContainerResponse.SerializeToString,
             ),
             'StartContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.StartContainer,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.StartContainerRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.StartContainerResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.StartContainerRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.StartContainerResponse.SerializeToString,
             ),
             'StopContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.StopContainer,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.StopContainerRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.StopContainerResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.StopContainerRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.StopContainerResponse.SerializeToString,
             ),
             'RemoveContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveContainer,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.RemoveContainerRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.RemoveContainerResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.RemoveContainerRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.RemoveContainerResponse.SerializeToString,
             ),
             'ContainerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ContainerStatus,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.ContainerStatusRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.ContainerStatusResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.ContainerStatusRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.ContainerStatusResponse.SerializeToString,
             ),
             'ListContainers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListContainers,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.ListContainersRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.ListContainersResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.ListContainersRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.ListContainersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,8 +276,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/Version',
-            tests_dot_cri_dot_api__pb2.VersionRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.VersionResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.VersionRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.VersionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -303,8 +303,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/RunPodSandbox',
-            tests_dot_cri_dot_api__pb2.RunPodSandboxRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.RunPodSandboxResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.RunPodSandboxRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.RunPodSandboxResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -330,8 +330,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/StopPodSandbox',
-            tests_dot_cri_dot_api__pb2.StopPodSandboxRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.StopPodSandboxResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.StopPodSandboxRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.StopPodSandboxResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -357,8 +357,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/RemovePodSandbox',
-            tests_dot_cri_dot_api__pb2.RemovePodSandboxRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.RemovePodSandboxResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.RemovePodSandboxRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.RemovePodSandboxResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -384,8 +384,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/PodSandboxStatus',
-            tests_dot_cri_dot_api__pb2.PodSandboxStatusRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.PodSandboxStatusResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.PodSandboxStatusRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.PodSandboxStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -411,8 +411,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/ListPodSandbox',
-            tests_dot_cri_dot_api__pb2.ListPodSandboxRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.ListPodSandboxResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.ListPodSandboxRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.ListPodSandboxResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -438,8 +438,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/Status',
-            tests_dot_cri_dot_api__pb2.StatusRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.StatusResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.StatusRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -465,8 +465,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/CreateContainer',
-            tests_dot_cri_dot_api__pb2.CreateContainerRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.CreateContainerResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.CreateContainerRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.CreateContainerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -492,8 +492,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/StartContainer',
-            tests_dot_cri_dot_api__pb2.StartContainerRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.StartContainerResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.StartContainerRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.StartContainerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -519,8 +519,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/StopContainer',
-            tests_dot_cri_dot_api__pb2.StopContainerRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.StopContainerResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.StopContainerRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.StopContainerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -546,8 +546,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/RemoveContainer',
-            tests_dot_cri_dot_api__pb2.RemoveContainerRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.RemoveContainerResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.RemoveContainerRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.RemoveContainerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -573,8 +573,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/ContainerStatus',
-            tests_dot_cri_dot_api__pb2.ContainerStatusRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.ContainerStatusResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.ContainerStatusRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.ContainerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -600,8 +600,8 @@ class RuntimeService:
             request,
             target,
             '/runtime.v1.RuntimeService/ListContainers',
-            tests_dot_cri_dot_api__pb2.ListContainersRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.ListContainersResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.ListContainersRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.ListContainersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -624,8 +624,8 @@ class ImageServiceStub:
         """
         self.ImageStatus = channel.unary_unary(
                 '/runtime.v1.ImageService/ImageStatus',
-                request_serializer=tests_dot_cri_dot_api__pb2.ImageStatusRequest.SerializeToString,
-                response_deserializer=tests_dot_cri_dot_api__pb2.ImageStatusResponse.FromString,
+                request_serializer=testbed_dot_cri_dot_api__pb2.ImageStatusRequest.SerializeToString,
+                response_deserializer=testbed_dot_cri_dot_api__pb2.ImageStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -643,8 +643,8 @@ def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ImageStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ImageStatus,
-                    request_deserializer=tests_dot_cri_dot_api__pb2.ImageStatusRequest.FromString,
-                    response_serializer=tests_dot_cri_dot_api__pb2.ImageStatusResponse.SerializeToString,
+                    request_deserializer=testbed_dot_cri_dot_api__pb2.ImageStatusRequest.FromString,
+                    response_serializer=testbed_dot_cri_dot_api__pb2.ImageStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -672,8 +672,8 @@ class ImageService:
             request,
             target,
             '/runtime.v1.ImageService/ImageStatus',
-            tests_dot_cri_dot_api__pb2.ImageStatusRequest.SerializeToString,
-            tests_dot_cri_dot_api__pb2.ImageStatusResponse.FromString,
+            testbed_dot_cri_dot_api__pb2.ImageStatusRequest.SerializeToString,
+            testbed_dot_cri_dot_api__pb2.ImageStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from cni_plugin import wire
-from tests.harness.paths import REPO_ROOT, VENV_PYTHON
+from testbed.paths import REPO_ROOT, VENV_PYTHON
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 

@@ -13,9 +13,9 @@ in /run/containerd/s, the cgroups, the netns and the temp dir.
 
 As a script, for humans::
 
-    python -m tests.cri.env up      # prints the environment (JSON) and leaves it running
-    python -m tests.cri.env down    # tears down every environment started with `up`
-    python -m tests.cri.env ls
+    python -m testbed.cri.env up      # prints the environment (JSON) and leaves it running
+    python -m testbed.cri.env down    # tears down every environment started with `up`
+    python -m testbed.cri.env ls
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.cri import image
-from tests.cri.client import CriClient, CriError, PodSpec
-from tests.cri.config import EnvLayout, PrimaryNet, containerd_config, primary_conflist, render_conflist
+from testbed.cri import image
+from testbed.cri.client import CriClient, CriError, PodSpec
+from testbed.cri.config import EnvLayout, PrimaryNet, containerd_config, primary_conflist, render_conflist
 
 STATE_DIR = Path("/run/ambient-cni-cri")  # one JSON file per environment started with `up`
 NETNS_DIR = Path("/run/netns")
@@ -60,7 +60,7 @@ class EnvError(RuntimeError):
 
 @dataclass
 class CriEnv:
-    """One running environment. Serialisable, so ``python -m tests.cri.env down`` can find it again."""
+    """One running environment. Serialisable, so ``python -m testbed.cri.env down`` can find it again."""
 
     name: str
     root: str
@@ -565,7 +565,7 @@ def main(argv: list[str]) -> int:
         for env in load_all():
             print(f"{env.name}\tpid={env.pid}\t{'running' if _alive(env.pid) else 'dead'}\t{env.socket}")
         return 0
-    print("usage: python -m tests.cri.env up|down|ls", file=sys.stderr)
+    print("usage: python -m testbed.cri.env up|down|ls", file=sys.stderr)
     return 2
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.harness.paths import PLUGIN, SYSTEM_CNI_DIR
+from testbed.paths import PLUGIN, SYSTEM_CNI_DIR
 
 PLUGIN_TYPE = "ambient-cni"
 

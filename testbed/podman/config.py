@@ -80,7 +80,7 @@ def containers_conf(layout: Layout, *, cni_plugin_dirs: tuple[str, ...] = ("/usr
     plugin_dirs = [str(layout.bin_dir), *cni_plugin_dirs]
     return "\n".join(
         [
-            "# written by tests/podman/config.py for one throw-away test environment",
+            "# written by testbed/podman/config.py for one throw-away test environment",
             "[containers]",
             f"default_ulimits = {_toml_list(DEFAULT_ULIMITS)}",
             "",
@@ -104,7 +104,7 @@ def containers_conf(layout: Layout, *, cni_plugin_dirs: tuple[str, ...] = ("/usr
 def storage_conf(layout: Layout, driver: str = "overlay") -> str:
     return "\n".join(
         [
-            "# written by tests/podman/config.py for one throw-away test environment",
+            "# written by testbed/podman/config.py for one throw-away test environment",
             "[storage]",
             f"driver = {json.dumps(driver)}",
             f"graphroot = {json.dumps(str(layout.graph_root))}",

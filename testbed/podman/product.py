@@ -1,5 +1,5 @@
 """Our product on a podman environment: a podman-created network chained by our installer, the node agent and
-the ZDS peer (``tests.cri.product.Node`` works on any environment with a root, conf and bin dir), plus what the
+the ZDS peer (``testbed.cri.product.Node`` works on any environment with a root, conf and bin dir), plus what the
 podman tests need to look inside: the plugin's recorded stdin/stdout, rules in a container's netns, CNI_ARGS.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.cri.product import ENROLLED_NS_LABELS, PRODUCT, Node, run_product
-from tests.podman.env import PodmanEnv
+from testbed.cri.product import ENROLLED_NS_LABELS, PRODUCT, Node, run_product
+from testbed.podman.env import PodmanEnv
 
 __all__ = [
     "ENROLLED_NS_LABELS",

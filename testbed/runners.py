@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.harness.netns import Netns
-from tests.harness.paths import DRIVER, PLUGIN
+from testbed.netns import Netns
+from testbed.paths import DRIVER, PLUGIN
 
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
