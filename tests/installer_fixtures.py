@@ -6,8 +6,7 @@ import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,9 +14,7 @@ from typing import Any, TypeVar
 from testbed.paths import FIXTURES, REPO_ROOT, VENV_PYTHON
 
 CONFLIST_FIXTURES = FIXTURES / "conflists"
-SHARED_CONFLISTS = Path("/work/shared/fixtures/conflists")
-GOLDEN = REPO_ROOT / "tests" / "golden" / "installer"
-REGEN = os.environ.get("AMBIENT_CNI_REGEN_GOLDEN") == "1"
+CONFLIST_SOURCES = CONFLIST_FIXTURES / "SOURCES.md"
 T = TypeVar("T")
 
 # A stand-in plugin bundle (same layout as the PyInstaller onedir: an executable + _internal/). The executable
@@ -41,9 +38,18 @@ if command == "ADD":
 
 
 def conflist_fixtures() -> list[Path]:
-    """Every primary config fixture (the shared set, copied into tests/fixtures/conflists)."""
-    base = CONFLIST_FIXTURES if CONFLIST_FIXTURES.is_dir() else SHARED_CONFLISTS
-    return sorted(p for p in base.iterdir() if p.name != "SOURCES.md")
+    """Every primary config fixture in tests/fixtures/conflists (real configs; provenance in SOURCES.md)."""
+    return sorted(p for p in CONFLIST_FIXTURES.iterdir() if p != CONFLIST_SOURCES)
+
+
+def sourced_fixture_names() -> set[str]:
+    """The fixture files SOURCES.md gives a provenance row for (first column of its table)."""
+    names = set()
+    for line in CONFLIST_SOURCES.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and "__" in cells[0]:
+            names.add(cells[0])
+    return names
 
 
 def node_name(fixture: Path) -> str:
@@ -62,18 +68,6 @@ def make_fake_bundle(directory: Path, marker: str = "v1", python: str = str(VENV
     (internal / "payload.bin").write_bytes(marker.encode() * 4096)
     (internal / "base_library.zip").write_bytes(b"PK" + marker.encode())
     return directory
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.002) -> T:
-    """Poll until ``predicate()`` is truthy; return its value or raise AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 def read_json(path: Path) -> Any:

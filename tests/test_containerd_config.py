@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -14,17 +13,11 @@ import pytest
 
 from testbed.cri import image
 from testbed.cri.config import EnvLayout, PrimaryNet, containerd_config, primary_conflist, render_conflist
-
-GOLDEN = Path(__file__).parent / "golden" / "cri"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+from tests import goldens
 
 
 def _check(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE:
-        path.write_text(text)
-    assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{name} differs from its golden file (UPDATE_GOLDEN=1 to accept)"
+    goldens.check(goldens.golden("cri", name), text)
 
 
 def test_containerd_config_golden() -> None:

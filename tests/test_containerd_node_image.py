@@ -13,7 +13,6 @@ import``), the reference CNI plugins, iptables, the ZDS peer. The one fake is th
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,13 +29,14 @@ from testbed.cri.product import VENV_PYTHON
 from testbed.fakekube.server import FakeKube
 from testbed.node_proc import tree_bytes
 from testbed.paths import REPO_ROOT
+from testbed.poll import wait_for
+from tests import goldens
 
 pytestmark = [pytest.mark.containerd, pytest.mark.timeout(400)]
 
 ENROLLED_NS = "shop"
 DS, DS_NS = "ambient-cni-node", "istio-system"
 NOT_READY = {"key": "cni.istio.io/not-ready", "value": "true", "effect": "NoSchedule"}
-GOLDEN = REPO_ROOT / "tests" / "golden" / "dataplane" / "seed_iptables_save.txt"
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +104,6 @@ def _iptables_save(netns: str) -> str:
     return res.stdout
 
 
-def _wait(predicate: object, what: str, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _enrolled_pod(env: CriEnv, cri: NodeCri, fake: FakeKube, name: str) -> str:
     spec = env.pod(name, ENROLLED_NS)
     fake.upsert_pod(name, ENROLLED_NS, env.name, uid=spec.uid)  # the API has the pod before the kubelet runs it
@@ -137,7 +128,7 @@ def test_daemonset_pod_installs_redirects_and_uninstalls_when_deleted(
         node.start(cri)
         seconds = node.wait_ready(cri)
         print(f"container start -> /readyz: {seconds:.2f} s")
-        _wait(lambda: fake.lifecycle.node(cri_env.name)["spec"].get("taints") == [], "the taint removal")  # type: ignore[index]
+        wait_for(lambda: fake.lifecycle.node(cri_env.name)["spec"].get("taints") == [], 20, "the taint removal")  # type: ignore[index]
         # the chain now includes ambient-cni, and its binary resolves on the host (a relative symlink)
         conf = tree_bytes(cri_env.conf_dir)
         assert b'"type": "ambient-cni"' in conf["00-ambient-cni.conflist"]  # type: ignore[operator]
@@ -153,11 +144,11 @@ def test_daemonset_pod_installs_redirects_and_uninstalls_when_deleted(
         assert info.ready
         # the agent inside the container installed the seed's rules in the new pod's netns
         got = rules.normalise_save(_iptables_save(info.netns))
-        assert got == rules.normalise_save(GOLDEN.read_text())
+        assert got == goldens.read(goldens.SEED_SAVE, rules.normalise_save)
         # ... and handed the netns to the test's ZDS peer
         _, peer_log = peer
-        _wait(lambda: f'WorkloadUid("{cri.status(sid).uid}") received netns' in peer_log.read_text(),
-              "the peer to receive the netns")
+        wait_for(lambda: f'WorkloadUid("{cri.status(sid).uid}") received netns' in peer_log.read_text(), 20,
+                 "the peer to receive the netns")
 
         # "DaemonSet deleted": the API says so, the container's SIGTERM uninstalls
         fake.lifecycle.delete_daemonset(DS, DS_NS)
@@ -196,7 +187,8 @@ def test_upgrade_keeps_the_chain_and_new_pods_fail_closed_until_the_next_contain
         new.wait_ready(cri)
         sid = _enrolled_pod(cri_env, cri, fake, "cart-2")
         sandboxes.append(sid)
-        assert rules.normalise_save(_iptables_save(cri.status(sid).netns)) == rules.normalise_save(GOLDEN.read_text())
+        assert rules.normalise_save(_iptables_save(cri.status(sid).netns)) == goldens.read(goldens.SEED_SAVE,
+                                                                                           rules.normalise_save)
     finally:
         for sid in sandboxes:
             _remove_sandbox(cri, sid)

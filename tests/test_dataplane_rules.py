@@ -4,15 +4,13 @@ read back with the real iptables-save, compared with the seed's text (tests/gold
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 from nodeagent.dataplane import inpod, iptables, netns, routes, rules
 from nodeagent.dataplane.rules import Family
 from testbed.netns import Netns
-
-GOLDEN = Path(__file__).parent / "golden" / "dataplane"
+from tests import goldens
 
 
 def in_ns(ns: Netns, fn):  # type: ignore[no-untyped-def]
@@ -44,19 +42,14 @@ def test_pure_install_input_is_seed_shaped() -> None:
 def test_golden_seed_text(netns_factory) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(Family.V4))
-    got = ours(ns.iptables_save())
-    want = ours((GOLDEN / "seed_iptables_save.txt").read_text())
-    assert got == want
+    goldens.check(goldens.SEED_SAVE, ours(ns.iptables_save()), ours)
 
 
 def test_golden_v6(netns_factory) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(Family.V6))
     got = ours(ns.iptables_save(v6=True))
-    golden = GOLDEN / "ip6tables_save.txt"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(got)
-    assert got == golden.read_text()
+    goldens.check(goldens.golden("dataplane", "ip6tables_save.txt"), got)
     assert "--on-ip ::" in got and "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128" in got and "::1/128" in got
 
 
@@ -131,8 +124,8 @@ def test_first_install_input_creates_chains_with_n() -> None:
 def test_both_families_at_once_match_the_goldens(netns_factory) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install_families([Family.V4, Family.V6]))
-    assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
-    assert ours(ns.iptables_save(v6=True)) == (GOLDEN / "ip6tables_save.txt").read_text()
+    assert ours(ns.iptables_save()) == goldens.read(goldens.SEED_SAVE, ours)
+    assert ours(ns.iptables_save(v6=True)) == goldens.read(goldens.golden("dataplane", "ip6tables_save.txt"))
 
 
 def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory) -> None:
@@ -145,7 +138,7 @@ def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory) -> No
         ns.run("iptables", "-t", "mangle", *cmd)
     assert "ISTIO_PRERT" not in ns.iptables_save()
     in_ns(ns, lambda: iptables.install(Family.V4))
-    assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
+    assert ours(ns.iptables_save()) == goldens.read(goldens.SEED_SAVE, ours)
 
 
 def test_a_real_restore_failure_is_raised_and_meanwhile_still_runs(netns_factory) -> None:
@@ -167,7 +160,7 @@ def test_meanwhile_failure_waits_for_the_restores(netns_factory) -> None:
     with pytest.raises(RuntimeError, match="routes failed"):
         in_ns(ns, lambda: iptables.install_families([Family.V4, Family.V6], meanwhile=boom))
     # the restores were waited for (no zombie, no half-applied table: each table is one transaction)
-    assert ours(ns.iptables_save()) == ours((GOLDEN / "seed_iptables_save.txt").read_text())
+    assert ours(ns.iptables_save()) == goldens.read(goldens.SEED_SAVE, ours)
 
 
 def _routing_state(ns: Netns) -> list[str]:

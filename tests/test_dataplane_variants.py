@@ -1,13 +1,16 @@
 """Every redirection variant and the node-side probe rules, against golden files (tests/golden/dataplane/).
 
-Two kinds of golden per variant and family:
+Kinds of golden per variant and family:
 - ``<variant>_v4.restore`` / ``_v6.restore``: the ``iptables-restore --noflush`` input the generator writes for a
   clean netns (pure: runs without root);
+- ``<variant>_v4.switch`` / ``.remove`` (pure too): the input it writes over the real ``iptables-save`` of the
+  seed's rules (a variant change) and over the variant's own (its removal);
 - ``<variant>_v4.save`` / ``_v6.save``: what the real ``iptables-save`` prints after that input was applied in a
   fresh netns (comment lines dropped and counters zeroed, nothing else touched). The default variant's are the
   seed's own text (``seed_iptables_save.txt``, ``ip6tables_save.txt``).
-The node side: ``host_v4``/``host_v6`` the same way, applied by ``HostProbe`` in a fresh "node" netns.
-``UPDATE_GOLDEN=1`` rewrites the files (review the diff).
+The node side: ``host_v4``/``host_v6`` the same way (``.restore``, ``.save``, and over the ``.save``: ``.repair``,
+``.remove``), applied by ``HostProbe`` in a fresh "node" netns.
+``REFRESH_GOLDEN=1`` rewrites the files but the seed's (review the diff; ``tests/goldens.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from nodeagent.dataplane import hostrules, iptables, netns, rules
 from nodeagent.dataplane.hostprobe import HostProbe
 from nodeagent.dataplane.rules import Family, RedirectMode, Variant
 from testbed.netns import Netns
+from tests import goldens
 
-GOLDEN = Path(__file__).parent / "golden" / "dataplane"
 VIFS = ("fake1s0f0", "fake1s0f1")
 T, R = RedirectMode.TPROXY, RedirectMode.REDIRECT
 VARIANTS = [
@@ -51,18 +54,12 @@ def in_ns(ns: Netns, fn):  # type: ignore[no-untyped-def]
 
 def golden_path(stem: str, family: Family, kind: str) -> Path:
     if kind == "save" and stem == "tproxy":  # the default: the seed's own iptables-save text
-        return GOLDEN / ("seed_iptables_save.txt" if family is Family.V4 else "ip6tables_save.txt")
-    return GOLDEN / "variants" / f"{stem}_v{family.value}.{kind}"
+        return goldens.SEED_SAVE if family is Family.V4 else goldens.golden("dataplane", "ip6tables_save.txt")
+    return goldens.golden("dataplane", "variants", f"{stem}_v{family.value}.{kind}")
 
 
 def check_golden(path: Path, got: str) -> None:
-    if os.environ.get("UPDATE_GOLDEN") and not path.name.endswith(".txt"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(got)
-    want = path.read_text()
-    if path.name.endswith(".txt"):
-        want = rules.normalise_save(want)
-    assert got == want, f"{path} differs"
+    goldens.check(path, got, rules.normalise_save if path.name.endswith(".txt") else None)
 
 
 def ids(v: Variant) -> str:
@@ -82,15 +79,48 @@ def test_fresh_netns_input_is_the_golden_with_chains_created(variant: Variant, f
     """A fresh pod's single restore (``first_install_input``) is the golden input with each ``:CHAIN - [0:0]``
     declaration turned into ``-N CHAIN`` (refused when the chain exists): the same tables and rules, byte for
     byte, for every variant."""
-    golden = golden_path(variant.name, family, "restore").read_text()
+    golden = goldens.read(golden_path(variant.name, family, "restore"))
     expected = "".join(f"-N {ln[1:].split()[0]}\n" if ln.startswith(":ISTIO") else f"{ln}\n"
                        for ln in golden.splitlines())
     assert rules.first_install_input(family, variant=variant) == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids)
+def test_switch_input_golden(variant: Variant, family: Family) -> None:
+    """The input that turns a pod holding the seed's rules (the real ``iptables-save`` golden) into ``variant``:
+    what the agent restores when a pod's annotations change its variant (for the seed's own variant: nothing
+    but the chain declarations, an idempotent re-install)."""
+    seed_save = goldens.read(golden_path(rules.DEFAULT_VARIANT.name, family, "save"))
+    check_golden(golden_path(variant.name, family, "switch"), rules.install_input(family, seed_save, variant=variant))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids)
+def test_removal_input_golden(variant: Variant, family: Family) -> None:
+    """The input that removes ``variant``'s rules from a pod holding them (its real ``iptables-save`` golden):
+    every jump deleted, every chain of ours flushed and deleted, nothing else named."""
+    save = goldens.read(golden_path(variant.name, family, "save"))
+    removal = rules.removal_input(save)
+    check_golden(golden_path(variant.name, family, "remove"), removal)
+    assert rules.removal_input("") == "" and all(ln.startswith(("*", "-D ", "-F ", "-X ", "COMMIT"))
+                                                   for ln in removal.splitlines())
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
 def test_host_restore_input_golden(family: Family) -> None:
     check_golden(golden_path("host", family, "restore"), hostrules.host_install_input(family, ""))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
+def test_host_repair_and_removal_input_golden(family: Family) -> None:
+    """The node side over its real ``iptables-save`` golden: nothing to repair (the jump is first and unique,
+    so no ``-D``/``-I``), and the removal input."""
+    save = goldens.read(golden_path("host", family, "save"))
+    repair = hostrules.host_install_input(family, save)
+    assert "-D " not in repair and "-I " not in repair
+    check_golden(golden_path("host", family, "repair"), repair)
+    check_golden(golden_path("host", family, "remove"), hostrules.host_removal_input(save))
 
 
 def test_variant_names_are_unique_and_default_is_the_seed() -> None:
@@ -186,7 +216,7 @@ def test_variant_change_leaves_only_the_new_variant(netns_factory, family: Famil
     got = rules.normalise_save(ns.iptables_save(v6))
     assert "-A OUTPUT -p udp -j ACCEPT" in got
     assert all(d.ok for d in rules.diff_rules(got, family))
-    seed = rules.normalise_save(golden_path("tproxy", family, "save").read_text())
+    seed = goldens.read(golden_path("tproxy", family, "save"), rules.normalise_save)
     ours = "\n".join(ln for ln in got.splitlines() if "ISTIO" in ln)
     assert ours == "\n".join(ln for ln in seed.splitlines() if "ISTIO" in ln)
     assert in_ns(ns, lambda: iptables.remove(family)) is True
@@ -203,7 +233,7 @@ def test_both_families_at_once_switching_variants_both_ways(netns_factory) -> No
         in_ns(ns, lambda v=variant: iptables.install_families(FAMILIES, variant=v))
         for family in FAMILIES:
             got = rules.normalise_save(ns.iptables_save(family is Family.V6))
-            want = rules.normalise_save(golden_path(variant.name, family, "save").read_text())
+            want = goldens.read(golden_path(variant.name, family, "save"), rules.normalise_save)
             assert [ln for ln in got.splitlines() if "ISTIO" in ln] == [
                 ln for ln in want.splitlines() if "ISTIO" in ln], (variant.name, family)
             assert all(d.ok for d in rules.diff_rules(got, family, variant=variant))

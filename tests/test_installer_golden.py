@@ -2,7 +2,7 @@
 install (bytes == golden), re-install (nothing written, byte-identical, same inode), uninstall (the conf dir is
 back to its original names, bytes and modes).
 
-Regenerate with ``AMBIENT_CNI_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_installer_golden.py``.
+Refresh with ``REFRESH_GOLDEN=1 .venv/bin/python -m pytest tests/test_installer_golden.py`` (``tests/goldens.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import pytest
 
 from conflist.cli import build_entry
 from conflist.installer import Installer, Options
-from tests.installer_fixtures import GOLDEN, REGEN, conflist_fixtures, node_name
+from tests import goldens
+from tests.installer_fixtures import conflist_fixtures, node_name, sourced_fixture_names
 
 FIXTURES = conflist_fixtures()
 NO_VERSION = [f for f in FIXTURES if "cniVersion" not in json.loads(f.read_bytes())]
+GOLDEN = goldens.golden("installer")
 ENTRY = build_entry("/var/run/ambient-cni", "kube-system", "istio-system", "ambient-cni-node-", 5000, "info", None)
 
 
@@ -34,14 +36,6 @@ def _options(conf_dir: Path, mode: str, default_version: str | None = None) -> O
                    source=None, ready_file=None, default_cni_version=default_version)
 
 
-def _check_golden(path: Path, actual: bytes) -> None:
-    if REGEN:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(actual)
-    assert path.exists(), f"missing golden {path}; regenerate with AMBIENT_CNI_REGEN_GOLDEN=1"
-    assert actual == path.read_bytes(), f"differs from golden {path}"
-
-
 def _round_trip(scratch: Path, fixture: Path, mode: str, default_version: str | None, golden: Path) -> None:
     conf_dir = scratch / "net.d"
     conf_dir.mkdir()
@@ -53,11 +47,11 @@ def _round_trip(scratch: Path, fixture: Path, mode: str, default_version: str | 
     outcome = Installer(_options(conf_dir, mode, default_version)).run_pass()
     error_golden = golden.with_name(golden.name + ".error")
     if not outcome.valid:
-        _check_golden(error_golden, (outcome.reason + "\n").encode())
+        goldens.check(error_golden, (outcome.reason + "\n").encode())
         assert _snapshot(conf_dir) == before, "a refused primary must leave the conf dir untouched"
         assert not (conf_dir / ".ambient-cni").exists()
         return
-    assert not error_golden.exists() or REGEN, f"{fixture.name} was expected to be refused"
+    assert not error_golden.exists() or goldens.REFRESH, f"{fixture.name} was expected to be refused"
     assert outcome.config is not None
     chain_file = conf_dir / outcome.config
     if mode == "owned":
@@ -67,7 +61,7 @@ def _round_trip(scratch: Path, fixture: Path, mode: str, default_version: str | 
     else:
         assert outcome.config == (name if name.endswith(".conflist") else os.path.splitext(name)[0] + ".conflist")
         assert stat.S_IMODE(chain_file.stat().st_mode) == 0o644, "inplace keeps the primary's mode"
-    _check_golden(golden, chain_file.read_bytes())
+    goldens.check(golden, chain_file.read_bytes())
     doc = json.loads(chain_file.read_bytes())
     types = [p["type"] for p in doc["plugins"]]
     assert types[-1] == "ambient-cni" and types.count("ambient-cni") == 1
@@ -108,8 +102,11 @@ def test_no_cni_version_with_explicit_default(scratch: Path, fixture: Path, mode
     _round_trip(scratch, fixture, mode, "0.3.1", GOLDEN / mode / (fixture.name + ".default-0.3.1"))
 
 
-def test_every_shared_fixture_is_covered() -> None:
-    shared_dir = Path("/work/shared/fixtures/conflists")  # the project's shared set, when mounted
-    shared = {p.name for p in shared_dir.iterdir()} - {"SOURCES.md"} if shared_dir.is_dir() else set()
-    assert shared <= {f.name for f in FIXTURES}
-    assert len(NO_VERSION) >= 2
+def test_every_sourced_fixture_is_present_and_covered() -> None:
+    """The fixtures are the repository's own (tests/fixtures/conflists): each file SOURCES.md names is there and
+    tested above (a missing one fails here instead of silently shrinking the parametrisation), and each file
+    there has its provenance row."""
+    present = {f.name for f in FIXTURES}
+    sourced = sourced_fixture_names()
+    assert sourced == present, f"missing fixtures: {sorted(sourced - present)}; unsourced: {sorted(present - sourced)}"
+    assert len(FIXTURES) >= 25 and len(NO_VERSION) >= 2

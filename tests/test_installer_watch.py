@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conflist import binary
+from testbed.poll import wait_for
 from tests.installer_fixtures import (
     CONFLIST_FIXTURES,
     chain_types,
@@ -25,7 +26,6 @@ from tests.installer_fixtures import (
     installer_env,
     make_fake_bundle,
     running_installer,
-    wait_for,
 )
 
 CALICO = (CONFLIST_FIXTURES / "calico__10-calico.conflist").read_bytes()
@@ -71,7 +71,7 @@ def _chained(path: Path, primary_types: list[str]) -> bool:
 def watching(node: Node) -> Iterator[Node]:
     (node.conf / "10-calico.conflist").write_bytes(CALICO)
     with running_installer(_argv(node), node.log) as proc:
-        wait_for(lambda: node.ready.exists(), timeout=20)
+        wait_for(lambda: node.ready.exists(), timeout=20, what="the ready file")
         assert proc.poll() is None
         yield node
         assert proc.poll() is None, node.log_text()
@@ -80,7 +80,7 @@ def watching(node: Node) -> Iterator[Node]:
 def _timed(action: object, predicate: object) -> float:
     start = time.monotonic()
     action()  # type: ignore[operator]
-    wait_for(predicate, timeout=REPAIR_BOUND_S * 5)  # type: ignore[arg-type]
+    wait_for(predicate, timeout=REPAIR_BOUND_S * 5, interval=0.002, what="the repair")  # type: ignore[arg-type]
     return time.monotonic() - start
 
 
@@ -122,10 +122,11 @@ def test_new_lower_sorting_file_preempts_and_is_followed(watching: Node) -> None
     fallback = watching.conf / "0-ambient-cni.conflist"
     elapsed = _timed(lambda: new.write_bytes(FLANNEL), lambda: _chained(fallback, ["flannel", "portmap"]))
     assert elapsed < REPAIR_BOUND_S
-    wait_for(lambda: not watching.owned.exists())
+    wait_for(lambda: not watching.owned.exists(), what="our conflist removed")
     assert sorted(p.name for p in watching.conf.iterdir() if p.is_file())[0] == "0-ambient-cni.conflist"
     new.unlink()  # and back
-    wait_for(lambda: _chained(watching.owned, ["calico", "portmap", "bandwidth"]) and not fallback.exists())
+    wait_for(lambda: _chained(watching.owned, ["calico", "portmap", "bandwidth"]) and not fallback.exists(),
+             what="calico chained again, the fallback gone")
 
 
 def test_deleted_binary_is_reinstalled(watching: Node) -> None:
@@ -135,7 +136,7 @@ def test_deleted_binary_is_reinstalled(watching: Node) -> None:
     assert elapsed < REPAIR_BOUND_S
     bundle_dir = watching.bin / target.split("/")[0]
     (bundle_dir / "ambient-cni").unlink()  # the executable inside the bundle
-    wait_for(lambda: (bundle_dir / "ambient-cni").exists(), timeout=REPAIR_BOUND_S * 5)
+    wait_for(lambda: (bundle_dir / "ambient-cni").exists(), timeout=REPAIR_BOUND_S * 5, what="the bundle restored")
     manifest = binary.read_manifest(str(bundle_dir))
     assert manifest is not None and binary.verify_full(str(bundle_dir), manifest) is None
 
@@ -143,18 +144,19 @@ def test_deleted_binary_is_reinstalled(watching: Node) -> None:
 def test_readiness_follows_validity(watching: Node) -> None:
     """Primary gone (only our file left): not valid -> readiness removed; primary back -> ready again."""
     (watching.conf / "10-calico.conflist").unlink()
-    wait_for(lambda: not watching.ready.exists())
+    wait_for(lambda: not watching.ready.exists(), what="the ready file removed")
     assert watching.owned.exists(), "our file stays (the conf dir is never left without a config by us)"
     (watching.conf / "10-calico.conflist").write_bytes(CALICO)
-    wait_for(lambda: watching.ready.exists())
+    wait_for(lambda: watching.ready.exists(), what="the ready file back")
 
 
 def test_waits_for_primary_then_installs(node: Node) -> None:
     with running_installer(_argv(node), node.log) as proc:
-        wait_for(lambda: "waiting for a primary CNI config" in node.log_text(), timeout=20)
+        wait_for(lambda: "waiting for a primary CNI config" in node.log_text(), timeout=20,
+                 what="the installer to wait for a primary")
         assert not node.ready.exists() and not node.owned.exists()
         (node.conf / "10-flannel.conflist").write_bytes(FLANNEL)
-        wait_for(lambda: node.ready.exists())
+        wait_for(lambda: node.ready.exists(), what="the ready file")
         assert _chained(node.owned, ["flannel", "portmap"])
         assert proc.poll() is None
 
@@ -162,7 +164,7 @@ def test_waits_for_primary_then_installs(node: Node) -> None:
 def test_sigterm_is_restart_everything_stays(node: Node) -> None:
     (node.conf / "10-calico.conflist").write_bytes(CALICO)
     with running_installer(_argv(node), node.log) as proc:
-        wait_for(lambda: node.ready.exists(), timeout=20)
+        wait_for(lambda: node.ready.exists(), timeout=20, what="the ready file")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     assert _chained(node.owned, ["calico", "portmap", "bandwidth"])
@@ -175,12 +177,13 @@ def test_fight_is_throttled_and_warned(node: Node) -> None:
     (node.conf / "10-calico.conflist").write_bytes(CALICO)
     with running_installer(_argv(node, "--fight-limit", "3", "--fight-window", "10", "--fight-backoff", "0.5"),
                            node.log):
-        wait_for(lambda: node.ready.exists(), timeout=20)
+        wait_for(lambda: node.ready.exists(), timeout=20, what="the ready file")
         repairs = []
         start = time.monotonic()
         for _ in range(8):  # a component that insists on its own content
             node.owned.write_bytes(CALICO)
-            wait_for(lambda: _chained(node.owned, ["calico", "portmap", "bandwidth"]), timeout=5)
+            wait_for(lambda: _chained(node.owned, ["calico", "portmap", "bandwidth"]), timeout=5,
+                     interval=0.002, what="the repair")
             repairs.append(time.monotonic())
         assert "another component keeps rewriting 00-ambient-cni.conflist" in node.log_text()
         gaps = [b - a for a, b in itertools.pairwise(repairs[4:])]
@@ -194,7 +197,7 @@ def test_inplace_primary_rewrite_is_rechained(node: Node) -> None:
     primary = node.conf / "10-calico.conflist"
     primary.write_bytes(CALICO)
     with running_installer(_argv(node, "--mode", "inplace"), node.log):
-        wait_for(lambda: node.ready.exists(), timeout=20)
+        wait_for(lambda: node.ready.exists(), timeout=20, what="the ready file")
         assert _chained(primary, ["calico", "portmap", "bandwidth"]) and not node.owned.exists()
         elapsed = _timed(lambda: primary.write_bytes(FLANNEL), lambda: _chained(primary, ["flannel", "portmap"]))
         assert elapsed < REPAIR_BOUND_S

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 import tomllib
 from pathlib import Path
 
 from testbed.podman import image
 from testbed.podman.config import Layout, containers_conf, storage_conf, without_plugin
-
-GOLDEN = Path(__file__).parent / "golden" / "podman"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+from tests import goldens
 
 
 def _check(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{name} differs from its golden file (UPDATE_GOLDEN=1 to accept)"
+    goldens.check(goldens.golden("podman", name), text)
 
 
 def test_containers_conf_golden() -> None:

@@ -16,7 +16,6 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,11 +24,12 @@ from nodeagent.dataplane.rules import normalise_save
 from testbed.podman import env as env_mod
 from testbed.podman.config import TOOL_IMAGE
 from testbed.podman.env import PodmanEnv
-from testbed.podman.product import ENROLLED_NS_LABELS, PRODUCT, Identity, Network, Node, wait_for
+from testbed.podman.product import ENROLLED_NS_LABELS, PRODUCT, Identity, Network, Node
+from testbed.poll import wait_for
+from tests import goldens
 
 pytestmark = [pytest.mark.podman, pytest.mark.timeout(300)]
 
-GOLDEN_RULES = Path(__file__).parent / "golden" / "dataplane" / "seed_iptables_save.txt"
 PORT = "8080"
 DEADLINE_MS = "1500"  # the plugin's bound on an agent round trip: keeps the agent-down cases short
 CLIENT = Identity("shop", "cart-0", "6f1c0000-0000-4000-8000-000000000001")
@@ -55,7 +55,7 @@ class Mesh:
 
     def assert_redirected(self, name: str, identity: Identity) -> dict[str, Any]:
         """The seed's rules in the container's netns and the agent's record of this container there."""
-        assert normalise_save(self.rules(name)) == normalise_save(GOLDEN_RULES.read_text())
+        assert normalise_save(self.rules(name)) == goldens.read(goldens.SEED_SAVE, normalise_save)
         info = self.env.inspect(name)
         records = [r for r in self.node.debug_pods() if r["container_id"] == info["Id"]]
         assert len(records) == 1, self.node.debug_pods()

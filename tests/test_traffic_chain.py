@@ -5,28 +5,24 @@ Needs ``make build driver``."""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 
 import pytest
 
 from testbed.cluster import AMBIENT_NS, PLAIN_NS, Cluster
 from testbed.netns import Netns
-from testbed.pods import Pod, TcpServer, pod_ip, tcp_exchange
+from testbed.pods import Pod, TcpServer, listening_ports, pod_ip, tcp_exchange
 from testbed.poll import wait_for
+from tests import goldens
 
 PORT = 8080
 
 
-def as_pod(ns, uid: str, name: str) -> Pod:  # type: ignore[no-untyped-def]
-    return Pod(Netns(ns.name), pod_ip(ns), "", uid, name)
+def as_pod(ns: Netns, uid: str, name: str) -> Pod:
+    return Pod(ns, pod_ip(ns), "", uid, name)
 
 
-def listening(ns) -> set[int]:  # type: ignore[no-untyped-def]
-    out = Netns(ns.name).run("ss", "-Hntl").stdout
-    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
-
-
-def test_full_chain_traffic(cluster: Cluster, netns_factory) -> None:
+def test_full_chain_traffic(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:
     a_ns, a_uid = cluster.add_pod(netns_factory, "client")
     b_ns, b_uid = cluster.add_pod(netns_factory, "server")
     c_ns, c_uid = cluster.add_pod(netns_factory, "outsider", namespace=PLAIN_NS)
@@ -35,9 +31,9 @@ def test_full_chain_traffic(cluster: Cluster, netns_factory) -> None:
     # ADD returned only after the ack: rules and listeners are already there
     for p in (a, b):
         assert "ISTIO_PRERT" in p.ns.iptables_save()
-        assert {15001, 15006, 15008} <= listening(p.ns)
+        assert {15001, 15006, 15008} <= listening_ports(p.ns)
     assert "ISTIO" not in c.ns.iptables_save()  # not enrolled: untouched
-    assert not {15001, 15006, 15008} & listening(c.ns)
+    assert not {15001, 15006, 15008} & listening_ports(c.ns)
 
     server = TcpServer(b, PORT)
     c_server = TcpServer(c, PORT)
@@ -59,7 +55,7 @@ def test_full_chain_traffic(cluster: Cluster, netns_factory) -> None:
         cluster.del_pod(a_ns, "client", a_uid)
         assert "ISTIO" not in a.ns.iptables_save()
         assert "0x111" not in a.ns.run("ip", "rule").stdout
-        wait_for(lambda: not {15001, 15006, 15008} & listening(a.ns), what="A's listeners closed")
+        wait_for(lambda: not {15001, 15006, 15008} & listening_ports(a.ns), what="A's listeners closed")
         assert f'pod delete request, draining proxy uid="{a.uid}"' in cluster.peer.log()
         # (the chain's DEL also removed A's interface, so there is no "direct again" to test here; see
         # test_traffic_inpod.py for that)
@@ -68,7 +64,7 @@ def test_full_chain_traffic(cluster: Cluster, netns_factory) -> None:
         c_server.close()
 
 
-def test_no_path_around_the_proxy(cluster: Cluster, netns_factory) -> None:
+def test_no_path_around_the_proxy(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:
     a_ns, a_uid = cluster.add_pod(netns_factory, "client")
     b_ns, b_uid = cluster.add_pod(netns_factory, "server")
     a, b = as_pod(a_ns, a_uid, "client"), as_pod(b_ns, b_uid, "server")
@@ -76,7 +72,9 @@ def test_no_path_around_the_proxy(cluster: Cluster, netns_factory) -> None:
     try:
         assert tcp_exchange(a, (b.ip, PORT)) == b"echo:hi"
         cluster.peer.stop()  # the node proxy dies: its listeners inside the pods go with it
-        time.sleep(0.2)
+        for pod in (a, b):
+            wait_for(lambda p=pod: not {15001, 15006, 15008} & listening_ports(p.ns),
+                     what=f"{pod.name}'s listeners closed")
         seen = len(server.seen)
         with pytest.raises(OSError):
             tcp_exchange(a, (b.ip, PORT), timeout=2)
@@ -94,24 +92,24 @@ def test_no_path_around_the_proxy(cluster: Cluster, netns_factory) -> None:
 
 
 @pytest.mark.parametrize("cluster", [["--redirect-mode", "redirect"]], indirect=True)
-def test_redirect_mode_and_pod_annotations_from_the_file_view(cluster: Cluster, netns_factory) -> None:
+def test_redirect_mode_and_pod_annotations_from_the_file_view(
+    cluster: Cluster, netns_factory: Callable[..., Netns]
+) -> None:
     """``--redirect-mode redirect``: the pod's rules are the golden ``redirect`` set, TCP still goes in and out
     through 15006/15001; a pod's annotations (file view) pick its own variant; the chain's host-local IPs are
     in the node's probe set with the pods' UIDs."""
-    from pathlib import Path
-
     from nodeagent.dataplane import rules
     from testbed.pods import node_sets
 
-    golden = Path(__file__).parent / "golden" / "dataplane" / "variants"
+    golden = goldens.golden("dataplane", "variants")
     a_ns, a_uid = cluster.add_pod(netns_factory, "client")
     b_ns, b_uid = cluster.add_pod(netns_factory, "server")
     d_ns, d_uid = cluster.add_pod(netns_factory, "dns", annotations={
         "ambient.istio.io/dns-capture": "true", "ambient.istio.io/bypass-inbound-capture": "true"})
     a, b = as_pod(a_ns, a_uid, "client"), as_pod(b_ns, b_uid, "server")
-    assert rules.normalise_save(a.ns.iptables_save()) == (golden / "redirect_v4.save").read_text()
-    d_save = rules.normalise_save(Netns(d_ns.name).iptables_save())
-    assert d_save == (golden / "redirect_dns_ingress_v4.save").read_text()
+    assert rules.normalise_save(a.ns.iptables_save()) == goldens.read(golden / "redirect_v4.save")
+    d_save = rules.normalise_save(d_ns.iptables_save())
+    assert d_save == goldens.read(golden / "redirect_dns_ingress_v4.save")
 
     server = TcpServer(b, PORT)
     try:
