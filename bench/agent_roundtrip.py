@@ -30,6 +30,8 @@ from pathlib import Path
 from bench import report
 from bench.plugin_exec import PLUGIN, ROOT, Case, build_empty, cpu_median, exec_once, percentile
 from cni_plugin.snapshot import SNAPSHOT_NAME
+from testbed import netns
+from testbed.poll import wait_for
 
 PODS = 110
 TARGET_RATIO = 1.35
@@ -65,15 +67,17 @@ def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
             "--state-dir", str(workdir / "state"), "--cluster-state", str(state), "--dataplane", "record",
             "--health-addr", "127.0.0.1:0", "--node-name", "bench", "--log-level", "warning"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # --log-level warning hides the health line; find the port through /proc instead
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
+
+    def serving() -> int | None:  # --log-level warning hides the health line; find the port through /proc instead
         port = _listening_port(proc.pid)
-        if port and (run_dir / SNAPSHOT_NAME).exists() and (run_dir / "cni.sock").exists():
-            return proc, f"127.0.0.1:{port}"
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("agent did not come up")
+        return port if port and (run_dir / SNAPSHOT_NAME).exists() and (run_dir / "cni.sock").exists() else None
+
+    try:
+        port = wait_for(serving, 30, "the agent to come up", interval=0.05)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, f"127.0.0.1:{port}"
 
 
 def _listening_port(pid: int) -> int | None:
@@ -108,24 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="acbench-agent-"))
     names = [f"acbn{uuid.uuid4().hex[:6]}" for _ in range(PODS + 1)]
-    batch = workdir / "netns.batch"
     agent: subprocess.Popen[bytes] | None = None
     try:
-        batch.write_text("".join(f"netns add {n}\n" for n in names))
-        subprocess.run(["ip", "-batch", str(batch)], check=True)
-        print("building the empty baseline with build/pyinstaller.spec ...", file=sys.stderr, flush=True)
-        empty = build_empty(workdir)
-        agent, health = start_agent(workdir)
-        return _run(workdir, empty, names, agent, health, args.runs)
-    finally:
-        if agent is not None:
-            agent.send_signal(signal.SIGTERM)
+        with netns.many(names):
             try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-        batch.write_text("".join(f"netns delete {n}\n" for n in names))
-        subprocess.run(["ip", "-force", "-batch", str(batch)], check=False, stderr=subprocess.DEVNULL)
+                print("building the empty baseline with build/pyinstaller.spec ...", file=sys.stderr, flush=True)
+                empty = build_empty(workdir)
+                agent, health = start_agent(workdir)
+                return _run(workdir, empty, names, agent, health, args.runs)
+            finally:
+                if agent is not None:
+                    agent.send_signal(signal.SIGTERM)
+                    try:
+                        agent.wait(15)
+                    except subprocess.TimeoutExpired:
+                        agent.kill()
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -33,6 +33,7 @@ from testbed.cri import env as env_mod
 from testbed.cri.client import CriClient
 from testbed.cri.env import CriEnv
 from testbed.cri.product import ENROLLED_NS_LABELS, Node, require_product
+from testbed.poll import wait_for
 
 TARGET_ENROLLED = 1.30
 TARGET_UNENROLLED = 1.15
@@ -77,15 +78,8 @@ def _cluster_pods(pods: int, warmup: int) -> list[dict[str, object]]:
 
 def _wait_snapshot(node: Node, count: int, timeout: float = 15.0) -> None:
     path = str(node.run_dir / snapshot_mod.SNAPSHOT_NAME)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if len(snapshot_mod.read(path).pods) >= count:
-                return
-        except snapshot_mod.SnapshotError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("the agent's enrollment snapshot never listed the benchmark pods")
+    wait_for(lambda: len(snapshot_mod.read(path).pods) >= count, timeout, "the agent's enrollment snapshot to list "
+             "the benchmark pods", interval=0.05, tolerate=(snapshot_mod.SnapshotError,))
 
 
 def agent_add_ms(node: Node) -> float:

@@ -20,6 +20,7 @@ sequential median; concurrent: 0 failures, p99 <= 150 ms, and every pod's IP in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import secrets
@@ -39,6 +40,8 @@ from bench import report
 from nodeagent.dataplane import hostprobe, inpod, iptables, netns, zds_server
 from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.rules import Family
+from testbed import netns as netns_mod
+from testbed.poll import WaitTimeout, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MEDIAN_MS, TARGET_P99_MS, TARGET_CONCURRENT_P99_MS = 5.0, 15.0, 150.0
@@ -48,13 +51,6 @@ TARGET_PROBE_PATH_DELTA_MS = 1.0  # what the node's probe-set update may add to 
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def make_ns(n: int) -> list[str]:
-    names = [f"acdb{secrets.token_hex(3)}" for _ in range(n)]
-    batch = "".join(f"netns add {name}\n" for name in names)
-    subprocess.run(["ip", "-batch", "-"], input=batch.encode(), check=True)
-    return names
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -112,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     n, dual = args.pods, args.dual_stack
     tmp = tempfile.mkdtemp(prefix="acdb")
-    names: list[str] = []
+    namespaces = contextlib.ExitStack()
     peers: list[subprocess.Popen[bytes]] = []
     dps: list[inpod.InPodDataplane] = []
     phases = Phases()
     try:
-        names = make_ns(4 * n + dual + 2)
+        names = [made.name for made in namespaces.enter_context(
+            netns_mod.many(f"acdb{secrets.token_hex(3)}" for _ in range(4 * n + dual + 2)))]
         floor_ns, node_ns = f"/run/netns/{names[-1]}", f"/run/netns/{names[-2]}"
         subprocess.run(["ip", "-n", names[-2], "link", "set", "lo", "up"], check=True)
         for i, host in enumerate((None, node_ns)):
@@ -125,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             dps.append(inpod.InPodDataplane(sock, host_netns=host))
             peers.append(subprocess.Popen([sys.executable, "-m", "zds_peer", "--zds-socket", sock,
                                            "--log-file", os.path.join(tmp, f"peer{i}.log")], cwd=ROOT))
-        end = time.monotonic() + 30
-        while not all(dp.ready()[0] for dp in dps):
-            if time.monotonic() > end:
-                print("zds_peer did not connect", file=sys.stderr)
-                return 2
-            time.sleep(0.05)
-        time.sleep(0.3)  # the peers' snapshot handling done
+        try:
+            wait_for(lambda: all(dp.ready()[0] for dp in dps), 30, "zds_peer to connect", interval=0.05)
+            wait_for(lambda: all("pod received snapshot sent" in _text(os.path.join(tmp, f"peer{i}.log"))
+                                 for i in range(len(peers))), 30, "the peers' snapshot handling", interval=0.05)
+        except WaitTimeout as exc:
+            print(exc, file=sys.stderr)
+            return 2
         plain, probed = dps
 
         floors = _floors(probed, floor_ns, 30)
@@ -191,11 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                 peer.kill()
         for dp in dps:
             dp.close()
-        if names:
-            batch = "".join(f"netns delete {name}\n" for name in names)
-            subprocess.run(["ip", "-force", "-batch", "-"], input=batch.encode(), check=False,
-                           stderr=subprocess.DEVNULL)
+        namespaces.close()
         subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+def _text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def _floors(dp: inpod.InPodDataplane, ns_path: str, runs: int) -> dict[str, list[float]]:

@@ -26,6 +26,7 @@ from inotify_simple import INotify
 from inotify_simple import flags as F
 
 from bench import report
+from testbed.poll import WaitTimeout, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -87,11 +88,10 @@ def _measure(conf: Path, rounds: int, gap_s: float) -> list[float]:
 
 
 def _wait_valid(path: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not _valid(path):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{path} never became valid")
-        time.sleep(0.01)
+    try:
+        wait_for(lambda: _valid(path), timeout, f"{path} to become valid", interval=0.01)
+    except WaitTimeout as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

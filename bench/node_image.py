@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 from bench import report
+from testbed.agent import RECONCILE_PASSES, metric_value
 from testbed.cri import env as env_mod
 from testbed.cri.nodepod import IMAGE_TAR, NodeCri, NodePod, NodePodDirs, fake_kube_in_netns, import_image
 from testbed.cri.product import VENV_PYTHON
 from testbed.paths import REPO_ROOT
+from testbed.poll import wait_for
 
 READY_TARGET_S = 3.0
 RSS_TARGET_MB = 80.0
@@ -92,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             nxt = NodePod(env, dirs, fake)
             loaded.append(_restart(cri, current, nxt))
             current = nxt
-        time.sleep(3.0)  # let the start-up reconcile settle
         assert current is not None
+        node_pod = current
+        wait_for(lambda: metric_value(node_pod.http("/metrics")[1], RECONCILE_PASSES) >= 1, 60,
+                 "the start-up reconcile pass", interval=0.1)
         pid = current.pid(cri)
         rss = _rss_mb(pid)
         records = current.http("/debug/pods")[1].count('"uid"')

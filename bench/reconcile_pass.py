@@ -4,8 +4,8 @@
 
 One run: 110 pod netns (each with its address), a node netns for the node-side probe path (``--host-netns``:
 nothing here touches this machine's netns), the agent (``--dataplane inpod``, ``--reconcile-interval 1``, file
-cluster view) and a minimal acking ZDS client standing in for ztunnel (the peer's own cost is not the
-agent's). Every pod is enrolled over the plugin socket, so the rules are the real ones.
+cluster view) and a minimal acking ZDS client standing in for ztunnel (``testbed.zds``: the peer's own cost is
+not the agent's). Every pod is enrolled over the plugin socket, so the rules are the real ones.
 
 1. No drift: the agent's own per-pass wall time (its debug line ``reconcile pass done``) over ``--passes``
    passes, and its CPU per pass (utime+stime of the process and its children from /proc over the same window,
@@ -29,12 +29,10 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from datetime import datetime
@@ -42,6 +40,10 @@ from pathlib import Path
 
 from bench import report
 from bench.plugin_exec import ROOT, percentile
+from testbed import netns
+from testbed.agent import call, request
+from testbed.poll import WaitTimeout, wait_for
+from testbed.zds import ScriptedZtunnel
 
 PODS = 110
 INTERVAL_S = 1.0
@@ -53,47 +55,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def pod_ip(i: int) -> str:
     return f"10.78.{i // 250}.{i % 250 + 2}"
-
-
-class AckingZtunnel:
-    """Connects to the agent's ZDS socket, says hello and acks every request (closing the fds it gets)."""
-
-    def __init__(self, path: str) -> None:
-        from nodeagent.dataplane import zds_pb2
-
-        self._pb = zds_pb2
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        end = time.monotonic() + 30
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-        self.sock.send(zds_pb2.ZdsHello(version=zds_pb2.V1).SerializeToString())
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        ack = self._pb.WorkloadResponse(ack=self._pb.Ack()).SerializeToString()
-        while True:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.sock, 1024, 4)
-            except OSError:
-                return
-            if not data:
-                return
-            for fd in fds:
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                self.sock.send(ack)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
 
 
 def agent_cpu_s(pid: int) -> float:
@@ -145,34 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="acbrc"))
     names = [f"acbr{uuid.uuid4().hex[:6]}" for _ in range(PODS)]
     node = f"acbrnode{uuid.uuid4().hex[:6]}"  # the node side (probe path) goes here, never to this machine's netns
-    batch = workdir / "netns.batch"
     agent: subprocess.Popen[bytes] | None = None
-    ztunnel: AckingZtunnel | None = None
+    ztunnel: ScriptedZtunnel | None = None
     try:
-        batch.write_text("".join(f"netns add {n}\n" for n in [node, *names]))
-        subprocess.run(["ip", "-batch", str(batch)], check=True)
-        for i, n in enumerate(names):
-            subprocess.run(["ip", "-n", n, "-batch", "-"], check=True,
-                           input=f"link set lo up\naddr add {pod_ip(i)}/32 dev lo\n".encode())
-        agent, ztunnel = start(workdir, names, f"/var/run/netns/{node}")
-        return run(workdir, names, agent, args.passes, args.drifts)
-    finally:
-        if ztunnel is not None:
-            ztunnel.close()
-        if agent is not None:
-            agent.send_signal(signal.SIGTERM)
+        with netns.many([node, *names]):
+            for i, n in enumerate(names):
+                subprocess.run(["ip", "-n", n, "-batch", "-"], check=True,
+                               input=f"link set lo up\naddr add {pod_ip(i)}/32 dev lo\n".encode())
             try:
-                agent.wait(20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-        batch.write_text("".join(f"netns delete {n}\n" for n in [*names, node]))
-        subprocess.run(["ip", "-force", "-batch", str(batch)], check=False, stderr=subprocess.DEVNULL)
+                agent, ztunnel = start(workdir, names, netns.netns_path(node))
+                return run(workdir, names, agent, args.passes, args.drifts)
+            finally:
+                if ztunnel is not None:
+                    ztunnel.close()
+                if agent is not None:
+                    agent.send_signal(signal.SIGTERM)
+                    try:
+                        agent.wait(20)
+                    except subprocess.TimeoutExpired:
+                        agent.kill()
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def start(workdir: Path, names: list[str], node_netns: str) -> tuple[subprocess.Popen[bytes], AckingZtunnel]:
-    from testbed.agent import call, request
-
+def start(workdir: Path, names: list[str], node_netns: str) -> tuple[subprocess.Popen[bytes], ScriptedZtunnel]:
     state = workdir / "state.yaml"
     pods = "\n".join(f"  - {{name: p{i}, namespace: shop, uid: uid-{i}}}" for i in range(PODS))
     state.write_text(f"namespaces:\n  - {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}\npods:\n{pods}\n")
@@ -182,38 +139,41 @@ def start(workdir: Path, names: list[str], node_netns: str) -> tuple[subprocess.
             "--zds-socket", zds, "--host-netns", node_netns, "--health-addr", "127.0.0.1:0", "--node-name", "bench",
             "--reconcile-interval", str(INTERVAL_S), "--log-level", "debug"]
     agent = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ztunnel = AckingZtunnel(zds)
+    ztunnel = ScriptedZtunnel(zds, connect_timeout=30)
     sock = str(run_dir / "cni.sock")
-    end = time.monotonic() + 30
-    while not os.path.exists(sock) and time.monotonic() < end:
-        time.sleep(0.05)
+    wait_for(lambda: os.path.exists(sock), 30, "the agent's plugin socket", interval=0.05)
     for i, n in enumerate(names):
-        message = request("add", f"p{i}", "shop", uid=f"uid-{i}", netns=f"/var/run/netns/{n}",
-                          container_id=f"cid-{i}", ips=[f"{pod_ip(i)}/32"])
-        for _ in range(100):
-            reply = call(sock, message, timeout=30)
-            if reply["ok"]:
-                break
-            time.sleep(0.1)  # not ready yet (view or ztunnel)
-        if not reply["ok"] or not reply["enrolled"]:
-            raise RuntimeError(f"ADD p{i} failed: {reply}")
+        enroll(sock, i, n)
     return agent, ztunnel
+
+
+def enroll(sock: str, i: int, name: str) -> None:
+    """ADD pod p<i> over the plugin socket, retried while the agent is not ready yet (its view or ztunnel)."""
+    message = request("add", f"p{i}", "shop", uid=f"uid-{i}", netns=netns.netns_path(name), container_id=f"cid-{i}",
+                      ips=[f"{pod_ip(i)}/32"])
+    replies: list[dict[str, object]] = []
+
+    def taken() -> bool:
+        replies.append(call(sock, message, timeout=30))
+        return replies[-1]["ok"] is True
+
+    wait_for(taken, 30, lambda: f"ADD p{i} to be taken: {replies[-1:]}", interval=0.1)
+    if not replies[-1]["enrolled"]:
+        raise RuntimeError(f"ADD p{i} failed: {replies[-1]}")
 
 
 def run(workdir: Path, names: list[str], agent: subprocess.Popen[bytes], passes: int, drifts: int) -> int:
     log = workdir / "run" / "agent.log"
     # let every pod get its first full check (one iptables-save each), then measure steady passes
     offset = 0
-    verified = 0
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
+
+    def all_verified() -> bool:
+        nonlocal offset
         batch, offset = log_lines(log, offset)
-        verified = max([verified, *(int(str(ln.get("verified", 0))) for ln in batch
-                                    if ln.get("msg") == "reconcile pass done")])
-        if verified >= PODS:
-            break
-        time.sleep(0.2)
-    time.sleep(2 * INTERVAL_S)
+        return any(int(str(ln.get("verified", 0))) >= PODS for ln in batch if ln.get("msg") == "reconcile pass done")
+
+    wait_for(all_verified, 60, f"a reconcile pass that verified all {PODS} pods", interval=0.2)
+    time.sleep(2 * INTERVAL_S)  # two steady intervals before the measured window (a warm-up, not a wait)
     _, offset = log_lines(log, offset)
     cpu0, wall0 = agent_cpu_s(agent.pid), time.monotonic()
     durations: list[float] = []
@@ -233,17 +193,20 @@ def run(workdir: Path, names: list[str], agent: subprocess.Popen[bytes], passes:
         i = rng.randrange(PODS)
         subprocess.run(["nsenter", f"--net=/var/run/netns/{names[i]}", "iptables", "-t", "nat", "-F"], check=True)
         injected = time.time()
-        deadline = time.monotonic() + 10
-        found = None
-        while found is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+
+        def repaired(i: int = i) -> dict[str, object] | None:
+            nonlocal offset
             batch, offset = log_lines(log, offset)
-            found = next((ln for ln in batch if ln.get("msg") == "redirection drift repaired"
-                          and ln.get("pod_name") == f"p{i}"), None)
-        if found is None:
+            return next((ln for ln in batch if ln.get("msg") == "redirection drift repaired"
+                         and ln.get("pod_name") == f"p{i}"), None)
+
+        try:
+            found = wait_for(repaired, 10, f"the repair of p{i}", interval=0.02)
+        except WaitTimeout:
             print(f"drift in p{i} was not repaired within 10 s", file=sys.stderr)
             unrepaired += 1
             continue
+        assert found is not None
         latencies.append(max(0.0, log_time(found) - injected))
 
     median_ms = statistics.median(durations)

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,9 +24,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BINARY = ROOT / "dist" / "ambient-cni"
-CNITOOL = ROOT / "tests" / "tools" / "bin" / "cnitool"
+from testbed import netns
+from testbed.netns import Netns, free_port
+from testbed.paths import PLUGIN, SYSTEM_CNI_DIR, MissingBuildOutput, require_driver, require_plugin
+from testbed.peer import PeerProcess
+from testbed.pods import listening_ports, node_sets
+from testbed.poll import WaitTimeout, wait_for
+from testbed.runners import run_driver
+
+BINARY = PLUGIN
 PYTHON = sys.executable
 TAG = secrets.token_hex(3)
 NET_NAME = "demo-net"
@@ -46,21 +51,6 @@ def run(*cmd: str, check: bool = True, env: dict[str, str] | None = None, quiet:
     return proc.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: object, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"demo: timed out waiting for {what}")
-
-
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -74,8 +64,9 @@ class Node:
 
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="ambient-demo-"))
-        self.netns: list[str] = []
+        self.netns: list[Netns] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.peer: PeerProcess | None = None
         self.node = self.add_netns("node")
         self.conf_dir = self.tmp / "net.d"
         self.bin_dir = self.tmp / "bin"
@@ -86,16 +77,12 @@ class Node:
             directory.mkdir(parents=True)
         self.zds_socket = self.tmp / "ztunnel.sock"
         self.health = f"127.0.0.1:{free_port()}"
-        self.peer_log = self.tmp / "peer.log"
-        self.peer_stats = self.tmp / "peer-stats.json"
         self.cluster_state = self.tmp / "cluster.yaml"
 
-    def add_netns(self, role: str) -> str:
-        name = f"acdemo-{role}-{TAG}"
-        run("ip", "netns", "add", name)
-        self.netns.append(name)
-        run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
-        return name
+    def add_netns(self, role: str) -> Netns:
+        created = netns.create(f"acdemo-{role}-{TAG}")
+        self.netns.append(created)
+        return created
 
     def spawn(self, *cmd: str, log: Path) -> subprocess.Popen[bytes]:
         handle = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
@@ -104,6 +91,8 @@ class Node:
         return proc
 
     def close(self) -> None:
+        if self.peer is not None:
+            self.peer.stop()
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -113,8 +102,8 @@ class Node:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-        for name in reversed(self.netns):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        for created in reversed(self.netns):
+            netns.remove(created.name)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -132,44 +121,33 @@ def throwaway_node() -> Iterator[Node]:
         print("left behind:", left or "nothing")
 
 
-def cni(node: Node, command: str, pod_netns: str, pod: str, namespace: str, uid: str) -> str:
-    env = {
-        **os.environ,
-        "NETCONFPATH": str(node.conf_dir),
-        "CNI_PATH": str(node.bin_dir),
-        "CNI_CACHE_DIR": str(node.cache_dir),
-        "CNI_CONTAINERID": f"demo{uid.replace('-', '')[:12]}",
-        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
-    }
-    path = f"/var/run/netns/{pod_netns}"
-    return run("ip", "netns", "exec", node.node, str(CNITOOL), command, NET_NAME, path, env=env, quiet=True)
-
-
-def peer_count(node: Node, uid: str, port: int) -> int:
-    try:
-        stats = json.loads(node.peer_stats.read_text())
-    except (OSError, ValueError):
-        return 0
-    return int(stats.get("pods", {}).get(uid, {}).get("ports", {}).get(str(port), 0))
-
-
-def node_sets(node: Node) -> dict[str, str]:
-    """The node netns's probe sets, read over netlink (the agent is their only writer)."""
-    from nodeagent.dataplane.hostprobe import HostProbe
-
-    probe = HostProbe(f"/var/run/netns/{node.node}")
-    try:
-        return {entry.ip: uid for entry, uid in probe.entries().items()}
-    finally:
-        probe.close()
+def cni(node: Node, command: str, pod_netns: Netns, pod: str, namespace: str, uid: str) -> str:
+    """The runtime's part: libcni runs the chain inside the node netns."""
+    result = run_driver(
+        command, NET_NAME, pod_netns.path, conf_dir=node.conf_dir, bin_dir=node.bin_dir, cache_dir=node.cache_dir,
+        node=node.node, container_id=f"demo{uid.replace('-', '')[:12]}",
+        cni_args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_UID={uid}",
+    )
+    if result.code != 0:
+        raise SystemExit(f"demo: `cnitool {command}` failed ({result.code}):\n{result.stdout}{result.stderr}")
+    return result.stdout
 
 
 def main() -> int:
-    for needed in (BINARY, CNITOOL):
-        if not needed.exists():
-            raise SystemExit(f"demo: {needed} is missing; run `make build driver` (make demo does)")
+    try:
+        require_plugin()
+        require_driver()
+    except MissingBuildOutput as exc:
+        raise SystemExit(f"demo: {exc} (make demo builds both)") from None
+    try:
+        return narrate()
+    except WaitTimeout as exc:
+        raise SystemExit(f"demo: {exc}") from None
+
+
+def narrate() -> int:
     with throwaway_node() as node:
-        say("1. A throwaway node: network namespace " + node.node + ", CNI dirs under " + str(node.tmp))
+        say("1. A throwaway node: network namespace " + node.node.name + ", CNI dirs under " + str(node.tmp))
         primary = {
             "cniVersion": "1.0.0",
             "name": NET_NAME,
@@ -190,7 +168,7 @@ def main() -> int:
             ],
         }
         (node.conf_dir / "10-demo-bridge.conflist").write_text(json.dumps(primary, indent=2) + "\n")
-        for plugin in Path("/usr/lib/cni").iterdir():
+        for plugin in SYSTEM_CNI_DIR.iterdir():
             (node.bin_dir / plugin.name).symlink_to(plugin)
         node.cluster_state.write_text(
             "namespaces:\n"
@@ -209,16 +187,12 @@ def main() -> int:
             "--run-dir", str(node.run_dir), "--state-dir", str(node.state_dir),
             "--cluster-state", str(node.cluster_state), "--node-name", "demo-node",
             "--zds-socket", str(node.zds_socket), "--health-addr", node.health,
-            "--host-netns", f"/var/run/netns/{node.node}",
+            "--host-netns", node.node.path,
             log=node.tmp / "agent.out",
         )  # fmt: skip
-        wait_for(lambda: node.zds_socket.exists(), "the agent's ZDS socket")
-        node.spawn(
-            PYTHON, "-m", "zds_peer", "--zds-socket", str(node.zds_socket),
-            "--log-file", str(node.peer_log), "--stats-file", str(node.peer_stats),
-            log=node.tmp / "peer.out",
-        )  # fmt: skip
-        wait_for(lambda: http_ok(f"http://{node.health}/readyz"), "the agent to be ready")
+        wait_for(lambda: node.zds_socket.exists(), 20, "the agent's ZDS socket", interval=0.1)
+        node.peer = PeerProcess(str(node.zds_socket), str(node.tmp))
+        wait_for(lambda: http_ok(f"http://{node.health}/readyz"), 20, "the agent to be ready", interval=0.1)
         print(f"agent ready on {node.health}; run dir {node.run_dir}")
 
         say("3. The installer chains the plugin behind the primary")
@@ -248,63 +222,61 @@ def main() -> int:
             )
 
         say("5. Check 1 (seed): ztunnel's log shows it received each enrolled pod's netns")
-        print(node.peer_log.read_text().rstrip() if node.peer_log.exists() else "(no peer log)")
+        print(node.peer.log().rstrip() or "(no peer log)")
 
         say("6. Traffic: client -> server goes out through 15001 and in through 15006")
         server_netns = pods["server"][1]
         node.spawn(
-            "ip", "netns", "exec", server_netns, PYTHON, "-c",
+            *server_netns.nsenter_prefix(), PYTHON, "-c",
             "import socket\ns=socket.create_server(('0.0.0.0',8080))\n"
             "while True:\n"
             " c,_=s.accept(); c.sendall(b'hello from server via '+str(c.getpeername()).encode()); c.close()",
             log=node.tmp / "server.out",
         )  # fmt: skip
-        time.sleep(0.5)
+        wait_for(lambda: 8080 in listening_ports(server_netns), 20, "the server to listen", interval=0.1)
         client = (
             "import socket,sys\n"
             f"s=socket.create_connection(('{addresses['server']}',8080),timeout=5)\n"
             "print(s.recv(200).decode())"
         )
         for name in ("client", "legacy"):
-            reply = run("ip", "netns", "exec", pods[name][1], PYTHON, "-c", client, quiet=True).strip()
+            reply = run(*pods[name][1].nsenter_prefix(), PYTHON, "-c", client, quiet=True).strip()
             print(f"  {pods[name][0]}/{name} -> server:8080: {reply!r}")
-        if node.peer_stats.exists():
-            stats = json.loads(node.peer_stats.read_text())
-            for pod in stats.get("pods", {}).values():
-                print(f"  peer counters for {pod['namespace']}/{pod['name']}: {pod['ports']} {pod['destinations']}")
+        peer_pods = node.peer.stats().get("pods", {})
+        assert isinstance(peer_pods, dict)
+        for pod in peer_pods.values():
+            print(f"  peer counters for {pod['namespace']}/{pod['name']}: {pod['ports']} {pod['destinations']}")
         print("  (the unenrolled legacy pod's own egress is untouched; the enrolled server's inbound still")
         print("   goes through its 15006, so the server only ever sees its own proxy as the peer)")
         print("\n  iptables-save inside the client pod (the seed's check 3):")
-        rules = run("ip", "netns", "exec", pods["client"][1], "iptables-save", quiet=True)
+        rules = pods["client"][1].iptables_save()
         for line in rules.splitlines():
             if line.startswith(("*", "-A", ":ISTIO", "COMMIT")):
                 print("    " + line)
 
         say("7. The kubelet probe path: a probe from the node arrives from 169.254.7.127, not through the proxy")
-        before = peer_count(node, uids["server"], 15006)
-        probe = run("ip", "netns", "exec", node.node, PYTHON, "-c", client, quiet=True).strip()
-        print(f"  node ({node.node}) -> server:8080: {probe!r}")
-        after = peer_count(node, uids["server"], 15006)
+        before = node.peer.port_count(uids["server"], 15006)
+        probe = run(*node.node.nsenter_prefix(), PYTHON, "-c", client, quiet=True).strip()
+        print(f"  node ({node.node.name}) -> server:8080: {probe!r}")
+        after = node.peer.port_count(uids["server"], 15006)
         print(f"  server's proxy 15006 connections: {before} before the probe, {after} after "
               f"({'not through the proxy' if after == before else 'THROUGH THE PROXY'})")
         print("  node netns nat table (SNAT of node-local sockets to enrolled pods' IPs):")
-        for line in run("ip", "netns", "exec", node.node, "iptables-save", "-t", "nat", quiet=True).splitlines():
+        for line in run(*node.node.nsenter_prefix(), "iptables-save", "-t", "nat", quiet=True).splitlines():
             if "ISTIO_POSTRT" in line and not line.startswith(":"):
                 print("    " + line)
         print("  probe set istio-inpod-probes-v4 (IP -> pod UID):")
-        for ip, uid in sorted(node_sets(node).items()):
+        for ip, uid in sorted(node_sets(node.node.path).items()):
             print(f"    {ip} {uid}")
 
         say("8. ambient-cni doctor --pod ambient-demo/client (the seed's three checks, then the probe path)")
         run(
             str(BINARY), "doctor", "--pod", "ambient-demo/client", "--run-dir", str(node.run_dir),
-            "--health-addr", node.health, "--peer-log", str(node.peer_log), check=False,
+            "--health-addr", node.health, "--peer-log", node.peer.log_file, check=False,
         )  # fmt: skip
 
         say("9. Fail closed: with ztunnel gone, a new enrolled pod does not start")
-        peer = node.procs[1]
-        os.killpg(peer.pid, signal.SIGTERM)
-        peer.wait(timeout=10)
+        node.peer.stop()
         late_netns = node.add_netns("late")
         late_uid = f"{secrets.token_hex(4)}-0000-4000-8000-{secrets.token_hex(6)}"
         started = time.monotonic()
@@ -320,9 +292,9 @@ def main() -> int:
         say("10. Pods are deleted: DEL through the chain; rules, listeners and probe-set entries are gone")
         for name, (namespace, netns) in pods.items():
             cni(node, "del", netns, name, namespace, uids[name])
-        rules = run("ip", "netns", "exec", pods["client"][1], "iptables-save", quiet=True)
+        rules = pods["client"][1].iptables_save()
         print("  ISTIO chains left in client netns:", "yes" if "ISTIO" in rules else "none")
-        print("  probe-set entries left on the node:", node_sets(node) or "none")
+        print("  probe-set entries left on the node:", node_sets(node.node.path) or "none")
         with urllib.request.urlopen(f"http://{node.health}/debug/pods", timeout=5) as response:
             print("  agent records:", response.read().decode().strip())
     return 0

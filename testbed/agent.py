@@ -1,4 +1,4 @@
-"""Helpers for the node-agent tests: a real agent subprocess, a wire-protocol test client, state files."""
+"""The node agent as a real child process, a client of its wire protocol, and cluster-state files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -19,11 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from cni_plugin import wire
 from testbed.paths import REPO_ROOT, VENV_PYTHON
+from testbed.poll import wait_for
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+RECONCILE_PASSES = "ambient_cni_agent_reconcile_passes_total"
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
 
 
 def request(op: str, name: str = "", namespace: str = "", uid: str = "", netns: str = "",
@@ -142,21 +153,23 @@ class AgentProcess:
             self.wait_ready(timeout)
         return self
 
+    def _health_line(self) -> str | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            tail = self.stderr_path.read_text()[-3000:]
+            raise AssertionError(f"agent exited with {self.proc.returncode}: {tail}")
+        with contextlib.suppress(OSError):
+            match = re.search(r'"health endpoint listening","addr":"([^"]+)"', (self.run_dir / "agent.log").read_text())
+            if match:
+                return match.group(1)
+        return None
+
     def wait_health_addr(self, timeout: float = 30.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                tail = self.stderr_path.read_text()[-3000:]
-                raise AssertionError(f"agent exited with {self.proc.returncode}: {tail}")
-            with contextlib.suppress(OSError):
-                text = (self.run_dir / "agent.log").read_text()
-                match = re.search(r'"health endpoint listening","addr":"([^"]+)"', text)
-                if match:
-                    self.health = match.group(1)
-                    return self.health
-            time.sleep(0.05)
-        raise AssertionError(f"agent health endpoint did not come up: {self.stderr_path.read_text()[-3000:]}")
+        addr = wait_for(self._health_line, timeout, interval=0.05,
+                        what=lambda: f"the agent's health endpoint: {self.stderr_path.read_text()[-3000:]}")
+        assert addr is not None
+        self.health = addr
+        return addr
 
     def http(self, path: str) -> tuple[int, str]:
         if not self.health:
@@ -169,14 +182,32 @@ class AgentProcess:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         self.wait_health_addr(timeout)
-        end = time.monotonic() + timeout
-        status, body = 0, ""
-        while time.monotonic() < end:
-            status, body = self.http("/readyz")
-            if status == 200:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"agent not ready: {status} {body}")
+        last: list[tuple[int, str]] = []
+
+        def ready() -> bool:
+            last[:] = [self.http("/readyz")]
+            return last[0][0] == 200
+
+        wait_for(ready, timeout, interval=0.05, what=lambda: f"the agent to be ready (last /readyz: {last})")
+
+    def pending_connections(self) -> int:
+        """Connections to the plugin socket the agent has not accepted yet (its listen queue, read with ``ss``)."""
+        out = subprocess.run(["ss", "-xlnH", "src", self.sock], capture_output=True, text=True, check=True).stdout
+        return sum(int(line.split()[2]) for line in out.splitlines() if line.strip())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of the agent's /metrics (0 when absent), e.g.
+        ``metric("ambient_cni_agent_reconcile_passes_total")``."""
+        status, body = self.http("/metrics")
+        assert status == 200, body
+        return metric_value(body, name, **labels)
+
+    def wait_reconcile_passes(self, passes: int = 1, timeout: float = 30.0) -> None:
+        """Wait until ``passes`` more reconcile passes have completed (its ``reconcile_passes_total`` counter):
+        whatever a pass repairs or removes is done then."""
+        target = self.metric(RECONCILE_PASSES) + passes
+        wait_for(lambda: self.metric(RECONCILE_PASSES) >= target, timeout, interval=0.05,
+                 what=f"{passes} more reconcile pass(es) (counter to reach {target:g})")
 
     def records(self) -> list[dict[str, Any]]:
         status, body = self.http("/debug/pods")
@@ -216,12 +247,3 @@ def running_agent(base: Path, **kwargs: Any) -> Iterator[AgentProcess]:
         yield agent
     finally:
         agent.kill()
-
-
-def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -109,6 +109,13 @@ def many(names: Iterable[str]) -> Iterator[list[Netns]]:
            timeout=120)
 
 
+def free_port() -> int:
+    """A free TCP port on this machine's loopback (for a health endpoint: nothing is sent anywhere else)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def sock_in(ns_path: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A socket created by a thread that joined ``ns_path`` (the socket stays in that netns)."""
     from zds_peer.nsworker import NetnsWorker

@@ -9,26 +9,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.paths import FIXTURES, PLUGIN
+from testbed.netns import free_port
+from testbed.paths import CLEAN_ENV, FIXTURES, PLUGIN
+from testbed.poll import wait_for
 
 PRIMARY = FIXTURES / "conflists" / "containerd__10-containerd-net.conflist"
 PRIMARY_NAME = "10-containerd-net.conflist"
-CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tree_bytes(root: Path) -> dict[str, bytes | str]:
@@ -93,18 +86,20 @@ class NodeProc:
             return exc.code, exc.read().decode()
 
     def wait_http(self, path: str, status: int = 200, timeout: float = 30.0) -> str:
-        end = time.monotonic() + timeout
-        last: tuple[int, str] = (0, "")
-        while time.monotonic() < end:
+        """The body of the first answer of ``path`` with ``status`` (fails at once when the node exits)."""
+        last: list[tuple[int, str]] = []
+
+        def answered() -> tuple[int, str] | None:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.stderr_tail()}")
-            with contextlib.suppress(OSError):
-                last = self.http(path)
-                if last[0] == status:
-                    return last[1]
-            time.sleep(0.05)
-        raise AssertionError(f"{path} never answered {status} (last {last}):\n{self.stderr_tail()}")
+            last[:] = [self.http(path)]
+            return last[0] if last[0][0] == status else None
+
+        answer = wait_for(answered, timeout, interval=0.05, tolerate=(OSError,),
+                          what=lambda: f"{path} to answer {status} (last {last}):\n{self.stderr_tail()}")
+        assert answer is not None
+        return answer[1]
 
     def stop(self, timeout: float = 40.0) -> int:
         assert self.proc is not None

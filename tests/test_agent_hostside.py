@@ -14,7 +14,6 @@ import signal
 import subprocess
 import tempfile
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,12 @@ import pytest
 from nodeagent.dataplane.hostrules import set_entry
 from nodeagent.dataplane.probesets import ProbeSets
 from nodeagent.dataplane.rules import Family
-from testbed.agent import AMBIENT, AgentProcess, call, pod, request, wait_until, write_state
+from testbed.agent import AMBIENT, AgentProcess, call, pod, request, write_state
 from testbed.netns import Netns
 from testbed.paths import REPO_ROOT, VENV_PYTHON
 from testbed.peer import PeerProcess
 from testbed.pods import edit_node_sets, node_sets
+from testbed.poll import wait_for
 
 UIDS = {name: f"uid-{name}" for name in ("a", "b", "c", "d")}
 
@@ -91,11 +91,6 @@ def delete(env: dict[str, Any], name: str) -> None:
     assert reply["ok"] is True, reply
 
 
-def reconciled(agent: AgentProcess, passes: int = 2) -> None:
-    """Let ``passes`` more reconcile passes run (the agent runs one per second here: --reconcile-interval 1)."""
-    time.sleep(1.2 * passes)
-
-
 def test_sets_follow_add_del_reuse_restart_and_flush(env: dict[str, Any]) -> None:
     node, agent = env["node"], env["agent"]
     assert host_rule_first(node) and host_rule_first(node, v6=True)
@@ -120,7 +115,7 @@ def test_sets_follow_add_del_reuse_restart_and_flush(env: dict[str, Any]) -> Non
     assert read_sets(node) == {"10.50.0.3": "uid-c"}
     assert host_rule_first(node) and host_rule_first(node, v6=True)
     agent.start()
-    reconciled(agent)
+    agent.wait_reconcile_passes(2)  # whatever a pass would remove or add is done by then
     assert read_sets(node) == {"10.50.0.3": "uid-c"}
     assert host_rule_first(node) and host_rule_first(node, v6=True)
 
@@ -129,14 +124,14 @@ def test_sets_follow_add_del_reuse_restart_and_flush(env: dict[str, Any]) -> Non
     node.run("iptables", "-t", "nat", "-D", "POSTROUTING", "-j", "ISTIO_POSTRT")
     node.run("iptables", "-t", "nat", "-A", "POSTROUTING", "-j", "ACCEPT")
     node.run("iptables", "-t", "nat", "-A", "POSTROUTING", "-j", "ISTIO_POSTRT")
-    wait_until(lambda: read_sets(node) == {"10.50.0.3": "uid-c"}, timeout=10, what="set repaired")
-    wait_until(lambda: host_rule_first(node), timeout=10, what="rule back at position 1")
+    wait_for(lambda: read_sets(node) == {"10.50.0.3": "uid-c"}, timeout=10, what="set repaired")
+    wait_for(lambda: host_rule_first(node), timeout=10, what="rule back at position 1")
     assert any(line.get("msg") == "probe path reconciled" and line.get("rules_repaired") == ["v4"]
                for line in agent.log_lines())
 
     # a stale entry (no enrolled pod owns it) is pruned
     edit_sets(node, lambda s: s.upsert(set_entry("10.50.0.99"), "uid-ghost"))  # type: ignore[arg-type]
-    wait_until(lambda: "10.50.0.99" not in read_sets(node), timeout=10, what="stale entry pruned")
+    wait_for(lambda: "10.50.0.99" not in read_sets(node), timeout=10, what="stale entry pruned")
     assert read_sets(node) == {"10.50.0.3": "uid-c"}
 
 
@@ -145,11 +140,11 @@ def test_prune_waits_while_an_enrolled_pod_has_no_known_ip(env: dict[str, Any]) 
     add(env, "a", ["10.50.0.2/24"])
     add(env, "d", [])  # no IP in the request and none in its (bare) netns: unknown
     edit_sets(node, lambda s: s.upsert(set_entry("10.50.0.98"), "uid-maybe-d"))  # type: ignore[arg-type]
-    reconciled(env["agent"], passes=3)
+    env["agent"].wait_reconcile_passes(3)
     assert read_sets(node) == {"10.50.0.2": "uid-a", "10.50.0.98": "uid-maybe-d"}
     assert any(line.get("prune_skipped") is True for line in env["agent"].log_lines())
     delete(env, "d")
-    wait_until(lambda: read_sets(node) == {"10.50.0.2": "uid-a"}, timeout=10, what="pruned once all IPs known")
+    wait_for(lambda: read_sets(node) == {"10.50.0.2": "uid-a"}, timeout=10, what="pruned once all IPs known")
 
 
 def test_node_netns_refused_as_a_pod_netns(env: dict[str, Any]) -> None:
@@ -207,7 +202,7 @@ def test_agent_uninstall_path_removes_the_probe_path(netns_factory: Callable[...
     )
     try:
         try:
-            wait_until(lambda: host_rule_first(node) or proc.poll() is not None, timeout=30, what="probe path")
+            wait_for(lambda: host_rule_first(node) or proc.poll() is not None, timeout=30, what="probe path")
         finally:
             err.close()
         assert proc.poll() is None, (base / "agent.stderr").read_text()[-2000:]

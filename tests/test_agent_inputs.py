@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from cni_plugin import snapshot
-from testbed.agent import AMBIENT, AgentProcess, call, pod, request, wait_until, write_state
+from testbed.agent import AMBIENT, AgentProcess, call, pod, request, write_state
 from testbed.netns import Netns
 from testbed.paths import REPO_ROOT, VENV_PYTHON
+from testbed.poll import wait_for
 
 
 @pytest.fixture
@@ -106,9 +107,9 @@ def test_reconcile_reads_hints_only_inside_the_hints_dir(
     agent.base.mkdir(exist_ok=True)
     try:
         agent.start()
-        wait_until(lambda: [r["container_id"] for r in agent.records()] == ["cid-good"], timeout=15,
+        wait_for(lambda: [r["container_id"] for r in agent.records()] == ["cid-good"], timeout=15,
                    what="the pod with a proper hint enrolled by reconcile")
-        wait_until(lambda: any(line.get("msg") == "reconcile pass" for line in agent.log_lines()), what="a pass")
+        wait_for(lambda: any(line.get("msg") == "reconcile pass" for line in agent.log_lines()), what="a pass")
         assert [r["container_id"] for r in agent.records()] == ["cid-good"]
         assert sorted((p.name, p.stat().st_mtime_ns) for p in canary.iterdir()) == canary_before
         assert stat.S_ISFIFO((hints / "shop_fifo-0").lstat().st_mode), "the agent only reads hints"

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from cni_plugin import snapshot
-from testbed.agent import AMBIENT, AgentProcess, call, request, wait_until
+from testbed.agent import AMBIENT, AgentProcess, call, request
 from testbed.fakekube.server import FakeKube
 from testbed.netns import Netns
+from testbed.poll import wait_for
 
 
 @pytest.fixture
@@ -51,36 +52,36 @@ def test_list_then_watch_add_modify_delete(agent: AgentProcess, fake: FakeKube) 
     snap = _snap(agent)
     assert snap.namespaces == {"plain": False, "shop": True}
     assert snap.pods == {"shop/cart-0": True}  # only this node's pods
-    wait_until(lambda: fake.count("watch pods") >= 1 and fake.count("watch namespaces") >= 1, what="watches")
+    wait_for(lambda: fake.count("watch pods") >= 1 and fake.count("watch namespaces") >= 1, what="watches")
 
     fake.upsert_pod("web-0", "plain", "node-a", labels=AMBIENT)  # ADDED, pod-level opt-in
-    wait_until(lambda: _snap(agent).pods.get("plain/web-0") is True, what="watch ADDED")
+    wait_for(lambda: _snap(agent).pods.get("plain/web-0") is True, what="watch ADDED")
     fake.upsert_pod("cart-0", "shop", "node-a", labels={"istio.io/dataplane-mode": "none"})  # MODIFIED
-    wait_until(lambda: _snap(agent).pods.get("shop/cart-0") is False, what="watch MODIFIED")
+    wait_for(lambda: _snap(agent).pods.get("shop/cart-0") is False, what="watch MODIFIED")
     fake.delete("pods", "web-0", "plain")  # DELETED
-    wait_until(lambda: "plain/web-0" not in _snap(agent).pods, what="watch DELETED")
+    wait_for(lambda: "plain/web-0" not in _snap(agent).pods, what="watch DELETED")
     fake.upsert_namespace("plain", AMBIENT)
-    wait_until(lambda: _snap(agent).namespaces.get("plain") is True, what="namespace MODIFIED")
+    wait_for(lambda: _snap(agent).namespaces.get("plain") is True, what="namespace MODIFIED")
     fake.upsert_pod("other-0", "plain", "node-b")
     fake.upsert_namespace("shop")  # a later event proves other-0 was filtered, not merely slow
-    wait_until(lambda: _snap(agent).namespaces.get("shop") is False, what="namespace label removed")
+    wait_for(lambda: _snap(agent).namespaces.get("shop") is False, what="namespace label removed")
     assert "plain/other-0" not in _snap(agent).pods
     assert fake.count("list pods") == 1 and fake.count("list namespaces") == 1
 
 
 def test_410_gone_relists(agent: AgentProcess, fake: FakeKube) -> None:
-    wait_until(lambda: fake.count("watch pods") >= 1, what="pod watch")
+    wait_for(lambda: fake.count("watch pods") >= 1, what="pod watch")
     fake.hold_watches(True)
     fake.drop_watches()  # connection lost (API server restart)
     fake.upsert_pod("missed-0", "shop", "node-a")  # happens while the agent is not watching
     fake.compact()  # ... and its history is compacted away
     fake.hold_watches(False)
-    wait_until(lambda: _snap(agent).pods.get("shop/missed-0") is True, timeout=20, what="re-list after 410")
+    wait_for(lambda: _snap(agent).pods.get("shop/missed-0") is True, timeout=20, what="re-list after 410")
     assert fake.count("list pods") >= 2
     assert any("410 Gone" in line.get("msg", "") for line in agent.log_lines())
     # the watch resumes from the re-list's version: later events still arrive
     fake.upsert_pod("after-0", "shop", "node-a")
-    wait_until(lambda: "shop/after-0" in _snap(agent).pods, what="watch after re-list")
+    wait_for(lambda: "shop/after-0" in _snap(agent).pods, what="watch after re-list")
 
 
 def test_add_waits_briefly_for_the_view_and_uses_it(agent: AgentProcess, fake: FakeKube, pod_netns: Netns) -> None:
@@ -88,7 +89,7 @@ def test_add_waits_briefly_for_the_view_and_uses_it(agent: AgentProcess, fake: F
     reply = call(agent.sock, request("add", "cart-0", "shop", uid="uid-cart", netns=path))
     assert reply["enrolled"] is True
     fake.upsert_pod("optout-0", "shop", "node-a", labels={"istio.io/dataplane-mode": "none"})
-    wait_until(lambda: "shop/optout-0" in _snap(agent).pods, what="optout in view")
+    wait_for(lambda: "shop/optout-0" in _snap(agent).pods, what="optout in view")
     assert call(agent.sock, request("add", "optout-0", "shop", netns=path))["enrolled"] is False
 
 
@@ -103,7 +104,7 @@ def test_unreachable_api_server_is_not_ready(scratch: Path) -> None:
     try:
         agent.start(wait_ready=False)
         agent.wait_health_addr()
-        wait_until(lambda: "cannot list" in agent.http("/readyz")[1], what="readyz reason")
+        wait_for(lambda: "cannot list" in agent.http("/readyz")[1], what="readyz reason")
         assert agent.http("/readyz")[0] == 503
         reply = call(agent.sock, request("status"))
         assert (reply["ok"], reply["code"]) == (False, 50)

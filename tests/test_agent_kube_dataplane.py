@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from testbed.agent import AMBIENT, AgentProcess, call, request, wait_until
+from testbed.agent import AMBIENT, AgentProcess, call, request
 from testbed.fakekube.server import FakeKube
 from testbed.netns import Netns
 from testbed.peer import PeerProcess
+from testbed.poll import wait_for
 
 REDIRECTION = "ambient.istio.io/redirection"
 
@@ -36,11 +37,7 @@ def save(ns: Netns) -> str:
 
 
 def metric(agent: AgentProcess, result: str) -> float:
-    _, text = agent.http("/metrics")
-    for line in text.splitlines():
-        if line.startswith(f'ambient_cni_agent_annotation_patches_total{{result="{result}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return agent.metric("ambient_cni_agent_annotation_patches_total", result=result)
 
 
 @pytest.fixture
@@ -89,7 +86,7 @@ def test_annotations_pick_the_variant_and_the_pod_is_marked(env: dict[str, Any])
     reply, plain = add(env, "plain-0", "uid-plain")
     assert reply["ok"] is True, reply
     assert "--to-ports 15053" in save(plain)  # the agent's --dns-capture default
-    wait_until(lambda: annotation(fake, "plain-0") == "enabled", what="plain-0 marked enabled")
+    wait_for(lambda: annotation(fake, "plain-0") == "enabled", what="plain-0 marked enabled")
     assert fake.patches[-1] == ("shop", "plain-0", {"metadata": {"annotations": {REDIRECTION: "enabled"},
                                                                  "uid": "uid-plain"}})
 
@@ -109,10 +106,11 @@ def test_annotations_pick_the_variant_and_the_pod_is_marked(env: dict[str, Any])
 
     # un-enroll: the annotation goes (DEL)
     call(agent.sock, request("del", "plain-0", "shop", uid="uid-plain", netns=plain.path, container_id="c-plain-0"))
-    wait_until(lambda: annotation(fake, "plain-0") is None, what="annotation removed")
+    wait_for(lambda: annotation(fake, "plain-0") is None, what="annotation removed")
     assert fake.patches[-1] == ("shop", "plain-0", {"metadata": {"annotations": {REDIRECTION: None},
                                                                  "uid": "uid-plain"}})
-    assert metric(agent, "ok") >= 4
+    # the agent counts a patch once the API server's answer is back, just after the fake applied it
+    wait_for(lambda: metric(agent, "ok") >= 4, what="four patches counted ok")
 
 
 def test_failed_patches_never_fail_the_add_and_are_retried(env: dict[str, Any]) -> None:
@@ -120,8 +118,9 @@ def test_failed_patches_never_fail_the_add_and_are_retried(env: dict[str, Any]) 
     fake.fail_patches(3)
     reply, _ = add(env, "plain-0", "uid-plain")
     assert reply["ok"] is True and reply["enrolled"] is True
-    wait_until(lambda: annotation(fake, "plain-0") == "enabled", timeout=15, what="patched after retries")
-    assert metric(agent, "failed") == 3 and metric(agent, "ok") >= 1
+    wait_for(lambda: annotation(fake, "plain-0") == "enabled", timeout=15, what="patched after retries")
+    wait_for(lambda: metric(agent, "ok") >= 1, what="the patch counted ok")
+    assert metric(agent, "failed") == 3
 
     # the pod was deleted and re-created under the same name: the old instance's patch is refused by the
     # API server (the UID does not match) and dropped, the new pod is not marked
@@ -129,5 +128,5 @@ def test_failed_patches_never_fail_the_add_and_are_retried(env: dict[str, Any]) 
     fake.upsert_pod("dns-0", "shop", "node-a", uid="uid-dns-new")
     reply, _ = add(env, "dns-0", "uid-dns")
     assert reply["ok"] is True
-    wait_until(lambda: metric(agent, "gone") >= 1, what="stale patch dropped")
+    wait_for(lambda: metric(agent, "gone") >= 1, what="stale patch dropped")
     assert annotation(fake, "dns-0") is None

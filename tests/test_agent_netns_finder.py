@@ -7,7 +7,7 @@ a process started inside a test netns and moved into a real cgroup named after t
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import secrets
@@ -20,6 +20,8 @@ import pytest
 
 from cni_plugin import hints
 from nodeagent import netns_finder
+from testbed.netns import Netns
+from testbed.poll import wait_for
 
 UID = "1e054806-e667-4109-a5af-08b3e6ba0c42"
 
@@ -105,28 +107,34 @@ def pod_cgroup() -> Iterator[Path]:
     try:
         yield cgroup
     finally:
-        for directory in (cgroup, parent):
-            for _ in range(50):
-                try:
-                    directory.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        for directory in (cgroup, parent):  # refused while the killed sleepers are still leaving the cgroup
+            wait_for(functools.partial(_rmdir, directory), 2.5, interval=0.05, tolerate=(OSError,),
+                     what=f"{directory} to be removable")
 
 
-def test_running_pod_is_found_through_proc(
-    netns_factory: Callable[..., object], pod_cgroup: Path
-) -> None:
-    ns = netns_factory("acfind")
-    path = ns.path  # type: ignore[attr-defined]
-    proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "30"])  # type: ignore[attr-defined]
+def _rmdir(directory: Path) -> bool:
+    directory.rmdir()
+    return True
+
+
+def _sleeper_in(ns: Netns) -> subprocess.Popen[bytes]:
+    """``sleep 30`` inside ``ns``, returned once the exec happened (same pid, now sleep in the netns)."""
+    proc = subprocess.Popen([*ns.exec_prefix(), "sleep", "30"])
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # wait until the exec happened (same pid, now sleep in the netns)
-            with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(path).st_ino:
-                    break
-            time.sleep(0.02)
+        wait_for(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(ns.path).st_ino, 5,
+                 tolerate=(OSError,), what="the sleeper to enter its netns")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def test_running_pod_is_found_through_proc(netns_factory: Callable[..., Netns], pod_cgroup: Path) -> None:
+    ns = netns_factory("acfind")
+    path = ns.path
+    proc = _sleeper_in(ns)
+    try:
         (pod_cgroup / "cgroup.procs").write_text(str(proc.pid))
         found = netns_finder.from_proc(UID)
         assert found is not None, "the pod's process was not found through /proc"
@@ -138,21 +146,8 @@ def test_running_pod_is_found_through_proc(
         proc.wait()
 
 
-def _sleeper_in(ns: object) -> subprocess.Popen[bytes]:
-    path = ns.path  # type: ignore[attr-defined]
-    proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "30"])  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # wait until the exec happened (same pid, now sleep in the netns)
-        with contextlib.suppress(OSError):
-            if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(path).st_ino:
-                return proc
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("the sleeper did not enter its netns")
-
-
 def test_the_pods_oldest_process_decides_and_every_candidate_is_checked(
-    netns_factory: Callable[..., object], pod_cgroup: Path
+    netns_factory: Callable[..., Netns], pod_cgroup: Path
 ) -> None:
     """A pid can be reused and a hint can be stale: the pod's oldest process names its netns, and whatever a
     source names must hold one of the pod's IPs, not be the host's or enrolled as another pod, and, when
@@ -165,21 +160,21 @@ def test_the_pods_oldest_process_decides_and_every_candidate_is_checked(
             (pod_cgroup / "cgroup.procs").write_text(str(proc.pid))
         found = netns_finder.from_proc(UID)
         assert found is not None and found.netns_path == f"/proc/{procs[0].pid}/ns/net"
-        assert (found.inode, found.dev) == netns_finder.netns_id(first.path)  # type: ignore[attr-defined]
+        assert (found.inode, found.dev) == netns_finder.netns_id(first.path)
 
         ip = "10.77.9.9/32"
         assert netns_finder.rejection(found, UID) == "no IP of the pod is known to check it against"
         assert "holds none of the pod's IPs (10.77.9.9)" in str(netns_finder.rejection(found, UID, (ip,)))
-        subprocess.run(["ip", "-n", first.name, "addr", "add", ip, "dev", "lo"], check=True)  # type: ignore[attr-defined]
+        subprocess.run(["ip", "-n", first.name, "addr", "add", ip, "dev", "lo"], check=True)
         assert netns_finder.rejection(found, UID, (ip,)) is None
         assert netns_finder.rejection(found, UID, (ip,), claimed_by=lambda _ident: "shop/other uid u2") == (
             "it is enrolled as another pod (shop/other uid u2)"
         )
 
-        ident = netns_finder.netns_id(stranger.path)  # type: ignore[attr-defined]
+        ident = netns_finder.netns_id(stranger.path)
         assert ident is not None
-        subprocess.run(["ip", "-n", stranger.name, "addr", "add", ip, "dev", "lo"], check=True)  # type: ignore[attr-defined]
-        stale_hint = netns_finder.NetnsLocation(stranger.path, ident[0], ips=(ip,), source="hint",  # type: ignore[attr-defined]
+        subprocess.run(["ip", "-n", stranger.name, "addr", "add", ip, "dev", "lo"], check=True)
+        stale_hint = netns_finder.NetnsLocation(stranger.path, ident[0], ips=(ip,), source="hint",
                                                 dev=ident[1])
         assert "its processes belong to another pod" in str(netns_finder.rejection(stale_hint, UID))
 

@@ -20,9 +20,10 @@ import pytest
 
 from nodeagent import store as store_mod
 from nodeagent.store import PodRecord, PodStore
-from testbed.agent import AMBIENT, AgentProcess, pod, wait_until, write_state
+from testbed.agent import AMBIENT, AgentProcess, pod, write_state
 from testbed.cni import write_conflist
 from testbed.netns import Netns
+from testbed.poll import wait_for
 from testbed.runners import DriverResult, run_driver
 
 
@@ -112,7 +113,7 @@ def test_a_damaged_database_is_moved_aside_and_rebuilt(
     second = netns_factory("acdb")
     added = cni_add(env, second, "cart-1")
     assert added.code == 0, added.describe()
-    wait_until(lambda: sorted(r["name"] for r in agent.records()) == ["cart-0", "cart-1"], what="both records")
+    wait_for(lambda: sorted(r["name"] for r in agent.records()) == ["cart-0", "cart-1"], what="both records")
     assert "Traceback" not in agent.stderr_path.read_text()
 
 

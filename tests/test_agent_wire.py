@@ -21,9 +21,10 @@ import msgpack
 import pytest
 
 from cni_plugin import snapshot, wire
-from testbed.agent import AMBIENT, AgentProcess, call, pod, request, send_raw, wait_until, write_state
+from testbed.agent import AMBIENT, AgentProcess, call, pod, request, send_raw, write_state
 from testbed.netns import Netns
 from testbed.paths import REPO_ROOT, VENV_PYTHON
+from testbed.poll import wait_for
 
 NAMESPACES = {
     "shop": AMBIENT,
@@ -110,7 +111,7 @@ def test_reconcile_keeps_a_fresh_add_the_view_has_not_caught_up_with(agent: Agen
     add = request("add", "cart-0", "shop", uid="uid-cart-recreated", netns=pod_ns.path, container_id="cid-new")
     assert call(agent.sock, add)["enrolled"] is True
     before = reconcile_passes(agent)
-    wait_until(lambda: reconcile_passes(agent) >= before + 2, what="two reconcile passes after the ADD")
+    wait_for(lambda: reconcile_passes(agent) >= before + 2, what="two reconcile passes after the ADD")
     assert [(r["container_id"], r["uid"]) for r in agent.records()] == [("cid-new", "uid-cart-recreated")]
 
 
@@ -322,14 +323,14 @@ def test_file_view_reloads_and_keeps_last_good_view(agent: AgentProcess, state_f
     snap_path = str(agent.run_dir / snapshot.SNAPSHOT_NAME)
     assert snapshot.read(snap_path).namespaces["plain"] is False
     write_state(state_file, {**NAMESPACES, "plain": AMBIENT}, [pod("plain-0", "plain", uid="uid-plain")])
-    wait_until(lambda: snapshot.read(snap_path).namespaces["plain"] is True, what="snapshot after reload")
+    wait_for(lambda: snapshot.read(snap_path).namespaces["plain"] is True, what="snapshot after reload")
     assert call(agent.sock, request("add", "plain-0", "plain", netns=pod_ns.path))["enrolled"] is True
     generation = snapshot.read(snap_path).generation
     state_file.write_text("pods: [{name: broken")  # in-place broken write
-    time.sleep(0.5)
+    wait_for(lambda: any(line["msg"].startswith("cluster-state file invalid") for line in agent.log_lines()),
+             what="the agent to read the broken write")
     snap = snapshot.read(snap_path)
     assert snap.generation == generation and snap.namespaces["plain"] is True
-    assert any(line["msg"].startswith("cluster-state file invalid") for line in agent.log_lines())
     assert agent.http("/readyz")[0] == 200  # last good view kept
 
 
@@ -340,7 +341,7 @@ def test_reconcile_removes_unenrolled_and_enrolls_running_pods(
     assert call(agent.sock, add)["enrolled"] is True
     # the namespace loses its label: reconcile removes the record without any CNI event
     write_state(state_file, {**NAMESPACES, "shop": {}}, [pod("cart-0", "shop", uid="uid-cart")])
-    wait_until(lambda: agent.records() == [], what="record removed after unlabelling")
+    wait_for(lambda: agent.records() == [], what="record removed after unlabelling")
     # an already-running pod (netns hint left by the plugin) whose namespace gets labelled is enrolled; its
     # netns holds the address the hint names (the agent checks that before it trusts the hint)
     subprocess.run(["ip", "-n", pod_ns.name, "addr", "add", "10.9.0.7/24", "dev", "lo"], check=True)
@@ -351,7 +352,7 @@ def test_reconcile_removes_unenrolled_and_enrolls_running_pods(
         '"ips": ["10.9.0.7/24"], "written_at": 1}'
     )
     write_state(state_file, {**NAMESPACES, "plain": AMBIENT}, [pod("web-0", "plain", uid="uid-web")])
-    wait_until(lambda: [r["container_id"] for r in agent.records()] == ["cid-hint"], what="running pod enrolled")
+    wait_for(lambda: [r["container_id"] for r in agent.records()] == ["cid-hint"], what="running pod enrolled")
     record = agent.records()[0]
     assert record["source"] == "reconcile" and record["netns_inode"] == os.stat(pod_ns.path).st_ino
 
@@ -361,13 +362,12 @@ def test_sigterm_drains_in_flight_requests(agent: AgentProcess) -> None:
     try:
         conn.connect(agent.sock)
         frame = wire.encode_frame(request("status"))
-        conn.sendall(frame[:3])  # the request is in flight
-        time.sleep(0.1)
+        conn.sendall(frame[:3])  # the request is in flight ...
+        wait_for(lambda: agent.pending_connections() == 0, what="the agent to accept the connection")  # ... taken
         assert agent.proc is not None
         agent.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        wait_for(lambda: not os.path.exists(agent.sock), what="the agent to stop listening")  # no new connections
         assert agent.proc.poll() is None, "the agent must wait for the in-flight request"
-        assert not os.path.exists(agent.sock), "no new connections once stopping"
         conn.sendall(frame[3:])
         conn.settimeout(5)
         data = conn.recv(65536)
@@ -383,11 +383,11 @@ def test_plugin_log_lines_are_re_emitted(agent: AgentProcess) -> None:
     log = agent.run_dir / "plugin.log"
     with open(log, "a") as handle:
         handle.write('{"time": "t", "level": "warning", "msg": "ADD failed closed", "pod_name": "cart-0"}\n')
-    wait_until(lambda: any(line.get("scope") == "cni-plugin" for line in agent.log_lines()), what="re-emit")
+    wait_for(lambda: any(line.get("scope") == "cni-plugin" for line in agent.log_lines()), what="re-emit")
     line = next(line for line in agent.log_lines() if line.get("scope") == "cni-plugin")
     assert (line["level"], line["msg"], line["pod_name"]) == ("warning", "ADD failed closed", "cart-0")
     log.write_text('{"level": "info", "msg": "after truncation"}\n')  # truncation/rotation
-    wait_until(lambda: any(line.get("msg") == "after truncation" for line in agent.log_lines()), what="after trunc")
+    wait_for(lambda: any(line.get("msg") == "after truncation" for line in agent.log_lines()), what="after trunc")
 
 
 def test_cli_errors_are_clear(scratch: Path) -> None:
@@ -429,13 +429,13 @@ def test_reconcile_follows_a_replaced_netns_and_drops_a_gone_one(
             f'{{"netns": "{ns.path}", "container_id": "cid-new", "ifname": "eth0", "uid": "uid-cart", '
             '"ips": ["10.9.0.5/24"], "written_at": 1}'
         )
-        wait_until(
+        wait_for(
             lambda: [(r["container_id"], r["netns_inode"]) for r in agent.records()] == [("cid-new", new_inode)],
             what="record re-enrolled on the new netns",
         )
         # the netns disappears for good (and its hint with it): the record goes
         (hints / "shop_cart-0").unlink()
         subprocess.run(["ip", "netns", "del", ns.name], check=True)
-        wait_until(lambda: agent.records() == [], what="record removed once the netns is gone")
+        wait_for(lambda: agent.records() == [], what="record removed once the netns is gone")
     finally:
         proc.kill()

@@ -26,6 +26,7 @@ from testbed.cri import env as env_mod
 from testbed.cri.client import CriClient, CriError, PodSpec
 from testbed.cri.env import CriEnv
 from testbed.cri.product import ENROLLED_NS_LABELS, PRODUCT, Node
+from testbed.poll import wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.timeout(240)]
 
@@ -99,15 +100,8 @@ def _del_count(node: Node) -> float:
 
 def _wait_snapshot_has(node: Node, key: str, timeout: float = 10.0) -> None:
     path = str(node.run_dir / snapshot_mod.SNAPSHOT_NAME)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if key in snapshot_mod.read(path).pods:
-                return
-        except snapshot_mod.SnapshotError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"the agent's snapshot never listed {key}:\n{node.agent_log_tail()}")
+    wait_for(lambda: key in snapshot_mod.read(path).pods, timeout, tolerate=(snapshot_mod.SnapshotError,),
+             what=lambda: f"the agent's snapshot to list {key}:\n{node.agent_log_tail()}")
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -235,21 +229,18 @@ def test_containerd_reloads_the_conflist_the_installer_rewrites(node: Node, cri:
     assert regenerated["cniVersion"] == doc["cniVersion"]
 
     # containerd reloads on fsnotify, asynchronously: the new pod's MTU shows the rewritten file is in use
-    deadline = time.monotonic() + 10
-    mtu, sid = 0, ""
-    while time.monotonic() < deadline:
+    def new_pod_has_the_new_mtu() -> bool:
         sid = cri.run_pod_sandbox(cri_env.pod(f"web-{time.monotonic_ns()}", ENROLLED_NS))
         info = cri.status(sid)
         assert info.ready
         mtu = _pod_mtu(info.netns)
-        name = info.name
-        enrolled = len(_records(node, ENROLLED_NS, name)) == 1  # the reloaded chain still ends with our plugin
+        enrolled = len(_records(node, ENROLLED_NS, info.name)) == 1  # the reloaded chain still ends with our plugin
         _remove(cri, sid)
         if mtu == 1400:
             assert enrolled
-            break
-        time.sleep(0.2)
-    assert mtu == 1400, "containerd never used the conflist the installer rewrote"
+        return mtu == 1400
+
+    wait_for(new_pod_has_the_new_mtu, 10, interval=0.2, what="containerd to use the conflist the installer rewrote")
     new_log = cri_env.log_text()[log_offset:]
     errors = [line for line in new_log.splitlines() if CNI_LOAD_ERRORS.search(line)]
     assert not errors, "containerd logged CNI config errors after the rewrite:\n" + "\n".join(errors)
@@ -258,10 +249,8 @@ def test_containerd_reloads_the_conflist_the_installer_rewrites(node: Node, cri:
     broken = cri_env.conf_dir / "00-0broken.conflist"
     broken.write_text('{"cniVersion": "1.0.0", "name": "broken", "plugins": [')
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not CNI_LOAD_ERRORS.search(cri_env.log_text()[log_offset:]):
-            time.sleep(0.1)
-        assert CNI_LOAD_ERRORS.search(cri_env.log_text()[log_offset:]), "the log check cannot see a parse error"
+        wait_for(lambda: CNI_LOAD_ERRORS.search(cri_env.log_text()[log_offset:]), 10, interval=0.1,
+                 what="the log check to see a parse error")
     finally:
         broken.unlink()
     cri_env.wait_network_ready()

@@ -11,12 +11,11 @@ from pathlib import Path
 
 from testbed.cni import write_conflist
 from testbed.netns import Netns
-from testbed.paths import PLUGIN, REPO_ROOT, SYSTEM_CNI_DIR
+from testbed.paths import CLEAN_ENV, PLUGIN, REPO_ROOT, SYSTEM_CNI_DIR
 from testbed.runners import run_driver
 from tests.plugin_fixtures import EXCLUDED_POD_ARGS
 
 README = REPO_ROOT / "README.md"
-CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 def readme_cp_command() -> str:

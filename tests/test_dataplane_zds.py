@@ -1,85 +1,25 @@
 """ZDS (issue 5): the agent's zds_server + InPodDataplane against ZDS clients speaking the protobuf over a real
-SOCK_SEQPACKET socket with real netns fds (SCM_RIGHTS): our peer (zds_peer) and a scripted raw client."""
+SOCK_SEQPACKET socket with real netns fds (SCM_RIGHTS): our peer (zds_peer) and a scripted client
+(``testbed.zds.ScriptedZtunnel``)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-from google.protobuf.message import DecodeError
 
 from nodeagent.dataplane import zds_pb2
 from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
 from testbed.netns import Netns
+from testbed.pods import listening_ports
 from testbed.poll import wait_for
+from testbed.zds import ScriptedZtunnel
 from zds_peer.client import Peer
-
-
-class RawClient:
-    """A scripted ZDS client: records (kind, uid, netns inode or None); acks per ``mode``."""
-
-    def __init__(self, path: str, mode: str = "ack", ack_delay_s: float = 0.0) -> None:
-        self.mode = mode  # "ack" | "silent" | "error"
-        self.ack_delay_s = ack_delay_s
-        self.got: list[tuple[str, str, int | None]] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.connect(path)
-        self.sock.send(zds_pb2.ZdsHello(version=zds_pb2.V1).SerializeToString())
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.sock, 1024, 4)
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                self._handle(data, fds)
-            except Exception as exc:  # never die silently (no more acks would look like a server bug)
-                self.got.append((f"client error: {exc!r}", "", None))
-            finally:
-                for fd in fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-
-    def _handle(self, data: bytes, fds: list[int]) -> None:
-        req = zds_pb2.WorkloadRequest()
-        try:
-            req.ParseFromString(data)
-        except DecodeError:  # keep the evidence: the assertions on kinds() then show the bytes
-            self.got.append((f"corrupt:{data.hex()}:fds={len(fds)}", "", None))
-            return
-        kind = req.WhichOneof("payload") or ""
-        uid = getattr(getattr(req, kind), "uid", "") if kind != "snapshot_sent" else ""
-        self.got.append((kind, uid, os.fstat(fds[0]).st_ino if fds else None))
-        if self.mode == "silent" and kind == "add":
-            return
-        if self.ack_delay_s:
-            time.sleep(self.ack_delay_s)
-        err = "rejected by test" if self.mode == "error" and kind == "add" else ""
-        with contextlib.suppress(OSError):
-            self.sock.send(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=err)).SerializeToString())
-
-    def kinds(self) -> list[str]:
-        return [k for k, _, _ in self.got]
-
-    def close(self) -> None:
-        """Shut down, let the loop thread end, then close: never close a socket under a thread that may be
-        about to block on it (it could end up on the fd number's next owner; see zds_server)."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self._t.join(timeout=10)
-        self.sock.close()
 
 
 @pytest.fixture
@@ -93,11 +33,6 @@ def dataplane(tmpdir_short: str) -> Iterator[InPodDataplane]:
 
 def pod_in(ns: Netns, uid: str = "", ips: tuple[str, ...] = ("10.9.0.2/24",)) -> PodWork:
     return PodWork(uid=uid or f"uid-{ns.name}", name=ns.name, namespace="test", netns_path=ns.path, ips=ips)
-
-
-def listening_ports(ns: Netns) -> set[int]:
-    out = ns.run("ss", "-Hntl").stdout
-    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
 def test_no_ztunnel_is_retryable_and_changes_nothing(dataplane: InPodDataplane, netns_factory) -> None:
@@ -134,7 +69,7 @@ def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns
 
 def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_factory) -> None:
     a, b = netns_factory(), netns_factory()
-    first = RawClient(dataplane.zds.path)
+    first = ScriptedZtunnel(dataplane.zds.path)
     try:
         wait_for(lambda: first.kinds() == ["snapshot_sent"], what="empty snapshot")
         pa = pod_in(a)
@@ -142,7 +77,7 @@ def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_fact
         assert first.got[-1] == ("add", pa.uid, os.stat(a.path).st_ino)  # the fd really is the pod's netns
         dataplane.adopt(PodWork(uid="uid-restored", name="r", namespace="test", netns_path=""))
         # a reconnecting ztunnel gets the full snapshot: Add+fd for a, Keep for the adopted pod, SnapshotSent
-        second = RawClient(dataplane.zds.path)
+        second = ScriptedZtunnel(dataplane.zds.path)
         try:
             wait_for(lambda: "snapshot_sent" in second.kinds(), what="snapshot")
             assert sorted(second.got[:-1], key=str) == sorted(
@@ -169,7 +104,7 @@ def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdi
     snapshot must still send the netns it listed (the server owns duplicates), never a stale number."""
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds2.sock"), ack_timeout_s=2.0)
     a, x, b, other = netns_factory(), netns_factory(), netns_factory(), netns_factory()
-    first = RawClient(dp.zds.path)
+    first = ScriptedZtunnel(dp.zds.path)
     reused: list[int] = []
     try:
         wait_for(lambda: first.kinds() == ["snapshot_sent"], what="empty snapshot")
@@ -178,7 +113,7 @@ def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdi
             dp.add(pod, time.monotonic() + 5)
         b_fd = dp._pods[pods[2].uid].handle.fd  # type: ignore[union-attr]
         # acks 1.2 s apart: Add(a) at 0, Add(x) at 1.2 s, Add(b) at 2.4 s; the DEL below gives up at ~2 s
-        slow = RawClient(dp.zds.path, ack_delay_s=1.2)
+        slow = ScriptedZtunnel(dp.zds.path, ack_delay_s=1.2)
         try:
             wait_for(lambda: slow.kinds()[:1] == ["add"], what="snapshot under way")
             dp.remove(pods[2])  # closes b's handle once its DelWorkload to the busy connection gives up
@@ -203,7 +138,7 @@ def test_snapshot_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its
     """The snapshot hands the ZDS server duplicates of the pods' netns fds (the server closes them once sent);
     a pod left out because its path no longer names the netns we hold must not leak its duplicate."""
     a, b, other = netns_factory(), netns_factory(), netns_factory()
-    client = RawClient(dataplane.zds.path)
+    client = ScriptedZtunnel(dataplane.zds.path)
     try:
         wait_for(lambda: client.kinds() == ["snapshot_sent"], what="empty snapshot")
         pa, pb = pod_in(a), pod_in(b)
@@ -229,7 +164,7 @@ def test_snapshot_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its
 @pytest.mark.parametrize("mode", ["silent", "error"])
 def test_ack_timeout_or_error_fails_closed(dataplane: InPodDataplane, netns_factory, mode: str) -> None:
     ns = netns_factory()
-    client = RawClient(dataplane.zds.path, mode=mode)
+    client = ScriptedZtunnel(dataplane.zds.path, mode=mode)
     try:
         wait_for(lambda: "snapshot_sent" in client.kinds(), what="snapshot")
         t0 = time.monotonic()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from conflist import binary
 from conflist.chain import is_config_name
+from testbed.poll import wait_for
 from tests.installer_fixtures import CONFLIST_FIXTURES, installer_argv, installer_env, make_fake_bundle
 
 PRIMARIES = [
@@ -36,6 +37,7 @@ class Observer(threading.Thread):
         self.problems: list[str] = []
         self.reads = 0
         self.owned_reads = 0
+        self.passes = 0
 
     def _check_configs(self) -> None:
         for name in os.listdir(self.conf):
@@ -77,6 +79,7 @@ class Observer(threading.Thread):
         while not self.stop.is_set():
             self._check_configs()
             self._check_link()
+            self.passes += 1
 
 
 class Churn(threading.Thread):
@@ -128,7 +131,8 @@ def test_sigkill_at_random_points_never_exposes_a_partial_config(scratch: Path) 
     finally:
         churn.stop.set()
         churn.join()
-        time.sleep(0.05)
+        passes = observer.passes  # one more full look at the final state before the observer stops
+        wait_for(lambda: observer.passes >= passes + 2 or not observer.is_alive(), what="the observer's last look")
         observer.stop.set()
         observer.join()
     elapsed = time.monotonic() - start

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from testbed.fakekube.server import FakeKube
 from testbed.node_proc import CLEAN_ENV, PRIMARY_NAME, NodeProc, tree_bytes
 from testbed.paths import PLUGIN
+from testbed.poll import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 NOT_READY = {"key": "cni.istio.io/not-ready", "value": "true", "effect": "NoSchedule"}
@@ -48,21 +48,12 @@ def node(scratch: Path, fake: FakeKube, plugin_binary: Path) -> Iterator[NodePro
         proc.kill()
 
 
-def _wait(predicate: object, what: str, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_ready_untaints_and_an_upgrade_stop_keeps_everything(node: NodeProc, fake: FakeKube) -> None:
     before = tree_bytes(node.conf_dir)
     node.start()
     node.wait_http("/readyz")
     assert node.http("/healthz")[0] == 200
-    _wait(lambda: fake.lifecycle.node("node-a")["spec"].get("taints") == [], "the taint to go")  # type: ignore[index]
+    wait_for(lambda: fake.lifecycle.node("node-a")["spec"].get("taints") == [], 15, "the taint to go")  # type: ignore[index]
     (patch,) = fake.lifecycle.node_patches
     assert [op["op"] for op in patch] == ["test", "replace"]
     conf = tree_bytes(node.conf_dir)
@@ -128,7 +119,7 @@ def test_readyz_waits_for_a_valid_chain(scratch: Path, fake: FakeKube, plugin_bi
     try:
         node.start()
         # the agent gets ready (view synced, snapshot, socket) but /readyz stays 503 for the chain
-        _wait(lambda: "CNI chain not installed" in node.wait_http("/readyz", status=503), "the chain's reason")
+        wait_for(lambda: "CNI chain not installed" in node.wait_http("/readyz", status=503), 15, "the chain's reason")
         body = node.wait_http("/readyz", status=503)
         assert "waiting for a primary" in body, body
         assert node.http("/healthz")[0] == 200
@@ -136,7 +127,7 @@ def test_readyz_waits_for_a_valid_chain(scratch: Path, fake: FakeKube, plugin_bi
         (node.conf_dir / PRIMARY_NAME).write_bytes((Path(__file__).parent / "fixtures" / "conflists" /
                                                     "containerd__10-containerd-net.conflist").read_bytes())
         node.wait_http("/readyz")
-        _wait(lambda: fake.lifecycle.node("node-a")["spec"].get("taints") == [], "the taint to go")  # type: ignore[index]
+        wait_for(lambda: fake.lifecycle.node("node-a")["spec"].get("taints") == [], 15, "the taint to go")  # type: ignore[index]
         assert node.stop() == 0
         assert (node.conf_dir / "00-ambient-cni.conflist").exists()  # never: kept
     finally:
@@ -168,7 +159,7 @@ def test_a_refused_list_is_not_an_empty_view(node: NodeProc, fake: FakeKube) -> 
     """401/403/5xx on the namespace/pod lists must keep the agent unready, never read as 'nothing enrolled'."""
     fake.lifecycle.fail(403)
     node.start("--uninstall-on-stop", "never")
-    _wait(lambda: "cannot list" in node.wait_http("/readyz", status=503), "the view's reason")
+    wait_for(lambda: "cannot list" in node.wait_http("/readyz", status=503), 15, "the view's reason")
     assert not (node.run_dir / "enrollment.json").exists()  # no snapshot from a view that never synced
     fake.lifecycle.fail(None)
     node.wait_http("/readyz")

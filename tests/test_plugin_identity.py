@@ -27,9 +27,10 @@ from cni_plugin.wire import PodRef
 from nodeagent.clusterview.model import ClusterState, Pod
 from nodeagent.identity_gc import prune_identities
 from nodeagent.store import PodRecord, PodStore
-from testbed.agent import AMBIENT, AgentProcess, pod, wait_until, write_state
+from testbed.agent import AMBIENT, AgentProcess, pod, write_state
 from testbed.cni import netconf, write_conflist
 from testbed.netns import Netns
+from testbed.poll import wait_for
 from testbed.runners import DriverResult, plugin_env, run_driver, run_plugin
 from tests.plugin_fixtures import assert_no_traceback, load_fixture
 
@@ -316,4 +317,4 @@ def test_reload_sequence_keeps_the_pod_enrolled_through_libcni(chain: dict[str, 
     old = time.time() - 60
     os.utime(entry, (old, old))
     write_state(chain["state"], {"shop": AMBIENT}, [])
-    wait_until(lambda: not entry.exists(), timeout=10, what="the agent forgets the gone pod's identity")
+    wait_for(lambda: not entry.exists(), timeout=10, what="the agent forgets the gone pod's identity")

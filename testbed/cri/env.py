@@ -31,13 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from testbed import netns
 from testbed.cri import image
 from testbed.cri.client import CriClient, CriError, PodSpec
 from testbed.cri.config import EnvLayout, PrimaryNet, containerd_config, primary_conflist, render_conflist
+from testbed.poll import WaitTimeout, wait_for
 
 STATE_DIR = Path("/run/ambient-cni-cri")  # one JSON file per environment started with `up`
 NETNS_DIR = Path("/run/netns")
@@ -129,15 +131,17 @@ class CriEnv:
             return ""
 
     def wait_network_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
+        last = [""]
+
+        def ready(cri: CriClient) -> bool:
+            ok, last[0] = cri.conditions().get("NetworkReady", (False, "no NetworkReady condition"))
+            return bool(ok)
+
         with self.client(timeout=5) as cri:
-            while time.monotonic() < deadline:
-                ready, last = cri.conditions().get("NetworkReady", (False, "no NetworkReady condition"))
-                if ready:
-                    return
-                time.sleep(0.1)
-        raise EnvError(f"containerd's CNI network did not become ready: {last}")
+            try:
+                wait_for(lambda: ready(cri), timeout, interval=0.1, what="containerd's CNI network to be ready")
+            except WaitTimeout:
+                raise EnvError(f"containerd's CNI network did not become ready: {last[0]}") from None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -155,23 +159,6 @@ def _random_subnet() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- bring up
-
-
-def _create_netns(name: str) -> None:
-    from pyroute2 import IPRoute, netns
-
-    netns.create(name)
-    with IPRoute(netns=name) as ipr:
-        (lo,) = ipr.link_lookup(ifname="lo")
-        ipr.link("set", index=lo, state="up")
-
-
-def _remove_netns(name: str) -> None:
-    from pyroute2 import netns
-
-    if (NETNS_DIR / name).exists():
-        with contextlib.suppress(OSError):
-            netns.remove(name)
 
 
 def _link_reference_plugins(bin_dir: Path) -> None:
@@ -200,18 +187,18 @@ def _overlay_works(probe_root: Path) -> bool:
     return ok.returncode == 0
 
 
-def _wait_for(predicate_desc: str, predicate: object, timeout: float, env: CriEnv) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_for(predicate_desc: str, predicate: Callable[[], object], timeout: float, env: CriEnv) -> None:
+    """``wait_for`` while containerd lives; EnvError (with containerd's log) when it exits or time runs out."""
+
+    def alive_and(predicate: Callable[[], object]) -> object:
         if not _alive(env.pid):
             raise EnvError(f"containerd exited while waiting for {predicate_desc}:\n{_tail(env.log_text())}")
-        try:
-            if predicate():  # type: ignore[operator]
-                return
-        except CriError:
-            pass
-        time.sleep(0.05)
-    raise EnvError(f"timed out after {timeout:.0f}s waiting for {predicate_desc}:\n{_tail(env.log_text())}")
+        return predicate()
+
+    try:
+        wait_for(lambda: alive_and(predicate), timeout, interval=0.05, tolerate=(CriError,), what=predicate_desc)
+    except WaitTimeout as exc:
+        raise EnvError(f"{exc}:\n{_tail(env.log_text())}") from None
 
 
 def _tail(text: str, lines: int = 25) -> str:
@@ -265,7 +252,7 @@ def up(startup_timeout: float = 60.0) -> CriEnv:
         _link_reference_plugins(layout.bin_dir)
         snapshotter = "overlayfs" if _overlay_works(root) else "native"
         layout.config.write_text(containerd_config(layout, image.PAUSE_IMAGE, snapshotter))
-        _create_netns(env.netns)
+        netns.create(env.netns)
         with open(layout.log, "ab") as log:
             proc = subprocess.Popen(
                 ["nsenter", f"--net={env.netns_path}", "containerd", "--config", str(layout.config)],
@@ -487,7 +474,7 @@ def down(env: CriEnv) -> list[str]:
                 d.rmdir()
     _clean_libcni_cache(env, sandbox_ids)
     _remove_cgroups(env.cgroup_parent)
-    _remove_netns(env.netns)
+    netns.remove(env.netns)
     if leftovers := _mounts_under(env.root):
         problems.append(f"mounts still present: {leftovers}")
     shutil.rmtree(env.root, ignore_errors=True)

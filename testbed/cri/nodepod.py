@@ -31,6 +31,7 @@ from testbed.cri.client import CriClient, CriError
 from testbed.cri.env import CriEnv
 from testbed.fakekube.server import FakeKube
 from testbed.paths import REPO_ROOT
+from testbed.poll import wait_for
 
 IMAGE_TAR = REPO_ROOT / "dist" / "ambient-cni-image.tar"
 DEPLOY = REPO_ROOT / "deploy"
@@ -271,17 +272,19 @@ class NodePod:
 
     def wait_ready(self, cri: NodeCri, timeout: float = 60.0) -> float:
         """Seconds from StartContainer to the first /readyz 200."""
-        end = time.monotonic() + timeout
-        last: tuple[int, str] = (0, "")
-        while time.monotonic() < end:
-            last = self.http("/readyz")
-            if last[0] == 200:
-                return time.monotonic() - self.started_at
+        last: list[tuple[int, str]] = []
+
+        def ready() -> bool:
+            last[:] = [self.http("/readyz")]
+            if last[0][0] == 200:
+                return True
             status, _ = cri.container_status(self.container_id)
             if status.state == api_pb2.CONTAINER_EXITED:
                 raise AssertionError(f"the node container exited ({status.exit_code}):\n{self.log_tail()}")
-            time.sleep(0.02)
-        raise AssertionError(f"/readyz never answered 200 (last {last}):\n{self.log_tail()}")
+            return False
+
+        wait_for(ready, timeout, interval=0.02, what=lambda: f"/readyz to answer 200 (last {last}):\n{self.log_tail()}")
+        return time.monotonic() - self.started_at
 
     def stop(self, cri: NodeCri, timeout_s: int = 30) -> int:
         cri.stop_container(self.container_id, timeout_s)

@@ -8,15 +8,17 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from testbed.netns import free_port
+from testbed.paths import CLEAN_ENV, REPO_ROOT, VENV_PYTHON
+from testbed.poll import wait_for
 
 
 class NodeEnv(Protocol):
@@ -35,22 +37,13 @@ class NodeEnv(Protocol):
     def netns_path(self) -> str: ...
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # AMBIENT_CNI_PRODUCT: test another build of the frozen binary (default: the one `make build` makes)
 PRODUCT = Path(os.environ.get("AMBIENT_CNI_PRODUCT", str(REPO_ROOT / "dist" / "ambient-cni")))
-VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 ENROLLED_NS_LABELS = {"istio.io/dataplane-mode": "ambient"}
-CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 class ProductError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_product(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -199,22 +192,18 @@ class Node:
                 start_new_session=True,
                 env=CLEAN_ENV,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.agent.poll() is not None:
-                raise ProductError(f"the agent exited with {self.agent.returncode}:\n{self.agent_log_tail()}")
-            if (self.run_dir / "cni.sock").exists() and self._http_ok("/readyz" if wait_ready else "/healthz"):
-                return
-            time.sleep(0.05)
-        raise ProductError(f"the agent did not become ready in {timeout:.0f}s:\n{self.agent_log_tail()}")
+        agent = self.agent
+
+        def serving() -> bool:
+            if agent.poll() is not None:
+                raise ProductError(f"the agent exited with {agent.returncode}:\n{self.agent_log_tail()}")
+            return (self.run_dir / "cni.sock").exists() and self._http_ok("/readyz" if wait_ready else "/healthz")
+
+        wait_for(serving, timeout, interval=0.05, what=lambda: f"the agent to serve:\n{self.agent_log_tail()}")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._http_ok("/readyz"):
-                return
-            time.sleep(0.05)
-        raise ProductError(f"the agent did not become ready in {timeout:.0f}s:\n{self.agent_log_tail()}")
+        wait_for(lambda: self._http_ok("/readyz"), timeout, interval=0.05,
+                 what=lambda: f"the agent to be ready:\n{self.agent_log_tail()}")
 
     def stop_agent(self) -> None:
         _stop(self.agent)
@@ -282,14 +271,15 @@ class Node:
                 stderr=log,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.peer.poll() is not None:
-                raise ProductError(f"the ZDS peer exited with {self.peer.returncode}: {self.peer_log.read_text()}")
-            if self.agent is None or self._http_ok("/readyz"):
-                return
-            time.sleep(0.05)
-        raise ProductError(f"the agent did not get ready with the ZDS peer:\n{self.agent_log_tail()}")
+        peer = self.peer
+
+        def ready_with_peer() -> bool:
+            if peer.poll() is not None:
+                raise ProductError(f"the ZDS peer exited with {peer.returncode}: {self.peer_log.read_text()}")
+            return self.agent is None or self._http_ok("/readyz")
+
+        wait_for(ready_with_peer, timeout, interval=0.05,
+                 what=lambda: f"the agent to be ready with the ZDS peer:\n{self.agent_log_tail()}")
 
     def stop_peer(self) -> None:
         _stop(self.peer)

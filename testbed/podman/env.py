@@ -40,7 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed import netns
 from testbed.cri.env import _kill_cgroup_members, _mounts_under, _overlay_works, _pids_with, _remove_cgroups, _umount
+from testbed.paths import CLEAN_ENV
 from testbed.podman import image
 from testbed.podman.config import Layout, containers_conf, storage_conf, without_plugin
 
@@ -52,7 +54,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Created by podman 4.3 outside --root/--runroot (seen here); removed again only if absent before.
 MACHINE_PATHS = ("/var/lib/containers", "/run/runc", "/root/.config/containers", str(LIBCNI_CACHE))
 LIBPOD_CGROUP = "libpod_parent"
-BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 class EnvError(RuntimeError):
@@ -90,7 +91,7 @@ class PodmanEnv:
     def process_env(self, cni_args: str | None = None) -> dict[str, str]:
         """What podman runs with: a service manager's clean environment plus our configuration files."""
         env = {
-            **BASE_ENV,
+            **CLEAN_ENV,
             "HOME": str(self.layout.home),
             "TMPDIR": str(self.layout.tmp),
             "CONTAINERS_CONF": str(self.layout.containers_conf),
@@ -261,23 +262,6 @@ def _remove_machine_paths(problems: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- bring up
 
 
-def _create_netns(name: str) -> None:
-    from pyroute2 import IPRoute, netns
-
-    netns.create(name)
-    with IPRoute(netns=name) as ipr:
-        (lo,) = ipr.link_lookup(ifname="lo")
-        ipr.link("set", index=lo, state="up")
-
-
-def _remove_netns(name: str) -> None:
-    from pyroute2 import netns
-
-    if (NETNS_DIR / name).exists():
-        with contextlib.suppress(OSError):
-            netns.remove(name)
-
-
 def up() -> PodmanEnv:
     """Start a fresh environment; on any failure everything created so far is removed again."""
     if os.geteuid() != 0:
@@ -299,7 +283,7 @@ def up() -> PodmanEnv:
             d.mkdir(parents=True, exist_ok=True)
         layout.containers_conf.write_text(containers_conf(layout))
         layout.storage_conf.write_text(storage_conf(layout, "overlay" if _overlay_works(root) else "vfs"))
-        _create_netns(env.netns)
+        netns.create(env.netns)
         backend = env.podman("info", "--format", "{{.Host.NetworkBackend}}", check=True).stdout.strip()
         if backend != "cni":
             raise EnvError(f"podman's network backend is {backend!r}, not cni")
@@ -413,7 +397,7 @@ def down(env: PodmanEnv) -> list[str]:
                 os.unlink(path)
     _clean_libcni_cache(env, ids)
     _remove_cgroups(env.cgroup_parent)
-    _remove_netns(env.netns)
+    netns.remove(env.netns)
     if leftovers := _mounts_under(env.root):
         problems.append(f"mounts still present: {leftovers}")
     shutil.rmtree(env.root, ignore_errors=True)

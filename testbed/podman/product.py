@@ -9,8 +9,6 @@ import json
 import secrets
 import stat
 import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,6 @@ __all__ = [
     "random_subnet",
     "recorded",
     "remove_recorder",
-    "wait_for",
 ]
 
 
@@ -166,12 +163,3 @@ def recorded(record_dir: Path, container_id: str | None = None) -> list[Call]:
         if container_id is None or call.container_id == container_id:
             calls.append(call)
     return calls
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
