@@ -1,4 +1,4 @@
-"""Helpers for the installer tests: fake-but-faithful plugin bundles, a running installer process, waits."""
+"""Helpers for the installer tests: the primary-config fixtures, versions of the real bundle, a running installer."""
 
 from __future__ import annotations
 
@@ -9,33 +9,12 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from testbed.paths import FIXTURES, REPO_ROOT, VENV_PYTHON
+from testbed.paths import BUNDLE, FIXTURES, REPO_ROOT, VENV_PYTHON
 
 CONFLIST_FIXTURES = FIXTURES / "conflists"
 CONFLIST_SOURCES = CONFLIST_FIXTURES / "SOURCES.md"
-T = TypeVar("T")
-
-# A stand-in plugin bundle (same layout as the PyInstaller onedir: an executable + _internal/). The executable
-# is a real CNI plugin in the sense libcni needs: it echoes prevResult in the config's cniVersion and records
-# each exec in <run_dir>/exec.log, so a chain run shows it was exec'd and in which position.
-FAKE_PLUGIN = r"""#!{python} -I
-import json, os, sys
-conf = json.load(sys.stdin)
-command = os.environ.get("CNI_COMMAND", "")
-if command == "VERSION":  # libcni sends only {{"cniVersion"}} here (no run_dir): answer before logging
-    print(json.dumps({{"cniVersion": "1.0.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}}))
-    sys.exit(0)
-run_dir = conf.get("run_dir", "/nonexistent")
-with open(os.path.join(run_dir, "exec.log"), "a") as log:
-    log.write(json.dumps({{"command": command, "type": conf.get("type"), "prev": bool(conf.get("prevResult"))}}) + "\n")
-if command == "ADD":
-    result = dict(conf.get("prevResult") or {{}})
-    result["cniVersion"] = conf["cniVersion"]
-    print(json.dumps(result))
-"""
-
 
 def conflist_fixtures() -> list[Path]:
     """Every primary config fixture in tests/fixtures/conflists (real configs; provenance in SOURCES.md)."""
@@ -57,16 +36,11 @@ def node_name(fixture: Path) -> str:
     return fixture.name.split("__", 1)[1]
 
 
-def make_fake_bundle(directory: Path, marker: str = "v1", python: str = str(VENV_PYTHON)) -> Path:
-    """A small onedir-shaped bundle: ``ambient-cni`` (executable) + ``_internal/`` payload."""
-    directory.mkdir(parents=True, exist_ok=True)
-    exe = directory / "ambient-cni"
-    exe.write_text(FAKE_PLUGIN.format(python=python) + f"# {marker}\n")
-    exe.chmod(0o755)
-    internal = directory / "_internal"
-    internal.mkdir(exist_ok=True)
-    (internal / "payload.bin").write_bytes(marker.encode() * 4096)
-    (internal / "base_library.zip").write_bytes(b"PK" + marker.encode())
+def bundle_version(directory: Path, marker: str) -> Path:
+    """A second version of the real frozen bundle (``dist/ambient-cni.bundle``, built by ``make build``): a copy
+    with one more file in ``_internal/``, so its digest differs and an installer upgrades to it."""
+    subprocess.run(["cp", "-a", str(BUNDLE), str(directory)], check=True)
+    (directory / "_internal" / "version-marker").write_text(marker + "\n")
     return directory
 
 

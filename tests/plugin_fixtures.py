@@ -32,9 +32,10 @@ def load_fixture(kind: str, name: str) -> dict[str, Any]:
     return data
 
 
-def recording_bin_dir(bin_dir: Path, base: Path, record_dir: Path) -> Path:
+def recording_bin_dir(bin_dir: Path, base: Path, record_dir: Path, plugin: Path = PLUGIN) -> Path:
     """A CNI_PATH like ``bin_dir`` whose ``ambient-cni`` saves its stdin to ``record_dir/<CNI_COMMAND>.json``
-    and then execs the real frozen plugin with exactly those bytes (so the test sees what libcni injected)."""
+    and then execs the real frozen plugin (``plugin``: the build's, or an installed link to it) with exactly
+    those bytes (so the test sees what libcni injected)."""
     out = base / "bin-recording"
     out.mkdir(parents=True, exist_ok=True)
     record_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def recording_bin_dir(bin_dir: Path, base: Path, record_dir: Path) -> Path:
         "#!/bin/sh\n"
         f'f="{record_dir}/$CNI_COMMAND.json"\n'
         'cat > "$f"\n'
-        f'exec "{PLUGIN}" < "$f"\n'
+        f'exec "{plugin}" < "$f"\n'
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return out

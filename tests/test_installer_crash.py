@@ -18,8 +18,9 @@ from pathlib import Path
 
 from conflist import binary
 from conflist.chain import is_config_name
+from testbed.paths import BUNDLE
 from testbed.poll import wait_for
-from tests.installer_fixtures import CONFLIST_FIXTURES, installer_argv, installer_env, make_fake_bundle
+from tests.installer_fixtures import CONFLIST_FIXTURES, bundle_version, installer_argv, installer_env
 
 PRIMARIES = [
     (CONFLIST_FIXTURES / "calico__10-calico.conflist").read_bytes(),
@@ -99,13 +100,13 @@ class Churn(threading.Thread):
             os.replace(tmp, self.conf / "10-calico.conflist")
 
 
-def test_sigkill_at_random_points_never_exposes_a_partial_config(scratch: Path) -> None:
+def test_sigkill_at_random_points_never_exposes_a_partial_config(plugin_binary: Path, scratch: Path) -> None:
     conf, bindir = scratch / "net.d", scratch / "bin"
     conf.mkdir()
     bindir.mkdir()
     (conf / "10-calico.conflist").write_bytes(PRIMARIES[0])
     (conf / "99-loopback.conflist").write_bytes(b'{"cniVersion":"0.3.1","name":"lo","plugins":[{"type":"loopback"}]}')
-    bundles = [make_fake_bundle(scratch / "b1", "v1"), make_fake_bundle(scratch / "b2", "v2")]
+    bundles = [BUNDLE, bundle_version(scratch / "b2", "v2")]  # the real frozen bundle and a second version of it
     log_path = scratch / "installer.log"
     rng = random.Random(4)
     observer, churn = Observer(conf, bindir), Churn(conf)

@@ -15,7 +15,8 @@ from conflist import atomic, binary
 from conflist.chain import ChainError, build_chain, is_chained, parse_primary, plugin_entry, serialise
 from conflist.discover import DEFAULT_BIN_DIR, DEFAULT_CONF_DIR, Dirs, config_names, resolve_dirs, scan
 from conflist.installer import Installer, Options, owned_name_for
-from tests.installer_fixtures import installer_argv, installer_env, make_fake_bundle
+from testbed.paths import BUNDLE
+from tests.installer_fixtures import bundle_version, installer_argv, installer_env
 
 ENTRY = plugin_entry({"run_dir": "/r", "deadline_ms": 5000})
 
@@ -152,10 +153,11 @@ def test_atomic_write_skips_identical_and_sweeps_temps(scratch: Path) -> None:
 
 
 # ---- binary ------------------------------------------------------------------------------------------------
-def test_binary_install_upgrade_verify_uninstall(scratch: Path) -> None:
+def test_binary_install_upgrade_verify_uninstall(plugin_binary: Path, scratch: Path) -> None:
+    """The real frozen bundle and a second version of it (one more file): install, upgrade, verify, uninstall."""
     bindir = scratch / "bin"
     bindir.mkdir()
-    v1, v2 = make_fake_bundle(scratch / "v1", "v1"), make_fake_bundle(scratch / "v2", "v2")
+    v1, v2 = BUNDLE, bundle_version(scratch / "v2", "v2")
     m1, m2 = binary.compute_manifest(str(v1)), binary.compute_manifest(str(v2))
     assert m1.digest != m2.digest
     assert binary.install(str(bindir), str(v1), m1)
@@ -167,10 +169,12 @@ def test_binary_install_upgrade_verify_uninstall(scratch: Path) -> None:
     assert os.readlink(bindir / "ambient-cni") == f"{m2.dir_name}/ambient-cni"
     assert binary.install(str(bindir), str(v1), m1)  # v2 kept as previous, nothing older
     assert sorted(n for n in os.listdir(bindir) if n.startswith(".")) == sorted([m1.dir_name, m2.dir_name])
-    (bindir / m1.dir_name / "_internal" / "payload.bin").write_bytes(b"tampered")
+    payload = bindir / m1.dir_name / "_internal" / "base_library.zip"
+    original = payload.read_bytes()
+    payload.write_bytes(b"tampered")
     assert binary.status(str(bindir), m1) is not None
-    (bindir / m1.dir_name / "_internal" / "payload.bin").write_bytes(b"v1" * 4096)
-    (bindir / m1.dir_name / "_internal" / "payload.bin").write_bytes(b"v9" * 4096)  # same size, other bytes
+    payload.write_bytes(original)
+    payload.write_bytes(original[1:] + original[:1])  # same size, other bytes
     assert binary.status(str(bindir), m1) is None and binary.status(str(bindir), m1, full=True) is not None
     assert binary.install(str(bindir), str(v1), m1) or binary.status(str(bindir), m1, full=True) is not None
     assert binary.uninstall(str(bindir))

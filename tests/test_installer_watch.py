@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from conflist import binary
+from testbed.paths import BUNDLE
 from testbed.poll import wait_for
 from tests.installer_fixtures import (
     CONFLIST_FIXTURES,
     chain_types,
     installer_argv,
     installer_env,
-    make_fake_bundle,
     running_installer,
 )
 
@@ -50,12 +50,12 @@ class Node:
 
 
 @pytest.fixture
-def node(scratch: Path) -> Node:
+def node(plugin_binary: Path, scratch: Path) -> Node:
+    """Dirs of a node; the installer installs the real frozen bundle (``make build``)."""
     conf, bindir, run = scratch / "net.d", scratch / "bin", scratch / "run"
     for d in (conf, bindir, run):
         d.mkdir()
-    bundle = make_fake_bundle(scratch / "bundle")
-    return Node(conf, bindir, run / "install.ready", scratch / "installer.log", bundle)
+    return Node(conf, bindir, run / "install.ready", scratch / "installer.log", BUNDLE)
 
 
 def _argv(node: Node, *extra: str) -> list[str]:
