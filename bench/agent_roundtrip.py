@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from bench.plugin_exec import PLUGIN, ROOT, Case, build_empty, cpu_median, exec_
 from cni_plugin.snapshot import SNAPSHOT_NAME
 from testbed import netns
 from testbed.poll import wait_for
+from testbed.procs import stop_process
 
 PODS = 110
 TARGET_RATIO = 1.35
@@ -122,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _run(workdir, empty, names, agent, health, args.runs)
             finally:
                 if agent is not None:
-                    agent.send_signal(signal.SIGTERM)
-                    try:
-                        agent.wait(15)
-                    except subprocess.TimeoutExpired:
-                        agent.kill()
+                    stop_process(agent, 15)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -42,6 +42,7 @@ from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.rules import Family
 from testbed import netns as netns_mod
 from testbed.poll import WaitTimeout, wait_for
+from testbed.procs import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MEDIAN_MS, TARGET_P99_MS, TARGET_CONCURRENT_P99_MS = 5.0, 15.0, 150.0
@@ -181,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         for peer in peers:
-            peer.terminate()
-            try:
-                peer.wait(10)
-            except subprocess.TimeoutExpired:
-                peer.kill()
+            stop_process(peer)
         for dp in dps:
             dp.close()
         namespaces.close()

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from inotify_simple import flags as F
 
 from bench import report
 from testbed.poll import WaitTimeout, wait_for
+from testbed.procs import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -95,12 +95,7 @@ def _wait_valid(path: Path, timeout: float = 30.0) -> None:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, 5)
 
 
 def _pct(samples: list[float], q: float) -> float:

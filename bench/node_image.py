@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,7 @@ from bench import report
 from testbed.agent import RECONCILE_PASSES, metric_value
 from testbed.cri import env as env_mod
 from testbed.cri.nodepod import IMAGE_TAR, NodeCri, NodePod, NodePodDirs, fake_kube_in_netns, import_image
-from testbed.cri.product import VENV_PYTHON
-from testbed.paths import REPO_ROOT
+from testbed.peer import PeerProcess
 from testbed.poll import wait_for
 
 READY_TARGET_S = 3.0
@@ -71,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         fake.lifecycle.upsert_node(env.name)
         dirs = NodePodDirs(Path(env.root) / "nodepod")
         dirs.make()
-        peer = subprocess.Popen([str(VENV_PYTHON), "-m", "zds_peer", "--zds-socket", str(dirs.zds_socket),
-                                 "--log-file", str(Path(env.root) / "peer.log")], cwd=REPO_ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        peer = PeerProcess(str(dirs.zds_socket), env.root)
         cri = NodeCri(env.socket, timeout=120)
         first = NodePod(env, dirs, fake)
         install_s = _restart(cri, None, first)  # installs the binary into the bin dir
@@ -130,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                         pass
                 current.remove(cri)
         if peer is not None:
-            peer.terminate()
-            peer.wait(10)
+            peer.stop()
         if fake is not None:
             fake.stop()
         env_mod.down(env)

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from bench.plugin_exec import ROOT, percentile
 from testbed import netns
 from testbed.agent import call, request
 from testbed.poll import WaitTimeout, wait_for
+from testbed.procs import stop_process
 from testbed.zds import ScriptedZtunnel
 
 PODS = 110
@@ -120,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 if ztunnel is not None:
                     ztunnel.close()
                 if agent is not None:
-                    agent.send_signal(signal.SIGTERM)
-                    try:
-                        agent.wait(20)
-                    except subprocess.TimeoutExpired:
-                        agent.kill()
+                    stop_process(agent, 20)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

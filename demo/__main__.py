@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -30,6 +29,7 @@ from testbed.paths import PLUGIN, SYSTEM_CNI_DIR, MissingBuildOutput, require_dr
 from testbed.peer import PeerProcess
 from testbed.pods import listening_ports, node_sets
 from testbed.poll import WaitTimeout, wait_for
+from testbed.procs import stop_process
 from testbed.runners import run_driver
 
 BINARY = PLUGIN
@@ -94,14 +94,7 @@ class Node:
         if self.peer is not None:
             self.peer.stop()
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_process(proc, 10, group=True)
         for created in reversed(self.netns):
             netns.remove(created.name)
         shutil.rmtree(self.tmp, ignore_errors=True)

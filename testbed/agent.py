@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cni_plugin import wire
 from testbed.paths import REPO_ROOT, VENV_PYTHON
 from testbed.poll import wait_for
+from testbed.procs import stop_process
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 RECONCILE_PASSES = "ambient_cni_agent_reconcile_passes_total"
@@ -224,14 +225,7 @@ class AgentProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout, sig)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

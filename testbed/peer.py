@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from testbed.paths import REPO_ROOT
+from testbed.procs import stop_process
 
 
 class PeerProcess:
@@ -47,12 +48,6 @@ class PeerProcess:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self.proc.stderr is not None:
             self.proc.stderr.close()

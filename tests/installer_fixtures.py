@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.paths import BUNDLE, FIXTURES, REPO_ROOT, VENV_PYTHON
+from testbed.procs import stop_process
 
 CONFLIST_FIXTURES = FIXTURES / "conflists"
 CONFLIST_SOURCES = CONFLIST_FIXTURES / "SOURCES.md"
@@ -80,10 +80,4 @@ def running_installer(argv: Sequence[str], log_path: Path, env: dict[str, str] |
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 5)

@@ -25,10 +25,9 @@ from testbed.cri import env as env_mod
 from testbed.cri.client import CriError
 from testbed.cri.env import CriEnv
 from testbed.cri.nodepod import IMAGE_TAR, NodeCri, NodePod, NodePodDirs, fake_kube_in_netns, import_image
-from testbed.cri.product import VENV_PYTHON
 from testbed.fakekube.server import FakeKube
 from testbed.node_proc import tree_bytes
-from testbed.paths import REPO_ROOT
+from testbed.peer import PeerProcess
 from testbed.poll import wait_for
 from tests import goldens
 
@@ -79,19 +78,11 @@ def cri(cri_env: CriEnv) -> Iterator[NodeCri]:
 def peer(cri_env: CriEnv) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     dirs = NodePodDirs(Path(cri_env.root) / "nodepod")
     dirs.make()
-    log = Path(cri_env.root) / "peer.log"
-    proc = subprocess.Popen([str(VENV_PYTHON), "-m", "zds_peer", "--zds-socket", str(dirs.zds_socket),
-                             "--log-file", str(log)], cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    peer = PeerProcess(str(dirs.zds_socket), cri_env.root)
     try:
-        yield proc, log
+        yield peer.proc, Path(peer.log_file)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        peer.stop()
 
 
 def _node_pod(env: CriEnv, fake: FakeKube) -> NodePod:

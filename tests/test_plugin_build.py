@@ -42,6 +42,8 @@ def test_cli_executable_holds_the_cli(plugin_binary: Path) -> None:
                    "decimal", "fractions", "pathlib", "cni_plugin.commands"):
         assert needed in modules, needed
     assert "pyi_rth_inspect" not in scripts
+    harness = sorted(m for m in modules if m.split(".")[0] in ("tests", "testbed", "bench", "demo", "pytest"))
+    assert not harness, f"the bundle carries test code: {harness}"
 
 
 def test_cli_through_the_symlink(plugin_binary: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from testbed.netns import free_port
 from testbed.paths import CLEAN_ENV, REPO_ROOT, VENV_PYTHON
 from testbed.poll import wait_for
+from testbed.procs import stop_process
 
 
 class NodeEnv(Protocol):
@@ -53,16 +53,8 @@ def run_product(*args: str, timeout: float = 60.0) -> subprocess.CompletedProces
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    if proc is not None:
+        stop_process(proc, timeout, group=True)
 
 
 @dataclass
