@@ -41,6 +41,15 @@ class PeerProcess:
         assert isinstance(pods, dict)
         return int(pods.get(uid, {}).get("ports", {}).get(str(port), 0))
 
+    def port_count_is(self, uid: str, port: int, count: int) -> bool:
+        return self.port_count(uid, port) == count
+
+    def listening(self, uid: str) -> bool:
+        """Whether the peer holds pod ``uid``'s listeners (False for a pod it never had or has drained)."""
+        pods = self.stats().get("pods", {})
+        assert isinstance(pods, dict)
+        return bool(pods.get(uid, {}).get("listening"))
+
     def log(self) -> str:
         try:
             return Path(self.log_file).read_text()

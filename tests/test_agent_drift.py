@@ -33,8 +33,8 @@ PORT = 8080
 INTERVAL_S = 1.0  # AgentProcess runs the agent with --reconcile-interval 1
 
 
-def as_pod(ns, uid: str, name: str) -> Pod:  # type: ignore[no-untyped-def]
-    return Pod(Netns(ns.name), pod_ip(ns), "", uid, name)
+def as_pod(ns: Netns, uid: str, name: str) -> Pod:
+    return Pod(ns, pod_ip(ns), "", uid, name)
 
 
 def metric(agent: AgentProcess, name: str) -> float:
@@ -112,7 +112,7 @@ def test_a_replaced_netns_is_re_enrolled(cluster: Cluster, netns_factory: Callab
     # the pod's netns is replaced at the same path, without a CNI event, and holds the pod's address
     subprocess.run(["ip", "netns", "del", ns.name], check=True)
     subprocess.run(["ip", "netns", "add", ns.name], check=True)
-    replacement = Netns(ns.name)
+    replacement = ns  # the same name, a new netns behind it
     replacement.run("ip", "link", "set", "lo", "up")
     replacement.run("ip", "addr", "add", f"{ip}/32", "dev", "lo")
     started = time.monotonic()
@@ -244,7 +244,7 @@ def test_drift_is_judged_against_the_pods_variant(cluster: Cluster, netns_factor
     """REDIRECT mode with DNS capture: a flushed nat table (REDIRECT to 15001/15006 and DNS to 15053) is found
     and rewritten with that variant's rules, not the default ones."""
     ns, _uid = cluster.add_pod(netns_factory, "web")
-    pod_ns = Netns(ns.name)
+    pod_ns = ns
     variant = rules.Variant(rules.RedirectMode.REDIRECT, dns_capture=True)
 
     def variant_ok() -> bool:

@@ -41,22 +41,18 @@ def edit_sets(node: Netns, fn: Callable[[ProbeSets], Any]) -> Any:
     return edit_node_sets(node.path, fn)
 
 
-def host_rule_first(node: NodeNs, v6: bool = False) -> bool:
-    post = [ln for ln in node.iptables_save(v6).splitlines() if ln.startswith("-A POSTROUTING")]
+def nat_rules(node: Netns, v6: bool = False) -> str:
+    return node.run("ip6tables-save" if v6 else "iptables-save", "-t", "nat").stdout
+
+
+def host_rule_first(node: Netns, v6: bool = False) -> bool:
+    post = [ln for ln in nat_rules(node, v6).splitlines() if ln.startswith("-A POSTROUTING")]
     return bool(post) and post[0] == "-A POSTROUTING -j ISTIO_POSTRT" and sum("ISTIO_POSTRT" in ln for ln in post) == 1
-
-
-class NodeNs(Netns):
-    def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["nsenter", f"--net={self.path}", *argv], capture_output=True, text=True, check=True)
-
-    def iptables_save(self, v6: bool = False) -> str:
-        return self.run("ip6tables-save" if v6 else "iptables-save", "-t", "nat").stdout
 
 
 @pytest.fixture
 def env(netns_factory: Callable[..., Netns], scratch: Path) -> Iterator[dict[str, Any]]:
-    node = NodeNs(netns_factory("acnode").name)
+    node = netns_factory("acnode")
     state = scratch / "cluster.yaml"
     pods = [pod(n, "shop", uid=u, nodeName="node-a") for n, u in UIDS.items()]
     write_state(state, {"shop": AMBIENT}, pods)
@@ -149,11 +145,11 @@ def test_prune_waits_while_an_enrolled_pod_has_no_known_ip(env: dict[str, Any]) 
 
 def test_node_netns_refused_as_a_pod_netns(env: dict[str, Any]) -> None:
     node = env["node"]
-    before = node.iptables_save()
+    before = nat_rules(node)
     reply = call(env["agent"].sock, request("add", "a", "shop", uid="uid-a", netns=node.path, container_id="c-x"))
     assert reply["ok"] is False and reply["code"] == 101, reply
     assert "node's network namespace" in reply["msg"]
-    assert node.iptables_save() == before and read_sets(node) == {}
+    assert nat_rules(node) == before and read_sets(node) == {}
 
 
 def test_ambient_cni_uninstall_removes_the_probe_path(env: dict[str, Any], scratch: Path) -> None:
@@ -171,7 +167,7 @@ def test_ambient_cni_uninstall_removes_the_probe_path(env: dict[str, Any], scrat
     )
     assert proc.returncode == 0, proc.stderr
     assert "rules v4" in proc.stderr and "set istio-inpod-probes-v4" in proc.stderr
-    assert "ISTIO" not in node.iptables_save() and "ISTIO" not in node.iptables_save(True)
+    assert "ISTIO" not in nat_rules(node) and "ISTIO" not in nat_rules(node, True)
     assert read_sets(node) == {} and not edit_sets(node, lambda s: s.exists(Family.V4))
     again = subprocess.run(proc.args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "nothing to remove" in again.stderr
@@ -190,7 +186,7 @@ _AGENT_UNINSTALLING = textwrap.dedent("""
 def test_agent_uninstall_path_removes_the_probe_path(netns_factory: Callable[..., Netns], scratch: Path) -> None:
     """``AgentConfig.uninstall_on_stop`` (what a real uninstall of the node component sets): the probe path
     is removed after the drain; a plain stop (the other tests) keeps it."""
-    node = NodeNs(netns_factory("acnode").name)
+    node = netns_factory("acnode")
     state = scratch / "cluster.yaml"
     write_state(state, {"shop": AMBIENT}, [])
     base = Path(tempfile.mkdtemp(prefix="acdu"))
@@ -209,7 +205,7 @@ def test_agent_uninstall_path_removes_the_probe_path(netns_factory: Callable[...
         assert edit_sets(node, lambda s: s.exists(Family.V4))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        assert "ISTIO" not in node.iptables_save() and "ISTIO" not in node.iptables_save(True)
+        assert "ISTIO" not in nat_rules(node) and "ISTIO" not in nat_rules(node, True)
         assert not edit_sets(node, lambda s: s.exists(Family.V4) or s.exists(Family.V6))
     finally:
         if proc.poll() is None:

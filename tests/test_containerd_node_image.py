@@ -122,7 +122,7 @@ def test_daemonset_pod_installs_redirects_and_uninstalls_when_deleted(
         wait_for(lambda: fake.lifecycle.node(cri_env.name)["spec"].get("taints") == [], 20, "the taint removal")  # type: ignore[index]
         # the chain now includes ambient-cni, and its binary resolves on the host (a relative symlink)
         conf = tree_bytes(cri_env.conf_dir)
-        assert b'"type": "ambient-cni"' in conf["00-ambient-cni.conflist"]  # type: ignore[operator]
+        assert b'"type": "ambient-cni"' in conf["00-ambient-cni.conflist"]
         plugin = cri_env.bin_dir / "ambient-cni"
         assert plugin.is_symlink() and plugin.resolve().parent.parent == cri_env.bin_dir.resolve()
         version = subprocess.run([str(plugin)], env={"CNI_COMMAND": "VERSION"}, input="{}", capture_output=True,

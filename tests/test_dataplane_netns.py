@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
 from nodeagent.dataplane import netns
 from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
-from testbed.netns import sh
+from testbed.netns import Netns, sh
 
 
 def host_rules() -> str:
@@ -37,14 +38,14 @@ def test_open_refuses(path: str, message: str) -> None:
         netns.open_netns(path)
 
 
-def test_open_accepts_a_pod_netns_and_reports_its_inode(netns_factory) -> None:
+def test_open_accepts_a_pod_netns_and_reports_its_inode(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     with netns.open_netns(ns.path) as h:
         assert h.inode == os.stat(ns.path).st_ino
         assert h.fd >= 0
 
 
-def test_thread_and_subprocess_inherit_only_the_thread(netns_factory) -> None:
+def test_thread_and_subprocess_inherit_only_the_thread(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     want = f"net:[{os.stat(ns.path).st_ino}]"
     mine = os.readlink("/proc/thread-self/ns/net")

@@ -4,6 +4,7 @@ read back with the real iptables-save, compared with the seed's text (tests/gold
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -39,13 +40,13 @@ def test_pure_install_input_is_seed_shaped() -> None:
     assert "-A OUTPUT -j ISTIO_OUTPUT" in again
 
 
-def test_golden_seed_text(netns_factory) -> None:
+def test_golden_seed_text(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(Family.V4))
     goldens.check(goldens.SEED_SAVE, ours(ns.iptables_save()), ours)
 
 
-def test_golden_v6(netns_factory) -> None:
+def test_golden_v6(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(Family.V6))
     got = ours(ns.iptables_save(v6=True))
@@ -54,7 +55,7 @@ def test_golden_v6(netns_factory) -> None:
 
 
 @pytest.mark.parametrize("family", [Family.V4, Family.V6])
-def test_idempotent_and_removal(netns_factory, family: Family) -> None:
+def test_idempotent_and_removal(netns_factory: Callable[..., Netns], family: Family) -> None:
     ns = netns_factory()
     v6 = family is Family.V6
     # a foreign rule in a built-in chain must survive everything we do
@@ -73,7 +74,7 @@ def test_idempotent_and_removal(netns_factory, family: Family) -> None:
     assert in_ns(ns, lambda: iptables.remove(family)) is False  # nothing left: a no-op
 
 
-def test_diff_shows_missing_and_extra(netns_factory) -> None:
+def test_diff_shows_missing_and_extra(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(Family.V4))
     ns.run("iptables", "-t", "nat", "-D", "ISTIO_OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x111/0xfff",
@@ -85,7 +86,7 @@ def test_diff_shows_missing_and_extra(netns_factory) -> None:
     assert not diffs["mangle"].missing
 
 
-def test_routes_idempotent(netns_factory) -> None:
+def test_routes_idempotent(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     fams = [Family.V4, Family.V6]
     for _ in range(2):
@@ -102,7 +103,7 @@ def test_routes_idempotent(netns_factory) -> None:
     assert ns.run("ip", "route", "show", "table", "100").stdout.strip() == ""
 
 
-def test_install_redirection_v4_only_pod_leaves_ip6tables_alone(netns_factory) -> None:
+def test_install_redirection_v4_only_pod_leaves_ip6tables_alone(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: inpod.install_redirection(inpod.families_of(("10.1.0.5/24",))))
     assert "ISTIO" in ns.iptables_save()
@@ -121,14 +122,14 @@ def test_first_install_input_creates_chains_with_n() -> None:
         ln for ln in general.splitlines() if not ln.startswith(":")]
 
 
-def test_both_families_at_once_match_the_goldens(netns_factory) -> None:
+def test_both_families_at_once_match_the_goldens(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install_families([Family.V4, Family.V6]))
     assert ours(ns.iptables_save()) == goldens.read(goldens.SEED_SAVE, ours)
     assert ours(ns.iptables_save(v6=True)) == goldens.read(goldens.golden("dataplane", "ip6tables_save.txt"))
 
 
-def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory) -> None:
+def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory: Callable[..., Netns]) -> None:
     """Our mangle chains gone, nat intact: the fresh-netns restore commits mangle and is refused for nat; the
     general path then leaves exactly one copy of everything."""
     ns = netns_factory()
@@ -141,7 +142,7 @@ def test_drift_in_one_table_is_repaired_by_the_general_path(netns_factory) -> No
     assert ours(ns.iptables_save()) == goldens.read(goldens.SEED_SAVE, ours)
 
 
-def test_a_real_restore_failure_is_raised_and_meanwhile_still_runs(netns_factory) -> None:
+def test_a_real_restore_failure_is_raised_and_meanwhile_still_runs(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     ran: list[bool] = []
     bad = rules.RuleParams(inbound_tunnel_port=99999)  # refused in mangle, the first table
@@ -151,7 +152,7 @@ def test_a_real_restore_failure_is_raised_and_meanwhile_still_runs(netns_factory
     assert "ISTIO" not in ns.iptables_save()
 
 
-def test_meanwhile_failure_waits_for_the_restores(netns_factory) -> None:
+def test_meanwhile_failure_waits_for_the_restores(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
 
     def boom() -> None:
@@ -169,7 +170,7 @@ def _routing_state(ns: Netns) -> list[str]:
                                                                                       "lo").stdout.split(">")[0]]
 
 
-def test_routes_batch_equals_what_iproute_sets(netns_factory) -> None:
+def test_routes_batch_equals_what_iproute_sets(netns_factory: Callable[..., Netns]) -> None:
     """routes.install sends pre-encoded requests on a plain netlink socket; the kernel state must equal what
     pyroute2's IPRoute calls (the previous implementation) leave."""
     ours_ns, ref_ns = netns_factory(), netns_factory()
@@ -191,7 +192,7 @@ def test_routes_batch_equals_what_iproute_sets(netns_factory) -> None:
     assert "proto static scope host" in _routing_state(ours_ns)[1]
 
 
-def test_routes_failure_names_the_request(netns_factory) -> None:
+def test_routes_failure_names_the_request(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
     ns.run("sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1")

@@ -16,6 +16,7 @@ The node side: ``host_v4``/``host_v6`` the same way (``.restore``, ``.save``, an
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,12 @@ def golden_path(stem: str, family: Family, kind: str) -> Path:
 
 def check_golden(path: Path, got: str) -> None:
     goldens.check(path, got, rules.normalise_save if path.name.endswith(".txt") else None)
+
+
+def entry(ip: str) -> hostrules.SetEntry:
+    made = hostrules.set_entry(ip)
+    assert made is not None
+    return made
 
 
 def ids(v: Variant) -> str:
@@ -180,7 +187,7 @@ def test_set_entries_unmap_and_skip_non_pod_addresses() -> None:
 
 
 def test_plan_sync_upserts_prunes_and_skips_prune_when_an_ip_is_unknown() -> None:
-    e = hostrules.set_entry
+    e = entry
     current = {e("10.0.0.1"): "uid-a", e("10.0.0.2"): "uid-old", e("10.0.0.3"): "uid-x"}
     plan = hostrules.plan_sync(current, [("uid-a", ["10.0.0.1/24"]), ("uid-b", ["10.0.0.3/24"])], prune=True)
     assert plan.add == [(e("10.0.0.3"), "uid-b")]  # IP reused by a newer pod: its UID wins
@@ -196,7 +203,7 @@ def test_plan_sync_upserts_prunes_and_skips_prune_when_an_ip_is_unknown() -> Non
 # -- real: what iptables-save prints -----------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
 @pytest.mark.parametrize("variant", VARIANTS, ids=ids)
-def test_save_golden(netns_factory, variant: Variant, family: Family) -> None:
+def test_save_golden(netns_factory: Callable[..., Netns], variant: Variant, family: Family) -> None:
     ns = netns_factory()
     in_ns(ns, lambda: iptables.install(family, variant=variant))
     got = rules.normalise_save(ns.iptables_save(family is Family.V6))
@@ -207,7 +214,7 @@ def test_save_golden(netns_factory, variant: Variant, family: Family) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f"v{f.value}")
-def test_variant_change_leaves_only_the_new_variant(netns_factory, family: Family) -> None:
+def test_variant_change_leaves_only_the_new_variant(netns_factory: Callable[..., Netns], family: Family) -> None:
     ns = netns_factory()
     v6 = family is Family.V6
     ns.run("ip6tables" if v6 else "iptables", "-t", "raw", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT")  # foreign
@@ -223,7 +230,7 @@ def test_variant_change_leaves_only_the_new_variant(netns_factory, family: Famil
     assert "ISTIO" not in ns.iptables_save(v6)
 
 
-def test_both_families_at_once_switching_variants_both_ways(netns_factory) -> None:
+def test_both_families_at_once_switching_variants_both_ways(netns_factory: Callable[..., Netns]) -> None:
     """The agent's install (both families' restores at once): the seed's rules in a fresh netns (one restore per
     family), then a variant with more tables (refused by the existing chains: the general path adds the raw
     table), then back (the general path removes it); each time ``iptables-save`` equals that variant's golden."""
@@ -239,7 +246,7 @@ def test_both_families_at_once_switching_variants_both_ways(netns_factory) -> No
             assert all(d.ok for d in rules.diff_rules(got, family, variant=variant))
 
 
-def test_host_save_golden(netns_factory) -> None:
+def test_host_save_golden(netns_factory: Callable[..., Netns]) -> None:
     node = netns_factory()
     probe = HostProbe(node.path)
     try:
@@ -270,12 +277,12 @@ def test_doctor_probe_path_check_is_pure_and_names_each_problem() -> None:
     v4 = Family.V4
     host = {v4: f"*nat\n{hostrules.HOST_JUMP}\n{hostrules.host_chain_rule(v4)}\nCOMMIT\n"}
     pod_plain = {v4: "*nat\n" + "\n".join(rules.expected_rules(v4)["nat"]) + "\nCOMMIT\n"}
-    ok = diagnose.check_probe_path(host, {hostrules.set_entry("10.1.0.5"): "u1"}, ["10.1.0.5/24"], "u1",
+    ok = diagnose.check_probe_path(host, {entry("10.1.0.5"): "u1"}, ["10.1.0.5/24"], "u1",
                                    rules.DEFAULT_VARIANT, "the agent", pod_plain, "/run/netns/node")
     assert ok.status == diagnose.PASS, ok.problems
     chain_rule = hostrules.host_chain_rule(v4)
     moved = {v4: f"*nat\n-A POSTROUTING -j MASQUERADE\n{hostrules.HOST_JUMP}\n{chain_rule}\nCOMMIT\n"}
-    bad = diagnose.check_probe_path(moved, {hostrules.set_entry("10.1.0.5"): "u2"}, ["10.1.0.5/24"], "u1",
+    bad = diagnose.check_probe_path(moved, {entry("10.1.0.5"): "u2"}, ["10.1.0.5/24"], "u1",
                                     Variant(dns_capture=True), "the agent", pod_plain, "/run/netns/node")
     assert bad.status == diagnose.FAIL
     assert any("is not the first POSTROUTING rule" in p for p in bad.problems)

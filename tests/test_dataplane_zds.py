@@ -8,7 +8,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -35,7 +35,9 @@ def pod_in(ns: Netns, uid: str = "", ips: tuple[str, ...] = ("10.9.0.2/24",)) ->
     return PodWork(uid=uid or f"uid-{ns.name}", name=ns.name, namespace="test", netns_path=ns.path, ips=ips)
 
 
-def test_no_ztunnel_is_retryable_and_changes_nothing(dataplane: InPodDataplane, netns_factory) -> None:
+def test_no_ztunnel_is_retryable_and_changes_nothing(
+    dataplane: InPodDataplane, netns_factory: Callable[..., Netns]
+) -> None:
     ns = netns_factory()
     assert dataplane.ready()[0] is False
     with pytest.raises(DataplaneError) as err:
@@ -44,7 +46,7 @@ def test_no_ztunnel_is_retryable_and_changes_nothing(dataplane: InPodDataplane, 
     assert "ISTIO" not in ns.iptables_save()
 
 
-def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns_factory) -> None:
+def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     peer = Peer(dataplane.zds.path).start()
     try:
@@ -67,7 +69,7 @@ def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns
         peer.stop()
 
 
-def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_factory) -> None:
+def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:
     a, b = netns_factory(), netns_factory()
     first = ScriptedZtunnel(dataplane.zds.path)
     try:
@@ -98,7 +100,7 @@ def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_fact
 
 
 def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdir_short: str,
-                                                                          netns_factory) -> None:
+                                                                          netns_factory: Callable[..., Netns]) -> None:
     """A reconnect snapshot takes a while (one ack per pod). A pod removed meanwhile has its netns handle closed
     (its DelWorkload to the busy connection gives up), and the fd number is soon reused by another file: the
     snapshot must still send the netns it listed (the server owns duplicates), never a stale number."""
@@ -134,7 +136,7 @@ def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdi
 
 
 def test_snapshot_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its_duplicate(
-        dataplane: InPodDataplane, netns_factory) -> None:
+        dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:
     """The snapshot hands the ZDS server duplicates of the pods' netns fds (the server closes them once sent);
     a pod left out because its path no longer names the netns we hold must not leak its duplicate."""
     a, b, other = netns_factory(), netns_factory(), netns_factory()
@@ -162,7 +164,9 @@ def test_snapshot_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its
 
 
 @pytest.mark.parametrize("mode", ["silent", "error"])
-def test_ack_timeout_or_error_fails_closed(dataplane: InPodDataplane, netns_factory, mode: str) -> None:
+def test_ack_timeout_or_error_fails_closed(
+    dataplane: InPodDataplane, netns_factory: Callable[..., Netns], mode: str
+) -> None:
     ns = netns_factory()
     client = ScriptedZtunnel(dataplane.zds.path, mode=mode)
     try:
@@ -184,7 +188,7 @@ def test_ack_timeout_or_error_fails_closed(dataplane: InPodDataplane, netns_fact
         client.close()
 
 
-def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_factory) -> None:
+def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     peer = Peer(dataplane.zds.path, ack_delay_s=1.5).start()
     try:
@@ -200,7 +204,7 @@ def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_
         peer.stop()
 
 
-def test_concurrent_adds(dataplane: InPodDataplane, netns_factory) -> None:
+def test_concurrent_adds(dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:
     nss = [netns_factory() for _ in range(6)]
     peer = Peer(dataplane.zds.path).start()
     try:

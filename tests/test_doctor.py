@@ -5,6 +5,7 @@ probe-set entry shown otherwise."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 
 import pytest
 
@@ -26,7 +27,7 @@ def doctor(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
 
 # a long reconcile interval: the agent would otherwise repair the probe-set entry this test removes
 @pytest.mark.parametrize("cluster", [["--reconcile-interval", "600"]], indirect=True)
-def test_doctor_pass_then_fail(cluster: Cluster, netns_factory) -> None:
+def test_doctor_pass_then_fail(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:
     ns, uid = cluster.add_pod(netns_factory, "curl")
     ok = doctor(cluster, "--pod", "ambient-test/curl")
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -51,8 +52,8 @@ def test_doctor_pass_then_fail(cluster: Cluster, netns_factory) -> None:
     assert f"istio-inpod-probes-v4: {ip} missing" in no_entry.stdout
 
     # a rule goes missing -> FAIL showing that line
-    Netns(ns.name).run("iptables", "-t", "nat", "-D", "ISTIO_OUTPUT", "-p", "tcp", "-m", "mark", "--mark",
-                       "0x111/0xfff", "-j", "ACCEPT")
+    ns.run("iptables", "-t", "nat", "-D", "ISTIO_OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x111/0xfff", "-j",
+           "ACCEPT")
     bad = doctor(cluster, "--pod", "ambient-test/curl")
     assert bad.returncode == 1
     assert "[FAIL] 3. iptables" in bad.stdout
@@ -76,7 +77,9 @@ def test_doctor_clear_errors(cluster: Cluster) -> None:
     assert both.returncode == 2 and "exactly one" in both.stderr
 
 
-def test_doctor_says_when_the_agent_last_verified_the_pod(cluster: Cluster, netns_factory) -> None:
+def test_doctor_says_when_the_agent_last_verified_the_pod(
+    cluster: Cluster, netns_factory: Callable[..., Netns]
+) -> None:
     cluster.add_pod(netns_factory, "web")
     wait_for(lambda: all(r["verified_at"] for r in cluster.agent.records()), what="the agent verified the pod")
     out = doctor(cluster, "--pod", "ambient-test/web")

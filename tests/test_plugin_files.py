@@ -327,18 +327,18 @@ NOT_ENROLLED = {"v": 1, "node": "n", "generation": 1, "written_at": 1.0, "namesp
                 "pods": {"shop/cart-0": False}}
 
 
-def _snapshot_variants(area: Area) -> dict[str, Callable[[Path], None]]:
-    def document(**changes: Any) -> Callable[[Path], None]:
+def _snapshot_variants(area: Area) -> dict[str, Callable[[Path], object]]:
+    def document(**changes: Any) -> Callable[[Path], object]:
         return lambda path: path.write_text(json.dumps({**NOT_ENROLLED, **changes}))
 
-    def raw(data: bytes) -> Callable[[Path], None]:
+    def raw(data: bytes) -> Callable[[Path], object]:
         return lambda path: path.write_bytes(data)
 
     def huge(path: Path) -> None:
         pods = {f"shop/pod-{i:08d}": False for i in range(1_000_000)}
         path.write_text(json.dumps({**NOT_ENROLLED, "pods": {**pods, "shop/cart-0": False}}))
 
-    def symlink_to(target: str) -> Callable[[Path], None]:
+    def symlink_to(target: str) -> Callable[[Path], object]:
         return lambda path: path.symlink_to(target)
 
     def valid_elsewhere(path: Path) -> None:

@@ -233,7 +233,8 @@ def test_gc_forgets_containers_that_are_not_valid_attachments(run_dir: Path, plu
     keep, drop = "aa" * 32, "bb" * 32
     for container_id in (keep, drop):
         assert identity_cache.remember(str(run_dir), container_id, CART)
-    conf = netconf("1.1.0", run_dir=run_dir, **{"cni.dev/valid-attachments": [{"containerID": keep, "ifname": "eth0"}]})
+    conf = netconf("1.1.0", run_dir=run_dir)
+    conf["cni.dev/valid-attachments"] = [{"containerID": keep, "ifname": "eth0"}]
     res = run_plugin(plugin_env("GC", container_id=None, netns=None, ifname=None), json.dumps(conf).encode())
     assert res.code == 0, res.describe()
     assert identity_cache.stored_ids(str(run_dir)) == [keep]

@@ -5,6 +5,7 @@ Needs ``make build driver``."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +17,10 @@ from testbed.poll import wait_for
 from tests import goldens
 
 PORT = 8080
+
+
+def proxy_ports_closed(ns: Netns) -> bool:
+    return not {15001, 15006, 15008} & listening_ports(ns)
 
 
 def as_pod(ns: Netns, uid: str, name: str) -> Pod:
@@ -73,8 +78,7 @@ def test_no_path_around_the_proxy(cluster: Cluster, netns_factory: Callable[...,
         assert tcp_exchange(a, (b.ip, PORT)) == b"echo:hi"
         cluster.peer.stop()  # the node proxy dies: its listeners inside the pods go with it
         for pod in (a, b):
-            wait_for(lambda p=pod: not {15001, 15006, 15008} & listening_ports(p.ns),
-                     what=f"{pod.name}'s listeners closed")
+            wait_for(functools.partial(proxy_ports_closed, pod.ns), what=f"{pod.name}'s listeners closed")
         seen = len(server.seen)
         with pytest.raises(OSError):
             tcp_exchange(a, (b.ip, PORT), timeout=2)

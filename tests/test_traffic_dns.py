@@ -10,6 +10,7 @@ agent's default both ways. The server is a few lines answering A queries.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import struct
@@ -119,7 +120,9 @@ def tcp_query(pod: Pod, server: str) -> str:
 
 
 @pytest.fixture(params=[False, True], ids=["default-off", "default-on"])
-def dns_mesh(request, node: Node, tmpdir_short: str) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:
+def dns_mesh(
+    request: pytest.FixtureRequest, node: Node, tmpdir_short: str
+) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:
     node.with_gateway()
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), mode=RedirectMode.TPROXY,
                         dns_capture=request.param, host_netns=node.ns.path)
@@ -147,13 +150,12 @@ def test_dns_capture_default_and_annotation_override(dns_mesh) -> None:  # type:
         for p in (follows, overrides):
             assert ("--to-ports 15053" in p.ns.iptables_save()) is captured[p.uid]
             assert ("-j CT --zone 1" in p.ns.iptables_save()) is captured[p.uid]
-            wait_for(lambda p=p: peer.stats().get("pods", {}).get(p.uid, {}).get("listening"),  # type: ignore[union-attr]
-                     what="peer listening")
+            wait_for(functools.partial(peer.listening, p.uid), what="peer listening")
             assert udp_query(p, dns_pod.ip) == ANSWER
             assert tcp_query(p, dns_pod.ip) == ANSWER
             want = 2 if captured[p.uid] else 0
-            wait_for(lambda p=p, want=want: peer.port_count(p.uid, 15053) == want, what="15053 counter")
-            destinations = peer.stats()["pods"][p.uid]["destinations"]  # type: ignore[index]
+            wait_for(functools.partial(peer.port_count_is, p.uid, 15053, want), what="15053 counter")
+            destinations = peer.stats()["pods"][p.uid]["destinations"]
             if captured[p.uid]:
                 assert f"15053->{dns_pod.ip}:53/udp" in destinations and f"15053->{dns_pod.ip}:53" in destinations
                 assert peer.port_count(p.uid, 15001) == 0

@@ -38,7 +38,9 @@ def work(pod: Pod) -> PodWork:
 
 
 @pytest.fixture(params=[RedirectMode.TPROXY, RedirectMode.REDIRECT], ids=lambda m: m.value)
-def mesh(request, node: Node, tmpdir_short: str) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:
+def mesh(
+    request: pytest.FixtureRequest, node: Node, tmpdir_short: str
+) -> Iterator[tuple[Node, InPodDataplane, PeerProcess]]:
     node.with_gateway()
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), mode=request.param, host_netns=node.ns.path)
     peer = PeerProcess(dp.zds.path, tmpdir_short)
@@ -122,8 +124,7 @@ def test_probe_set_failure_fails_the_add_and_leaves_nothing(mesh) -> None:  # ty
         dp.add(work(pod), time.monotonic() + 10)
     assert err.value.retryable is True and "probe set" in err.value.msg
     assert "ISTIO" not in pod.ns.iptables_save() and dp.enrolled() == {}
-    wait_for(lambda: pod.uid not in (peer.stats().get("pods") or {}) or  # type: ignore[operator]
-             not peer.stats()["pods"][pod.uid]["listening"], what="peer drained the pod")  # type: ignore[index]
+    wait_for(lambda: not peer.listening(pod.uid), what="peer drained the pod")
     dp.host.start()  # repaired (the agent's reconcile does this): the retry works
     dp.add(work(pod), time.monotonic() + 10)
     assert set_entry(pod.ip) in dp.host.entries()

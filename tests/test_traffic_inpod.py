@@ -74,7 +74,7 @@ def test_traffic_goes_through_the_peer_and_cannot_skip_it(mesh) -> None:  # type
             before = peer.stats()
             assert tcp_exchange(node_.pods[2], (c.ip, PORT), b"self") == b"echo:self"
             assert "ISTIO" not in c.ns.iptables_save()
-            assert c.uid not in before.get("pods", {})  # type: ignore[operator]
+            assert c.uid not in before.get("pods", {})
         finally:
             c_server.close()
 

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from testbed.netns import Netns
 from zds_peer import proxy
@@ -23,7 +24,7 @@ def _listening(ns: Netns) -> set[tuple[str, str]]:
     return out
 
 
-def test_one_trip_one_accept_thread_and_dns_sockets(netns_factory) -> None:
+def test_one_trip_one_accept_thread_and_dns_sockets(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     ns.run("ip", "link", "set", "lo", "up")
     fd = os.open(ns.path, os.O_RDONLY)
@@ -74,7 +75,7 @@ def test_dns_socket_is_closed_by_whoever_lets_go_last() -> None:
         b.close()
 
 
-def test_stop_is_prompt_with_no_traffic(netns_factory) -> None:
+def test_stop_is_prompt_with_no_traffic(netns_factory: Callable[..., Netns]) -> None:
     ns = netns_factory()
     ns.run("ip", "link", "set", "lo", "up")
     fd = os.open(ns.path, os.O_RDONLY)

@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Self
 
 import grpc
 
@@ -92,7 +93,7 @@ class CriClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> CriClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
