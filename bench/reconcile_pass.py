@@ -173,11 +173,15 @@ def run(workdir: Path, names: list[str], agent: subprocess.Popen[bytes], passes:
     _, offset = log_lines(log, offset)
     cpu0, wall0 = agent_cpu_s(agent.pid), time.monotonic()
     durations: list[float] = []
-    while len(durations) < passes:
-        time.sleep(0.25)
+
+    def measured() -> bool:
+        nonlocal offset
         batch, offset = log_lines(log, offset)
-        durations += [float(str(ln["duration_ms"])) for ln in batch if ln.get("msg") == "reconcile pass done"
-                      and int(str(ln.get("verified", 0))) == PODS]
+        durations.extend(float(str(ln["duration_ms"])) for ln in batch if ln.get("msg") == "reconcile pass done"
+                         and int(str(ln.get("verified", 0))) == PODS)
+        return len(durations) >= passes
+
+    wait_for(measured, passes * INTERVAL_S * 5 + 30, f"{passes} reconcile passes over all {PODS} pods", interval=0.25)
     cpu_s, window_s = agent_cpu_s(agent.pid) - cpu0, time.monotonic() - wall0
     baseline_ms = statistics.median(naive_check_ms(names) for _ in range(5))
 

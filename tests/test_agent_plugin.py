@@ -1,8 +1,8 @@
 """End to end: the frozen plugin, run by the libcni driver in real network namespaces, and a real agent.
 
 A netns plays the node (bridge + host-local + ambient-cni chain run inside it); each pod gets its own netns.
-The agent uses the file cluster view and the recording dataplane (no ztunnel in this issue). The one fake is
-the deliberately hanging or refusing "agent" in the fail-closed matrix: a socket server written here.
+Stand-ins (docs/testing.md): the agent uses the file cluster view and the recording dataplane (no ztunnel
+here), and the fail-closed matrix has a deliberately hanging or refusing "agent": a socket server written here.
 """
 
 from __future__ import annotations

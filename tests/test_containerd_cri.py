@@ -2,10 +2,11 @@
 image), runs our chain (bridge + host-local + portmap + ambient-cni, installed by our installer), and our agent
 (a host process with a file cluster view, in-pod dataplane) enrolls the pods with a ztunnel-compatible ZDS peer.
 
-Real parts only: containerd, runc, the reference CNI plugins, the frozen ``dist/ambient-cni``, iptables in the
-pods' netns. The one stand-in is the cluster view: there is no kube-apiserver here, so the agent reads the
-``--cluster-state`` file (the same namespace/pod objects an informer would deliver). containerd lives in its
-own netns (testbed.cri.env); pods get 10.x addresses on a bridge inside it; nothing touches the host network.
+Real parts: containerd, runc, the reference CNI plugins, the frozen ``dist/ambient-cni``, iptables in the pods'
+netns. Stand-ins (docs/testing.md): the cluster view, as there is no kube-apiserver here, so the agent reads the
+``--cluster-state`` file (the same namespace/pod objects an informer would deliver); the ZDS peer as ztunnel.
+containerd lives in its own netns (testbed.cri.env); pods get 10.x addresses on a bridge inside it; nothing
+touches the host network.
 """
 
 from __future__ import annotations

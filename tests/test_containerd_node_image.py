@@ -6,8 +6,8 @@ the pod's netns, the netns handed to the test's ZDS peer), and its SIGTERM does 
 a new enrolled pod fails closed until the next container is up.
 
 Real parts: containerd 1.6 + runc, the image from ``make image`` (imported with ``ctr -n k8s.io images
-import``), the reference CNI plugins, iptables, the ZDS peer. The one fake is the Kubernetes API server
-(testbed/fakekube: none can run here), listening inside the test node's netns.
+import``), the reference CNI plugins, iptables. Stand-ins (docs/testing.md): the Kubernetes API server
+(testbed/fakekube: none can run here), listening inside the test node's netns, and the ZDS peer as ztunnel.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 (podman appends them to its own), the node agent (file cluster view, in-pod dataplane) and a ztunnel-compatible
 ZDS peer are up, and our installer chained ambient-cni into a network made by ``podman network create``.
 
-Real parts only: podman, conmon, runc, the reference plugins, the frozen plugin, the agent process, iptables in
+Real parts: podman, conmon, runc, the reference plugins, the frozen plugin, the agent process, iptables in
 the containers' netns, the peer's listeners inside them, TCP between two containers' own processes (the static
 tool image's ``serve``/``connect``). podman and its bridge live in the test's own netns; traffic only flows
-between the containers' addresses. The one stand-in is the cluster view (no kube-apiserver here): the agent
-reads a cluster-state file holding the same namespaces and pods an informer would deliver.
+between the containers' addresses. Stand-ins (docs/testing.md): the cluster view (no kube-apiserver here): the
+agent reads a cluster-state file holding the same namespaces and pods an informer would deliver; the ZDS peer as
+ztunnel.
 """
 
 from __future__ import annotations
