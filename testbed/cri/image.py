@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import subprocess
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
+
+from nodeimage.oci import Blob, canonical
 
 PAUSE_IMAGE = "registry.local/ambient-cni/pause:3.9"
 PAUSE_SOURCE = Path(__file__).with_name("pause.c")
@@ -22,23 +22,6 @@ _OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("AMBIENT_CNI_CRI_CACHE", "/var/cache/ambient-cni-cri"))
-
-
-@dataclass(frozen=True)
-class Blob:
-    media_type: str
-    data: bytes
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.data).hexdigest()
-
-    def descriptor(self, **extra: object) -> dict[str, object]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data), **extra}
-
-
-def _canonical(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -62,7 +45,7 @@ def oci_layout_tar(pause_binary: bytes, image_name: str = PAUSE_IMAGE) -> bytes:
     layer = Blob(_OCI_LAYER, layer_tar(pause_binary))
     config = Blob(
         _OCI_CONFIG,
-        _canonical(
+        canonical(
             {
                 "architecture": "amd64",
                 "os": "linux",
@@ -75,7 +58,7 @@ def oci_layout_tar(pause_binary: bytes, image_name: str = PAUSE_IMAGE) -> bytes:
     )
     manifest = Blob(
         _OCI_MANIFEST,
-        _canonical(
+        canonical(
             {
                 "schemaVersion": 2,
                 "mediaType": _OCI_MANIFEST,
@@ -96,8 +79,8 @@ def oci_layout_tar(pause_binary: bytes, image_name: str = PAUSE_IMAGE) -> bytes:
     }
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        _add_file(tar, "oci-layout", _canonical({"imageLayoutVersion": "1.0.0"}))
-        _add_file(tar, "index.json", _canonical(index))
+        _add_file(tar, "oci-layout", canonical({"imageLayoutVersion": "1.0.0"}))
+        _add_file(tar, "index.json", canonical(index))
         for blob in (layer, config, manifest):
             _add_file(tar, "blobs/sha256/" + blob.digest.split(":", 1)[1], blob.data)
     return buf.getvalue()
