@@ -4,6 +4,9 @@ imported only when invoked, so ``ambient-cni version`` stays fast."""
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -53,3 +56,95 @@ def version() -> None:
     from cni_plugin.versions import SUPPORTED_VERSIONS
 
     click.echo(f"ambient-cni {__version__} (CNI {', '.join(SUPPORTED_VERSIONS)})")
+
+
+DEBUG_ENV = "AMBIENT_CNI_DEBUG"  # set to 1: an unexpected failure also prints its traceback
+_MESSAGE_MAX = 600
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command-line tool with one catch-all: never a traceback unless asked for.
+
+    click itself handles its usage errors (exit 2), ``ClickException`` (exit 1) and Ctrl-C; anything else that
+    escapes a command (a bug, an unexpected OS error such as a full stdout) becomes one line on stderr that names
+    the command and the error and says how to get the traceback, and exit 1."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cli.main(args=args, standalone_mode=True)
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except Exception as exc:
+        _report_unexpected(exc, args)
+        return 1
+    try:
+        sys.stdout.flush()  # here, not at exit: a full or closed stdout is reported like any failure
+    except (OSError, ValueError) as exc:
+        _report_unexpected(exc, args)
+        return code or 1
+    return code
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    _write_stderr(str(code))  # SystemExit("message"): what the interpreter would print
+    return 1
+
+
+def command_name(args: Sequence[str]) -> str:
+    """The subcommand named on the command line ("" for the group itself)."""
+    known = {*_LAZY_COMMANDS, *cli.commands}
+    for arg in args:
+        if arg in known:
+            return arg
+    return ""
+
+
+def one_line(text: str, limit: int = _MESSAGE_MAX) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _report_unexpected(exc: BaseException, args: Sequence[str]) -> None:
+    _quiet_stdout()
+    name = command_name(args)
+    what = f"ambient-cni {name}" if name else "ambient-cni"
+    detail = one_line(f"{type(exc).__name__}: {exc}")
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        import traceback
+
+        _write_stderr("".join(traceback.format_exception(exc)).rstrip("\n"))
+        hint = ""
+    else:
+        hint = f" (run again with {DEBUG_ENV}=1 to print the traceback)"
+    _write_stderr(f"Error: {what} failed unexpectedly: {detail}{hint}")
+
+
+def _quiet_stdout() -> None:
+    """Whatever stdout still buffers must not fail again at exit ("Exception ignored ..." plus a traceback when
+    stdout is full or closed): point its descriptor at /dev/null, then let the buffer drain there."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    finally:
+        os.close(devnull)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _write_stderr(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass  # nowhere left to say it: the exit code still does

@@ -1,7 +1,8 @@
 """PyInstaller entry point.
 
 With ``CNI_COMMAND`` set this process is the CNI plugin and imports only the plugin's lean modules;
-otherwise it is the command-line tool and click is imported (lazily, never on the plugin path).
+otherwise it is the command-line tool and click is imported (lazily, never on the plugin path); an unexpected
+failure of any command is one line on stderr, never a traceback (``ambient_cni.cli.run``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ def main() -> None:
         from cni_plugin.main import run
 
         sys.exit(run())
-    from ambient_cni.cli import cli
+    from ambient_cni.cli import run
 
-    cli()
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import yaml
 from kubernetes import client as kclient
 from kubernetes import config as kconfig
 from kubernetes import watch as kwatch
@@ -43,9 +44,10 @@ def make_api_client(kubeconfig: str | None) -> kclient.ApiClient:
         configuration = kclient.Configuration()
         kconfig.load_incluster_config(client_configuration=configuration)
         return kclient.ApiClient(configuration)
-    except (kconfig.ConfigException, OSError, ValueError, TypeError) as exc:
+    except (kconfig.ConfigException, OSError, ValueError, TypeError, yaml.YAMLError) as exc:
         source = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster config (no --kubeconfig/--cluster-state)"
-        raise KubeConfigError(f"cannot load {source}: {exc}") from exc
+        detail = " ".join(str(exc).split())  # YAML errors span lines: one line here
+        raise KubeConfigError(f"cannot load {source}: {detail}") from exc
 
 
 class _RawWatch(kwatch.Watch):
