@@ -200,6 +200,7 @@ class Agent:
         reconciler = Reconciler(core, config.run_dir, config.reconcile_interval, proc_root=config.proc_root,
                                 on_first_pass=getattr(dataplane, "takeover_done", None))
         self._core_ready = core.ready
+        core.on_rules_kept = reconciler.wake_in  # a DEL kept rules: a pass when their grace ends
         after_corruption.append(core.forget_live_state)
         after_corruption.append(reconciler.trigger)
 

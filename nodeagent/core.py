@@ -2,6 +2,13 @@
 
 Socket handling lives in ``nodeagent.server``; this module decides (from the agent's own view, never from
 what the plugin claims), calls the dataplane and keeps the durable records.
+
+CNI DEL of an enrolled pod whose netns still exists drops the pod from ztunnel (its listeners close, so
+redirected traffic is refused) but keeps its in-pod rules (``release``), with a durable ``kept_rules`` row: libcni
+runs DEL in reverse chain order and the re-ADD of ``podman network reload`` recreates the interface before our
+ADD runs, so removing the rules would leave a running pod with an interface and no redirection twice. A re-ADD of
+the same netns (inode and device) re-applies the rules idempotently and enrolls it again; otherwise the
+reconciler removes the rules after ``KEPT_RULES_GRACE_S`` (``discard_kept``), on the verified netns only.
 """
 
 from __future__ import annotations
@@ -16,16 +23,17 @@ from cni_plugin import errors, wire
 from cni_plugin.enrollment import Exemptions, exemption_reason
 from nodeagent import decide, logs
 from nodeagent.clusterview.model import ClusterState, ClusterView, Pod
-from nodeagent.dataplane.api import DEFAULT_CONTROLS, Dataplane, DataplaneError, PodControls, PodWork
+from nodeagent.dataplane.api import DEFAULT_CONTROLS, Dataplane, DataplaneError, NetnsGone, PodControls, PodWork
 from nodeagent.keyedlock import KeyedLocks
 from nodeagent.metrics import Metrics
 from nodeagent.podstatus import RedirectionAnnotator
-from nodeagent.store import PodRecord, PodStore
+from nodeagent.store import KeptRules, PodRecord, PodStore
 
 VIEW_CATCHUP_MAX_S = 0.1  # how long an ADD waits for a pod missing from a watched view (istio: 10 x 10 ms)
 # Views that only change when someone edits them (the cluster-state file) have no watch lag to wait out.
 _NO_CATCHUP_KINDS = frozenset({"file"})
 REPLY_MARGIN_S = 0.05  # the dataplane must finish this long before the plugin's deadline
+KEPT_RULES_GRACE_S = 10.0  # how long a DEL's kept rules wait for a re-ADD of the same netns
 
 
 @dataclass
@@ -50,6 +58,12 @@ def work_from_record(
         controls=controls,
         netns_dev=record.netns_dev,
     )
+
+
+def work_from_kept(kept: KeptRules) -> PodWork:
+    return PodWork(uid=kept.uid, name=kept.name, namespace=kept.namespace, netns_path=kept.netns_path,
+                   container_id=kept.container_id, ifname=kept.ifname, ips=kept.ips, netns_inode=kept.netns_inode,
+                   netns_dev=kept.netns_dev)
 
 
 def same_netns(record: PodRecord, inode: int, dev: int) -> bool:
@@ -79,6 +93,9 @@ class AgentCore:
         # (container_id, ifname) whose dataplane state exists in this process (vs records from a previous run)
         self.live_keys: set[tuple[str, str]] = set()
         self.adding: set[tuple[str, str]] = set()  # (namespace, name) of ADDs in flight
+        # Called with the grace (seconds) when a DEL keeps a pod's rules: the reconciler wakes up when it ends
+        self.on_rules_kept: Callable[[float], None] | None = None
+        self.kept_grace_s = KEPT_RULES_GRACE_S
         self._log = logs.get_logger()
         self.metrics.enrolled.set(self.store.count())
 
@@ -167,6 +184,7 @@ class AgentCore:
         enrolled, why_not, pod = self._decide(request, min(catchup_s, request.deadline_ms / 4000.0))
         if not enrolled:
             logs.emit(self._log, logging.INFO, "ADD: pod not enrolled", self._fields(request, reason=why_not))
+            self._discard_kept_for(request, "ADD of a pod that is no longer enrolled")
             return wire.Reply(request.id, ok=True, enrolled=False)
         if not request.netns:
             return wire.Reply(request.id, ok=False, code=errors.INVALID_ENV,
@@ -176,6 +194,9 @@ class AgentCore:
             return wire.Reply(request.id, ok=False, code=errors.REDIRECTION_FAILED,
                               msg=f"pod network namespace {request.netns} does not exist")
         inode, dev = ident
+        kept = self.store.kept_in(inode, dev) if self.dataplane.keeps_rules else None
+        if kept is not None and kept.netns_path != request.netns:
+            kept = None  # another path: not the runtime re-adding that netns (a reused inode of a gone one)
         work = PodWork(
             uid=request.pod.uid or (pod.uid if pod else ""),
             name=request.pod.name,
@@ -188,6 +209,7 @@ class AgentCore:
             netns_inode=inode,
             controls=decide.controls_of(pod),
             netns_dev=dev,
+            rules_kept=kept is not None,
         )
         pod_key = (request.pod.namespace, request.pod.name)
         self.adding.add(pod_key)
@@ -223,7 +245,7 @@ class AgentCore:
             record = self.store.get(request.container_id, request.ifname or "eth0")
             if record is None:
                 return wire.Reply(request.id, ok=True, enrolled=False)
-            self.unenroll(record, why="CNI DEL")
+            self.release(record, why="CNI DEL")
         return wire.Reply(request.id, ok=True, enrolled=True)
 
     def _check(self, request: wire.Request) -> wire.Reply:
@@ -293,6 +315,11 @@ class AgentCore:
         )
         self.live_keys.add(record.key)
         self.metrics.enrolled.set(self.store.count())
+        if work.netns_dev and self.store.drop_kept(inode, work.netns_dev):
+            self.metrics.kept_rules.labels("readded").inc()
+            logs.emit(self._log, logging.INFO, "netns whose rules a DEL kept is enrolled again",
+                      logs.pod_fields(work.namespace, work.name, work.uid, netns=work.netns_path, netns_inode=inode,
+                                      container_id=work.container_id, source=source))
         if self.annotator is not None:
             self.annotator.enabled(work.namespace, work.name, work.uid)
         return record
@@ -313,6 +340,75 @@ class AgentCore:
                   logs.pod_fields(record.namespace, record.name, record.uid, reason=why,
                                   container_id=record.container_id, ifname=record.ifname))
 
+
+    def release(self, record: PodRecord, why: str) -> None:
+        """CNI DEL: out of the mesh, but a netns that still exists keeps its in-pod rules (fail closed while the
+        runtime re-adds it, e.g. ``podman network reload``). Caller holds the container_id lock."""
+        ident = netns_id(record.netns_path) if self.dataplane.keeps_rules else None
+        if ident is None or not same_netns(record, *ident):
+            self.unenroll(record, why=why)  # gone or replaced: nothing is done inside whatever is at the path
+            return
+        kept = KeptRules.of(record, dev=ident[1], when=time.time())
+        self.store.keep_rules(record, kept)  # first: a crash from here on still finds the rules to clean up
+        self.live_keys.discard(record.key)
+        self.metrics.enrolled.set(self.store.count())
+        try:
+            self.dataplane.release(work_from_record(record))
+        except Exception as exc:
+            logs.emit(self._log, logging.WARNING, "dataplane release failed; the rules stay kept",
+                      logs.pod_fields(record.namespace, record.name, record.uid, error=str(exc)))
+        if self.annotator is not None and not self.store.by_uid(record.uid):
+            self.annotator.removed(record.namespace, record.name, record.uid)
+        self.metrics.kept_rules.labels("kept").inc()
+        logs.emit(self._log, logging.INFO, "pod removed from the mesh; its in-pod rules are kept until a re-ADD of "
+                  "the same netns or the grace ends",
+                  logs.pod_fields(record.namespace, record.name, record.uid, reason=why,
+                                  container_id=record.container_id, ifname=record.ifname, netns=record.netns_path,
+                                  netns_inode=record.netns_inode, grace_s=self.kept_grace_s))
+        if self.on_rules_kept is not None:
+            self.on_rules_kept(self.kept_grace_s)
+
+    def discard_kept(self, kept: KeptRules, why: str) -> str:
+        """Remove the rules a DEL kept, on the verified netns only; the row goes unless the removal failed.
+        Returns the outcome (removed, gone, readded, failed), also counted. Caller holds the container_id lock."""
+        fields = logs.pod_fields(kept.namespace, kept.name, kept.uid, netns=kept.netns_path,
+                                 netns_inode=kept.netns_inode, container_id=kept.container_id, reason=why)
+        if any(same_netns(r, kept.netns_inode, kept.netns_dev) for r in self.store.all()):
+            outcome = "readded"  # the netns is enrolled again (its record owns the rules now)
+        else:
+            try:
+                self.dataplane.discard_kept(work_from_kept(kept))
+                outcome = "removed"
+            except NetnsGone as exc:
+                outcome = "gone"
+                fields["detail"] = exc.msg
+            except DataplaneError as exc:
+                self.metrics.kept_rules.labels("failed").inc()
+                logs.emit(self._log, logging.WARNING, "removing the rules a DEL kept failed; will retry",
+                          {**fields, "error": exc.msg})
+                return "failed"
+        self.store.drop_kept(*kept.ident)
+        self.metrics.kept_rules.labels(outcome).inc()
+        message = {
+            "removed": "rules a DEL kept are removed",
+            "gone": "netns whose rules a DEL kept is gone or replaced; nothing done inside it",
+            "readded": "netns whose rules a DEL kept is enrolled again",
+        }[outcome]
+        logs.emit(self._log, logging.INFO, message, fields)
+        return outcome
+
+    def _discard_kept_for(self, request: wire.Request, why: str) -> None:
+        """An ADD that is not enrolled for a netns holding rules a DEL kept: they go now, not after the grace."""
+        if not request.netns or not self.dataplane.keeps_rules:
+            return
+        ident = netns_id(request.netns)
+        kept = self.store.kept_in(*ident) if ident is not None else None
+        if kept is None:
+            return
+        with self.locks.hold(kept.container_id):
+            current = self.store.kept_in(*kept.ident)
+            if current is not None:
+                self.discard_kept(current, why)
 
     def sync_host(self, prune: bool = True) -> dict[str, int]:
         """Node-side probe state made to match the enrolled pods (after a reconcile pass)."""

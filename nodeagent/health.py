@@ -1,5 +1,6 @@
 """HTTP endpoints: /healthz, /readyz, /metrics (Prometheus), /debug/pods (JSON records, used by doctor),
-/debug/dataplane (redirection mode, DNS default, node netns, each pod's variant; used by doctor)."""
+/debug/kept-rules (netns whose rules a CNI DEL kept), /debug/dataplane (redirection mode, DNS default, node netns,
+each pod's variant; used by doctor)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,9 @@ def _make_handler(server: HealthServer) -> type[BaseHTTPRequestHandler]:
                 self._reply(200, generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST)
             elif path == "/debug/pods":
                 body = json.dumps([r.to_json() for r in server.store.all()], indent=1).encode()
+                self._reply(200, body, "application/json")
+            elif path == "/debug/kept-rules":
+                body = json.dumps([k.to_json() for k in server.store.kept()], indent=1).encode()
                 self._reply(200, body, "application/json")
             elif path == "/debug/dataplane" and server.dataplane_info is not None:
                 body = json.dumps(server.dataplane_info(), indent=1, sort_keys=True).encode()

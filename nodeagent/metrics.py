@@ -51,6 +51,14 @@ class Metrics:
             "Drift repairs that failed (the pod's guardrails stay until a later pass succeeds)",
             registry=self.registry,
         )
+        self.kept_rules = Counter(
+            "ambient_cni_agent_kept_rules",
+            "In-pod rules kept by a CNI DEL, by event: kept (at the DEL), readded (a re-ADD of the same netns "
+            "enrolled it again), removed (no re-ADD within the grace, or the pod is no longer enrolled), gone (the "
+            "netns was gone or replaced: nothing done inside it), failed (removal failed; retried)",
+            ["event"],
+            registry=self.registry,
+        )
         self.state_db_corruptions = Counter(
             "ambient_cni_agent_state_db_corruptions",
             "State databases found corrupt and moved aside (records then rebuilt from the view and netns discovery)",

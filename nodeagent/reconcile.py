@@ -15,6 +15,9 @@ started) and 50 ms after each view change:
     to ztunnel again; retried until it works;
 (e) every live record: its redirection is checked for drift (a flushed table, a deleted ip rule, guardrails
     left behind) and repaired under guardrails; the time of the last good check is stored (``verified_at``).
+(k) rules a CNI DEL kept (``kept_rules``): dropped when the netns is gone or replaced (nothing done inside it) or
+    enrolled again; removed from the verified netns once the grace has passed without a re-ADD, or at once when
+    the pod is no longer enrolled. The loop wakes up when the earliest grace ends.
 (f) after the pass: the node-side probe path (SNAT rule, probe sets) repaired and synced to the enrolled
     pods; stale entries pruned unless an enrolled pod has no known IP;
 (g) the plugin's remembered container identities whose pod is gone (``identity_gc``).
@@ -23,6 +26,7 @@ started) and 50 ms after each view change:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -33,7 +37,7 @@ from nodeagent import decide, identity_gc, logs, netns_finder
 from nodeagent.clusterview.model import ClusterState, Pod
 from nodeagent.core import AgentCore, same_netns, work_from_record
 from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
-from nodeagent.store import PodRecord
+from nodeagent.store import KeptRules, PodRecord
 
 GONE_GRACE_S = 10.0
 DATAPLANE_TIMEOUT_S = 10.0
@@ -56,8 +60,10 @@ class Reconciler:
         self.interval = interval
         self.proc_root = proc_root
         self.gone_grace_s = gone_grace_s
-        self._trigger = threading.Event()
-        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self._wanted = False  # a pass was asked for (trigger)
+        self._stopping = False
+        self._wake_at = math.inf  # monotonic instant of an extra pass (the end of a kept-rules grace)
         self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
         self._log = logs.get_logger()
         self._pass_lock = threading.Lock()
@@ -65,25 +71,52 @@ class Reconciler:
 
     def start(self) -> None:
         self._thread.start()
-        self._trigger.set()
+        self.trigger()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._trigger.set()
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
         self._thread.join(timeout=DATAPLANE_TIMEOUT_S)
 
     def trigger(self, _state: object = None) -> None:
-        self._trigger.set()
+        with self._wake:
+            self._wanted = True
+            self._wake.notify_all()
+
+    def wake_in(self, seconds: float) -> None:
+        """Run a pass ``seconds`` from now (unless one is due earlier); no pass is started now."""
+        with self._wake:
+            self._wake_at = min(self._wake_at, time.monotonic() + max(0.0, seconds))
+            self._wake.notify_all()
+
+    def _wait(self, next_due: float) -> bool | None:
+        """Until a pass is wanted or due: True when triggered, False when due, None when stopping."""
+        with self._wake:
+            while not self._stopping:
+                if self._wanted:
+                    return True
+                now = time.monotonic()
+                due = min(next_due, self._wake_at)
+                if now >= due:
+                    if now >= self._wake_at:
+                        self._wake_at = math.inf
+                    return False
+                self._wake.wait(due - now)
+            return None
 
     def _run(self) -> None:
         next_due = time.monotonic()
-        while not self._stop.is_set():
-            triggered = self._trigger.wait(max(0.0, next_due - time.monotonic()))
-            if self._stop.is_set():
+        while True:
+            triggered = self._wait(next_due)
+            if triggered is None:
                 return
             if triggered:
                 time.sleep(TRIGGER_DEBOUNCE_S)  # let a burst of view changes settle
-            self._trigger.clear()
+            with self._wake:
+                if self._stopping:
+                    return
+                self._wanted = False
             next_due = time.monotonic() + self.interval
             try:
                 self.run_once()
@@ -111,14 +144,15 @@ class Reconciler:
             records_done = time.monotonic()
             self._check_drift(to_verify, actions)
             drift_done = time.monotonic()
+            kept = self._check_kept(state, actions)
             records = self.core.store.all()
-            recorded_uids = {r.uid for r in records if r.uid}
-            recorded_names = {(r.namespace, r.name) for r in records}
+            recorded_uids = {r.uid for r in records if r.uid} | {k.uid for k in kept if k.uid}
+            recorded_names = {(r.namespace, r.name) for r in records} | {(k.namespace, k.name) for k in kept}
             for pod in state.pods.values():
                 if pod.terminal or not decide.pod_enrolled(pod, state, exemptions):
                     continue
                 if (pod.uid and pod.uid in recorded_uids) or pod.key in recorded_names:
-                    continue
+                    continue  # recorded, or just DELed (its runtime re-adds it or tears it down): no discovery
                 if pod.key in self.core.adding:
                     continue  # a CNI ADD is on it
                 self._enroll_running(pod, claims, actions)
@@ -246,6 +280,43 @@ class Reconciler:
         if found:
             self._count_repair(found, "restore", fields, actions)
         self.core.store.mark_verified([record.key], time.time())
+
+    # -- (k) rules a CNI DEL kept -----------------------------------------------------------------------------
+    def _check_kept(self, state: ClusterState, actions: Counter[str]) -> list[KeptRules]:
+        """Each kept-rules row: gone/replaced netns or enrolled again -> the row goes; grace over, or the pod no
+        longer enrolled -> the rules are removed from the verified netns. Returns the rows still waiting, and
+        schedules a pass at the end of the earliest grace."""
+        waiting: list[KeptRules] = []
+        now = time.time()
+        grace = self.core.kept_grace_s
+        for kept in self.core.store.kept():
+            ident = netns_finder.netns_id(kept.netns_path)
+            due = now - kept.kept_at >= grace
+            why = ""
+            if ident != kept.ident:
+                why = "its netns is gone or replaced"
+            elif due:
+                why = f"no re-ADD within {grace:g} s"
+            else:
+                pod = state.pod(kept.namespace, kept.name)
+                if pod is not None and (not kept.uid or not pod.uid or pod.uid == kept.uid) and (
+                        pod.terminal or not decide.pod_enrolled(pod, state, self.core.exemptions)):
+                    why = "pod no longer enrolled" if not pod.terminal else f"pod {pod.phase}"
+            if not why:
+                waiting.append(kept)
+                continue
+            with self.core.locks.hold(kept.container_id):
+                current = self.core.store.kept_in(*kept.ident)
+                if current is None:
+                    continue  # a re-ADD took it meanwhile
+                outcome = self.core.discard_kept(current, why)
+            actions["kept_" + outcome] += 1
+            if outcome == "failed":
+                waiting.append(kept)
+        pending = [k.kept_at + grace - now for k in waiting if now - k.kept_at < grace]
+        if pending:  # (a failed removal is retried by the next periodic pass)
+            self.wake_in(min(pending) + TRIGGER_DEBOUNCE_S)
+        return waiting
 
     def _netns_changed(self, record: PodRecord, pod: Pod, claims: Claims, actions: Counter[str]) -> None:
         """The record's path no longer names its netns: follow the pod to a netns that provably is its own, or

@@ -12,7 +12,12 @@ and whenever a query reports corruption: the files are moved aside as ``agent.db
 reconciler has rebuilt the records from the view and netns discovery) and the listeners are told (log, metric).
 
 Every record carries the identity of its netns: inode *and* device (``netns_dev``, schema 2), and the time the
-agent last verified the pod's redirection (``verified_at``). Schema 1 databases are migrated in place.
+agent last verified the pod's redirection (``verified_at``).
+
+``kept_rules`` (schema 3) holds the netns whose in-pod rules a CNI DEL kept (the pod was dropped from ztunnel,
+its rules stay until a re-ADD of the same netns or the reconciler removes them after a grace): one row per netns
+identity. It must survive a restart: a netns left with our rules and no row would refuse its traffic for good.
+Older databases are migrated in place (columns and tables added, never dropped).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 DB_NAME = "agent.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CORRUPT_MARK = ".corrupt-"
 SIDE_FILES = ("-wal", "-shm")
 
@@ -55,6 +60,20 @@ CREATE TABLE IF NOT EXISTS pods (
     PRIMARY KEY (container_id, ifname)
 );
 CREATE INDEX IF NOT EXISTS pods_uid ON pods (uid);
+CREATE TABLE IF NOT EXISTS kept_rules (
+    netns_inode  INTEGER NOT NULL,
+    netns_dev    INTEGER NOT NULL,
+    netns_path   TEXT NOT NULL,
+    container_id TEXT NOT NULL DEFAULT '',
+    ifname       TEXT NOT NULL DEFAULT '',
+    uid          TEXT NOT NULL DEFAULT '',
+    name         TEXT NOT NULL DEFAULT '',
+    namespace    TEXT NOT NULL DEFAULT '',
+    ips          TEXT NOT NULL DEFAULT '[]',
+    variant      TEXT NOT NULL DEFAULT '',
+    kept_at      REAL NOT NULL,
+    PRIMARY KEY (netns_inode, netns_dev)
+);
 """
 
 # Columns added after schema 1, with their definitions (migration = ALTER TABLE ... ADD COLUMN).
@@ -67,6 +86,7 @@ _COLUMNS = (
     "container_id, ifname, uid, name, namespace, netns_path, netns_inode, ips, state, source, created_at, updated_at,"
     " netns_dev, verified_at"
 )
+_KEPT_COLUMNS = "netns_inode, netns_dev, netns_path, container_id, ifname, uid, name, namespace, ips, variant, kept_at"
 
 # SQLite primary result codes that mean "this file is damaged" (not "busy", "permission", "no space").
 SQLITE_CORRUPT = 11
@@ -127,12 +147,72 @@ class PodRecord:
         }
 
 
+@dataclass(frozen=True)
+class KeptRules:
+    """A netns whose in-pod rules a CNI DEL kept, and the pod it was enrolled as (for logs and the checks)."""
+
+    netns_inode: int
+    netns_dev: int
+    netns_path: str
+    container_id: str
+    ifname: str
+    uid: str
+    name: str
+    namespace: str
+    ips: tuple[str, ...] = ()
+    variant: str = ""
+    kept_at: float = 0.0  # wall-clock time of the DEL (the grace is counted from it, across restarts)
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return (self.netns_inode, self.netns_dev)
+
+    @classmethod
+    def of(cls, record: PodRecord, dev: int, when: float) -> KeptRules:
+        return cls(record.netns_inode, dev, record.netns_path, record.container_id, record.ifname, record.uid,
+                   record.name, record.namespace, record.ips, "", when)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "netns_path": self.netns_path,
+            "netns_inode": self.netns_inode,
+            "netns_dev": self.netns_dev,
+            "container_id": self.container_id,
+            "ifname": self.ifname,
+            "uid": self.uid,
+            "name": self.name,
+            "namespace": self.namespace,
+            "ips": list(self.ips),
+            "variant": _json_or_none(self.variant),
+            "kept_at": self.kept_at,
+        }
+
+
+def _json_or_none(text: str) -> object:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _ips(raw: object) -> tuple[str, ...]:
+    try:
+        ip_list = json.loads(str(raw))
+    except ValueError:
+        return ()
+    return tuple(str(ip) for ip in ip_list) if isinstance(ip_list, list) else ()
+
+
+def _row_to_kept(row: tuple[object, ...]) -> KeptRules:
+    (inode, dev, path, cid, ifname, uid, name, namespace, ips, variant, kept_at) = row
+    return KeptRules(_int(inode), _int(dev), str(path), str(cid), str(ifname), str(uid), str(name), str(namespace),
+                     _ips(ips), str(variant), _float(kept_at))
+
+
 def _row_to_record(row: tuple[object, ...]) -> PodRecord:
     (cid, ifname, uid, name, namespace, netns_path, inode, ips, state, source, created, updated, dev, verified) = row
-    try:
-        ip_list = json.loads(str(ips))
-    except ValueError:
-        ip_list = []
     return PodRecord(
         container_id=str(cid),
         ifname=str(ifname),
@@ -141,7 +221,7 @@ def _row_to_record(row: tuple[object, ...]) -> PodRecord:
         namespace=str(namespace),
         netns_path=str(netns_path),
         netns_inode=_int(inode),
-        ips=tuple(str(ip) for ip in ip_list) if isinstance(ip_list, list) else (),
+        ips=_ips(ips),
         state=str(state),
         source=str(source),
         created_at=_float(created),
@@ -386,6 +466,44 @@ class PodStore:
 
         self._call(op)
 
+    # -- rules kept after a CNI DEL -----------------------------------------------------------------------------
+    def keep_rules(self, record: PodRecord, kept: KeptRules) -> None:
+        """One transaction: the pod's record becomes a kept-rules row (the DEL's bookkeeping, crash-safe)."""
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            try:
+                db.execute("DELETE FROM pods WHERE container_id=? AND ifname=?", record.key)
+                db.execute(
+                    f"INSERT OR REPLACE INTO kept_rules ({_KEPT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (kept.netns_inode, kept.netns_dev, kept.netns_path, kept.container_id, kept.ifname, kept.uid,
+                     kept.name, kept.namespace, json.dumps(list(kept.ips)), kept.variant, kept.kept_at),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+
+        self._call(op)
+
+    def kept(self) -> list[KeptRules]:
+        rows = self._call(lambda db: db.execute(
+            f"SELECT {_KEPT_COLUMNS} FROM kept_rules ORDER BY kept_at").fetchall())
+        return [_row_to_kept(r) for r in rows]
+
+    def kept_in(self, inode: int, dev: int) -> KeptRules | None:
+        row = self._call(lambda db: db.execute(
+            f"SELECT {_KEPT_COLUMNS} FROM kept_rules WHERE netns_inode=? AND netns_dev=?", (inode, dev)
+        ).fetchone())
+        return _row_to_kept(row) if row else None
+
+    def drop_kept(self, inode: int, dev: int) -> bool:
+        count = self._call(lambda db: db.execute(
+            "DELETE FROM kept_rules WHERE netns_inode=? AND netns_dev=?", (inode, dev)
+        ).rowcount)
+        return count > 0
+
     def set_netns_dev(self, key: tuple[str, str], dev: int) -> None:
         """Fill in the device of a record written before schema 2 (its inode was just verified)."""
         self._call(lambda db: db.execute(
@@ -394,7 +512,7 @@ class PodStore:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Create the schema, or bring a schema-1 table up to date (columns added, never dropped)."""
+    """Create the schema, or bring an older one up to date (tables and columns added, never dropped)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     db.execute("BEGIN IMMEDIATE")
     try:

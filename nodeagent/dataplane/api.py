@@ -55,6 +55,8 @@ class PodWork:
     netns_dev: int = 0
     extra: dict[str, str] = field(default_factory=dict)
     controls: PodControls = DEFAULT_CONTROLS  # the pod's annotations, from the agent's cluster view
+    # The netns holds this pod's rules, kept by a CNI DEL: a failed add must leave them (fail closed)
+    rules_kept: bool = False
 
 
 class DataplaneError(Exception):
@@ -72,6 +74,9 @@ class NetnsGone(DataplaneError):
 
 
 class Dataplane(Protocol):
+    # Whether a CNI DEL may keep the pod's in-pod rules (``release``) until a re-ADD or ``discard_kept``
+    keeps_rules: bool
+
     def add(self, pod: PodWork, deadline: float) -> int:
         """Install redirection for ``pod`` and hand its netns to ztunnel; return only after the ack.
 
@@ -82,6 +87,18 @@ class Dataplane(Protocol):
 
     def remove(self, pod: PodWork) -> None:
         """Best effort: ZDS del, rules removed if the netns still exists. Never raises for a missing netns."""
+        ...
+
+    def release(self, pod: PodWork) -> None:
+        """CNI DEL of a pod whose netns lives on: its probe-set entries go first, then ztunnel drops it (ZDS Del:
+        its listeners close, so redirected traffic is refused), and the dataplane forgets it; the in-pod rules
+        and routes stay. Best effort, never raises for a missing netns."""
+        ...
+
+    def discard_kept(self, pod: PodWork) -> None:
+        """Remove the rules a ``release`` kept in ``pod``'s netns, after checking that the path still names that
+        netns (inode and device): NetnsGone otherwise, and nothing is done inside whatever is there. Raises
+        DataplaneError when the netns is enrolled again or the removal failed."""
         ...
 
     def restore(self, pod: PodWork, deadline: float) -> list[str]:
@@ -122,6 +139,8 @@ class Dataplane(Protocol):
 class RecordingDataplane:
     """The dataplane of issue 3: accepts every pod and only records it (used where no ztunnel runs)."""
 
+    keeps_rules = False  # it installs none
+
     def __init__(self) -> None:
         self.added: dict[str, PodWork] = {}
 
@@ -131,6 +150,12 @@ class RecordingDataplane:
 
     def remove(self, pod: PodWork) -> None:
         self.added.pop(pod.uid or f"{pod.namespace}/{pod.name}", None)
+
+    def release(self, pod: PodWork) -> None:
+        self.remove(pod)
+
+    def discard_kept(self, pod: PodWork) -> None:
+        return None
 
     def restore(self, pod: PodWork, deadline: float) -> list[str]:
         self.add(pod, deadline)

@@ -3,8 +3,11 @@
 add: validate + open the netns -> rules of the pod's variant (one iptables-restore per family, one transaction
 per table) + policy routes, in a dedicated thread inside the netns -> ZDS AddWorkload with the fd -> wait for
 the ack -> the pod's IPs into the node's probe set (``hostprobe``). Any failure undoes this call's changes (fail closed)
-and raises DataplaneError; "no ztunnel", "no ack in time" and a failed probe-set update are retryable.
+and raises DataplaneError; "no ztunnel", "no ack in time" and a failed probe-set update are retryable. A pod
+whose netns holds rules kept by a DEL (``PodWork.rules_kept``) keeps them when its add fails.
 remove: probe-set entries first, then ZDS del, then the rules.
+release (a CNI DEL of a live netns): probe-set entries first, then ZDS del; the rules and routes stay until a
+re-add of the same netns, or ``discard_kept`` (the reconciler, after a grace, on the verified netns).
 """
 
 from __future__ import annotations
@@ -89,9 +92,13 @@ class _Enrolled:
 class InPodDataplane:
     """Implements ``nodeagent.dataplane.api.Dataplane``.
 
+    ``keeps_rules``: a CNI DEL of a live netns keeps the pod's in-pod rules (``release``).
+
     ``mode`` and ``dns_capture`` are the agent's defaults (a pod's annotations adjust its own variant).
     ``host_netns``: where the probe path goes (the node's netns); None: no probe path (tests of other parts).
     The library never picks the machine's netns by itself: the agent's command line passes it explicitly."""
+
+    keeps_rules = True
 
     def __init__(
         self,
@@ -156,6 +163,33 @@ class InPodDataplane:
         key = _key(pod)
         with self._pod_lock(key):
             self._remove_locked(key, pod)
+
+    def release(self, pod: PodWork) -> None:
+        key = _key(pod)
+        with self._pod_lock(key):
+            self._remove_locked(key, pod, keep_rules=True)
+
+    def discard_kept(self, pod: PodWork) -> None:
+        key = _key(pod)
+        with self._pod_lock(key):
+            with self._lock:
+                held = [e for e in self._pods.values()
+                        if e.handle is not None and e.handle.matches(pod.netns_inode, pod.netns_dev)]
+            if held:
+                raise DataplaneError(f"pod {pod.namespace}/{pod.name}: its netns (inode {pod.netns_inode}) is "
+                                     f"enrolled again as {held[0].pod.namespace}/{held[0].pod.name}; rules left")
+            handle = self._open_verified(pod)  # NetnsGone: replaced or gone, nothing done inside it
+            try:
+                netns.run_in_netns(handle.fd, lambda: remove_redirection([Family.V4, Family.V6], self.params),
+                                   "netns-discard")
+            except Exception as exc:
+                raise DataplaneError(f"pod {pod.namespace}/{pod.name}: removing the kept rules failed: {exc}") \
+                    from None
+            finally:
+                handle.close()
+            log.info("rules kept after a DEL removed", extra={
+                "scope": "dataplane", "pod_namespace": pod.namespace, "pod_name": pod.name, "pod_uid": pod.uid,
+                "netns": pod.netns_path, "netns_inode": pod.netns_inode})
 
     def close(self) -> None:
         """Stop serving; the pods' rules and the probe path stay (a restart is not an uninstall)."""
@@ -398,8 +432,10 @@ class InPodDataplane:
         handle = self._open_verified(pod)
         with self._lock:
             previous = self._pods.get(key)
-        # Re-adding a pod already enrolled in this very netns: on failure keep the old (working) state.
+        # Re-adding a pod already enrolled in this very netns: on failure keep the old (working) state. A netns
+        # whose rules a DEL kept keeps them too (its traffic stays refused, never unredirected).
         same_netns = previous is not None and previous.handle is not None and previous.handle.inode == handle.inode
+        keep_rules = same_netns or pod.rules_kept
         t0 = time.monotonic()
         families = families_of(pod.ips)
         try:
@@ -407,7 +443,7 @@ class InPodDataplane:
                 handle.fd, lambda: _install_in_pod(pod.ips, self.params, variant), "netns-add"
             )
         except Exception as exc:
-            if not same_netns:
+            if not keep_rules:
                 self._undo(handle, [Family.V4, Family.V6])
             handle.close()
             raise DataplaneError(f"pod {pod.namespace}/{pod.name}: installing redirection failed: {exc}") from None
@@ -421,7 +457,7 @@ class InPodDataplane:
                 raise ZdsError("the request's deadline passed before ztunnel could be told", retryable=True)
             self.zds.add(_entry(pod, handle.fd), timeout)
         except ZdsError as exc:
-            self._roll_back(key, pod, previous, handle, families, addresses, same_netns)
+            self._roll_back(key, pod, previous, handle, families, addresses, same_netns, keep_rules)
             raise DataplaneError(
                 f"pod {pod.namespace}/{pod.name}: ztunnel handoff failed: {exc.msg}", retryable=exc.retryable
             ) from None
@@ -430,7 +466,7 @@ class InPodDataplane:
             try:
                 self.host.add(pod.uid or key, addresses)
             except Exception as exc:  # the probe set could not be updated: undo, the runtime retries
-                self._roll_back(key, pod, previous, handle, families, addresses, same_netns)
+                self._roll_back(key, pod, previous, handle, families, addresses, same_netns, keep_rules)
                 raise DataplaneError(
                     f"pod {pod.namespace}/{pod.name}: adding its IPs to the node's probe set failed: {exc}",
                     retryable=True,
@@ -469,8 +505,10 @@ class InPodDataplane:
         families: list[Family],
         addresses: tuple[str, ...],
         same_netns: bool,
+        keep_rules: bool,
     ) -> None:
-        """Undo a failed add: the previous state (if any) comes back, nothing of this call stays."""
+        """Undo a failed add: the previous state (if any) comes back, nothing of this call stays (the rules stay
+        when ``keep_rules``: the same netns was enrolled before, or a DEL kept them)."""
         with self._lock:
             if previous is not None:
                 self._pods[key] = previous
@@ -481,6 +519,7 @@ class InPodDataplane:
         self._host_remove(pod.uid or key, [a for a in addresses if a not in kept])
         if not same_netns:
             self.zds.delete(pod.uid, timeout=min(1.0, self.ack_timeout_s))
+        if not keep_rules:
             self._undo(handle, families)
         handle.close()
 
@@ -514,7 +553,7 @@ class InPodDataplane:
         except Exception as exc:
             log.warning("undo in %s failed: %s", handle.path, exc)
 
-    def _remove_locked(self, key: str, pod: PodWork) -> None:
+    def _remove_locked(self, key: str, pod: PodWork, keep_rules: bool = False) -> None:
         with self._lock:
             entry = self._pods.get(key)
             if (entry is not None and entry.handle is not None and pod.netns_inode
@@ -529,6 +568,10 @@ class InPodDataplane:
         errors = self.zds.delete(pod.uid or key)
         if errors:
             log.info("pod %s: ZDS del: %s", key, "; ".join(errors))
+        if keep_rules:  # the netns keeps its rules (redirected traffic is refused: nothing listens any more)
+            if entry is not None and entry.handle is not None:
+                entry.handle.close()
+            return
         handle = entry.handle if entry is not None else None
         families = entry.families if entry is not None else [*families_of(pod.ips), Family.V6]
         if handle is None and pod.netns_path:
