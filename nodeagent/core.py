@@ -13,6 +13,7 @@ reconciler removes the rules after ``KEPT_RULES_GRACE_S`` (``discard_kept``), on
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from cni_plugin.enrollment import Exemptions, exemption_reason
 from nodeagent import decide, logs
 from nodeagent.clusterview.model import ClusterState, ClusterView, Pod
 from nodeagent.dataplane.api import DEFAULT_CONTROLS, Dataplane, DataplaneError, NetnsGone, PodControls, PodWork
+from nodeagent.dataplane.rules import Variant
 from nodeagent.keyedlock import KeyedLocks
 from nodeagent.metrics import Metrics
 from nodeagent.podstatus import RedirectionAnnotator
@@ -43,7 +45,8 @@ class Readiness:
 
 
 def work_from_record(
-    record: PodRecord, service_account: str = "", controls: PodControls = DEFAULT_CONTROLS
+    record: PodRecord, service_account: str = "", controls: PodControls = DEFAULT_CONTROLS,
+    variant: Variant | None = None,
 ) -> PodWork:
     return PodWork(
         uid=record.uid,
@@ -57,6 +60,7 @@ def work_from_record(
         netns_inode=record.netns_inode,
         controls=controls,
         netns_dev=record.netns_dev,
+        variant=variant,
     )
 
 
@@ -64,6 +68,24 @@ def work_from_kept(kept: KeptRules) -> PodWork:
     return PodWork(uid=kept.uid, name=kept.name, namespace=kept.namespace, netns_path=kept.netns_path,
                    container_id=kept.container_id, ifname=kept.ifname, ips=kept.ips, netns_inode=kept.netns_inode,
                    netns_dev=kept.netns_dev)
+
+
+def variant_text(variant: Variant | None) -> str:
+    """How a record stores its variant ("" when the dataplane installs no rules)."""
+    if variant is None:
+        return ""
+    return json.dumps(variant.to_json(), sort_keys=True, separators=(",", ":"))
+
+
+def recorded_variant(text: str) -> Variant | None:
+    """The variant a record stores, or None when it holds none (an older record) or one that does not parse."""
+    if not text:
+        return None
+    try:
+        raw = json.loads(text)
+        return Variant.from_json(raw) if isinstance(raw, dict) else None
+    except (ValueError, TypeError):
+        return None
 
 
 def same_netns(record: PodRecord, inode: int, dev: int) -> bool:
@@ -299,6 +321,10 @@ class AgentCore:
         if time.monotonic() >= deadline:
             raise DataplaneError("no time left before the plugin's deadline", retryable=True)
         inode = self.dataplane.add(work, deadline) or work.netns_inode
+        try:
+            variant = variant_text(self.dataplane.variant_for(work))
+        except DataplaneError:
+            variant = ""  # cannot happen after a successful add (it decided the same way); "unknown" then
         record = self.store.upsert(
             PodRecord(
                 container_id=work.container_id,
@@ -311,6 +337,7 @@ class AgentCore:
                 netns_dev=work.netns_dev,
                 ips=work.ips,
                 source=source,
+                variant=variant,
             )
         )
         self.live_keys.add(record.key)

@@ -51,6 +51,14 @@ class Metrics:
             "Drift repairs that failed (the pod's guardrails stay until a later pass succeeds)",
             registry=self.registry,
         )
+        self.variant_changes = Counter(
+            "ambient_cni_agent_variant_changes",
+            "Pods whose rules were rewritten (under guardrails) for another redirection variant because their "
+            "annotations or the agent's defaults changed, by phase (restore: taking over a pod from a previous run; "
+            "periodic: a reconcile pass)",
+            ["phase"],
+            registry=self.registry,
+        )
         self.kept_rules = Counter(
             "ambient_cni_agent_kept_rules",
             "In-pod rules kept by a CNI DEL, by event: kept (at the DEL), readded (a re-ADD of the same netns "

@@ -13,8 +13,11 @@ started) and 50 ms after each view change:
 (d) a record from a previous run of the agent (not yet "live" in this process): the dataplane verifies its
     netns, compares its redirection with the expected set, repairs drift under DROP guardrails, and hands it
     to ztunnel again; retried until it works;
-(e) every live record: its redirection is checked for drift (a flushed table, a deleted ip rule, guardrails
-    left behind) and repaired under guardrails; the time of the last good check is stored (``verified_at``).
+(e) every live record: its redirection variant follows the pod (the annotations in the view now, the agent's
+    defaults; the recorded variant while the pod is absent from the view): a different one is rewritten under
+    guardrails, recorded and counted; then its redirection is checked for drift (a flushed table, a deleted ip
+    rule, guardrails left behind) and repaired under guardrails; the time of the last good check is stored
+    (``verified_at``).
 (k) rules a CNI DEL kept (``kept_rules``): dropped when the netns is gone or replaced (nothing done inside it) or
     enrolled again; removed from the verified netns once the grace has passed without a re-ADD, or at once when
     the pod is no longer enrolled. The loop wakes up when the earliest grace ends.
@@ -35,7 +38,7 @@ from dataclasses import replace
 
 from nodeagent import decide, identity_gc, logs, netns_finder
 from nodeagent.clusterview.model import ClusterState, Pod
-from nodeagent.core import AgentCore, same_netns, work_from_record
+from nodeagent.core import AgentCore, recorded_variant, same_netns, variant_text, work_from_record
 from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.store import KeptRules, PodRecord
 
@@ -67,6 +70,7 @@ class Reconciler:
         self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
         self._log = logs.get_logger()
         self._pass_lock = threading.Lock()
+        self._refused_controls: dict[tuple[str, str], str] = {}  # record key -> the controls problem logged
         self.passes = 0
 
     def start(self) -> None:
@@ -136,7 +140,7 @@ class Reconciler:
             exemptions = self.core.exemptions
             records = self.core.store.all()
             claims = Claims(records)
-            to_verify: list[tuple[PodRecord, Pod]] = []
+            to_verify: list[tuple[PodRecord, Pod | None]] = []
             for record in records:
                 checked = self._check_record(record, state, claims, actions)
                 if checked is not None:
@@ -182,11 +186,24 @@ class Reconciler:
                    "drift_ms": round((drift_done - records_done) * 1000, 2)})
         return actions
 
-    def _check_drift(self, checked: list[tuple[PodRecord, Pod]], actions: Counter[str]) -> None:
-        """(e): one cheap verification of every live pod; a drifted one is repaired under its lock."""
+    def _work(self, record: PodRecord, pod: Pod | None) -> PodWork:
+        """What the dataplane needs for ``record`` now: the pod's controls from the view, or the variant the record
+        holds while the pod is absent from the view or its annotations cannot be honoured (its rules stay)."""
+        if pod is None:
+            return work_from_record(record, variant=recorded_variant(record.variant))
+        controls = decide.controls_of(pod)
+        keep = recorded_variant(record.variant) if controls.problem else None
+        return work_from_record(record, pod.service_account, controls, variant=keep)
+
+    def _check_drift(self, checked: list[tuple[PodRecord, Pod | None]], actions: Counter[str]) -> None:
+        """(e): the variant each live pod should have now, then one cheap verification of every live pod; a drifted
+        one is repaired under its lock."""
         if not checked:
             return
-        verdicts = self.core.dataplane.verify([work_from_record(r, pod.service_account) for r, pod in checked])
+        checked = [(r, pod) for r, pod in checked if not self._follow_variant(r, pod, actions)]
+        if not checked:
+            return
+        verdicts = self.core.dataplane.verify([self._work(r, pod) for r, pod in checked])
         good: list[tuple[str, str]] = []
         for (record, pod), problems in zip(checked, verdicts, strict=True):
             if problems is None:
@@ -202,11 +219,53 @@ class Reconciler:
                     good.append(record.key)
         self.core.store.mark_verified(good, time.time())
 
-    def _repair(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> bool:
+    def _follow_variant(self, record: PodRecord, pod: Pod | None, actions: Counter[str]) -> bool:
+        """Rewrite a live pod's rules for the variant it should have now when that differs from the installed one.
+        Returns True when its rules were rewritten (or the rewrite failed) in this pass: no drift check then."""
+        work = self._work(record, pod)
+        if pod is None and work.variant is None:
+            return False  # absent from the view and no variant recorded: keep what is installed
+        fields = logs.pod_fields(record.namespace, record.name, record.uid, netns=record.netns_path,
+                                 container_id=record.container_id)
+        problem = work.controls.problem
+        if problem:  # annotations that cannot be honoured: the installed rules stay (logged once per problem)
+            if self._refused_controls.get(record.key) != problem:
+                self._refused_controls[record.key] = problem
+                logs.emit(self._log, logging.WARNING, "pod annotations cannot be honoured; its rules stay as "
+                          "installed", {**fields, "error": problem})
+            return False
+        self._refused_controls.pop(record.key, None)
+        try:
+            change = self.core.dataplane.change_variant(work)
+        except DataplaneError as exc:
+            actions["failed"] += 1
+            self.core.metrics.drift_repair_failures.inc()
+            logs.emit(self._log, logging.ERROR, "changing the pod's redirection variant failed; will retry",
+                      {**fields, "error": exc.msg})
+            return True
+        if change is None:
+            return False  # not held by the dataplane (in this netns) now
+        before, now = change
+        text = variant_text(now)
+        if record.variant != text:
+            self.core.store.set_variant(record, text)
+        if before == now:
+            return False
+        self._count_variant_change(before.name, now.name, "periodic", fields, actions)
+        return True
+
+    def _count_variant_change(self, before: str, now: str, phase: str, fields: dict[str, object],
+                              actions: Counter[str]) -> None:
+        actions["variant"] += 1
+        logs.emit(self._log, logging.WARNING, "redirection variant changed",
+                  {**fields, "phase": phase, "from": before, "to": now})
+        self.core.metrics.variant_changes.labels(phase).inc()  # after the log line: whoever sees one sees both
+
+    def _repair(self, record: PodRecord, pod: Pod | None, actions: Counter[str]) -> bool:
         fields = logs.pod_fields(record.namespace, record.name, record.uid, netns=record.netns_path,
                                  container_id=record.container_id)
         try:
-            found = self.core.dataplane.repair(work_from_record(record, pod.service_account, decide.controls_of(pod)))
+            found = self.core.dataplane.repair(self._work(record, pod))
         except DataplaneError as exc:
             actions["failed"] += 1
             self.core.metrics.drift_repair_failures.inc()
@@ -225,7 +284,7 @@ class Reconciler:
 
     def _check_record(
         self, record: PodRecord, state: ClusterState, claims: Claims, actions: Counter[str]
-    ) -> tuple[PodRecord, Pod] | None:
+    ) -> tuple[PodRecord, Pod | None] | None:
         """(b), (c), (d) for one record; returns (record, its pod) when its drift is to be checked."""
         pod = state.pod(record.namespace, record.name)
         with self.core.locks.hold(record.container_id):
@@ -242,6 +301,9 @@ class Reconciler:
                            else "pod gone from the cluster view")
                     self.core.unenroll(current, why=why)
                     actions["remove"] += 1
+                    return None
+                if pod is None and current.key in self.core.live_keys and self._same_path(current):
+                    return current, None  # not in the view yet: checked against the variant it was enrolled with
                 return None
             if pod.terminal or not decide.pod_enrolled(pod, state, self.core.exemptions):
                 self.core.unenroll(current, why="pod no longer enrolled" if not pod.terminal else f"pod {pod.phase}")
@@ -259,10 +321,15 @@ class Reconciler:
                 return None
             return current, pod
 
+    @staticmethod
+    def _same_path(record: PodRecord) -> bool:
+        ident = netns_finder.netns_id(record.netns_path)
+        return ident is not None and same_netns(record, *ident)
+
     def _restore(self, record: PodRecord, pod: Pod, actions: Counter[str]) -> None:
         fields = logs.pod_fields(record.namespace, record.name, record.uid, netns=record.netns_path,
                                  container_id=record.container_id)
-        work = work_from_record(record, pod.service_account, decide.controls_of(pod))
+        work = self._work(record, pod)
         try:
             found = self.core.dataplane.restore(work, time.monotonic() + DATAPLANE_TIMEOUT_S)
         except NetnsGone as exc:
@@ -279,7 +346,24 @@ class Reconciler:
         actions["restore"] += 1
         if found:
             self._count_repair(found, "restore", fields, actions)
+        self._record_restored_variant(record, work, fields, actions)
         self.core.store.mark_verified([record.key], time.time())
+
+    def _record_restored_variant(self, record: PodRecord, work: PodWork, fields: dict[str, object],
+                                 actions: Counter[str]) -> None:
+        """A restored pod got the variant its annotations ask for now: record it, and count a change made while
+        the agent was down (the restore's repair rewrote the rules)."""
+        try:
+            variant = self.core.dataplane.variant_for(work)
+        except DataplaneError:
+            return
+        text = variant_text(variant)
+        if not text or text == record.variant:
+            return
+        self.core.store.set_variant(record, text)
+        before = recorded_variant(record.variant)
+        if before is not None and variant is not None and before != variant:
+            self._count_variant_change(before.name, variant.name, "restore", fields, actions)
 
     # -- (k) rules a CNI DEL kept -----------------------------------------------------------------------------
     def _check_kept(self, state: ClusterState, actions: Counter[str]) -> list[KeptRules]:

@@ -11,8 +11,9 @@ and whenever a query reports corruption: the files are moved aside as ``agent.db
 ``-wal``/``-shm``), a fresh database is opened, ``needs_rebuild`` is set (the agent is not ready until the
 reconciler has rebuilt the records from the view and netns discovery) and the listeners are told (log, metric).
 
-Every record carries the identity of its netns: inode *and* device (``netns_dev``, schema 2), and the time the
-agent last verified the pod's redirection (``verified_at``).
+Every record carries the identity of its netns: inode *and* device (``netns_dev``, schema 2), the time the
+agent last verified the pod's redirection (``verified_at``), and the redirection variant installed for it
+(``variant``, schema 3: JSON of ``rules.Variant``, "" when unknown).
 
 ``kept_rules`` (schema 3) holds the netns whose in-pod rules a CNI DEL kept (the pod was dropped from ztunnel,
 its rules stay until a re-ADD of the same netns or the reconciler removes them after a grace): one row per netns
@@ -57,6 +58,7 @@ CREATE TABLE IF NOT EXISTS pods (
     updated_at   REAL NOT NULL,
     netns_dev    INTEGER NOT NULL DEFAULT 0,
     verified_at  REAL NOT NULL DEFAULT 0,
+    variant      TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (container_id, ifname)
 );
 CREATE INDEX IF NOT EXISTS pods_uid ON pods (uid);
@@ -80,11 +82,12 @@ CREATE TABLE IF NOT EXISTS kept_rules (
 _ADDED_COLUMNS = {
     "netns_dev": "INTEGER NOT NULL DEFAULT 0",
     "verified_at": "REAL NOT NULL DEFAULT 0",
+    "variant": "TEXT NOT NULL DEFAULT ''",
 }
 
 _COLUMNS = (
     "container_id, ifname, uid, name, namespace, netns_path, netns_inode, ips, state, source, created_at, updated_at,"
-    " netns_dev, verified_at"
+    " netns_dev, verified_at, variant"
 )
 _KEPT_COLUMNS = "netns_inode, netns_dev, netns_path, container_id, ifname, uid, name, namespace, ips, variant, kept_at"
 
@@ -122,6 +125,7 @@ class PodRecord:
     updated_at: float = 0.0
     netns_dev: int = 0  # 0: recorded by an agent before schema 2 (filled in at the first verification)
     verified_at: float = 0.0  # when the agent last found the pod's redirection as expected (0: not yet)
+    variant: str = ""  # JSON of the rules.Variant installed ("" unknown: recorded before schema 3, or no rules)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -144,6 +148,7 @@ class PodRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "verified_at": self.verified_at,
+            "variant": _json_or_none(self.variant),
         }
 
 
@@ -170,7 +175,7 @@ class KeptRules:
     @classmethod
     def of(cls, record: PodRecord, dev: int, when: float) -> KeptRules:
         return cls(record.netns_inode, dev, record.netns_path, record.container_id, record.ifname, record.uid,
-                   record.name, record.namespace, record.ips, "", when)
+                   record.name, record.namespace, record.ips, record.variant, when)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -212,7 +217,8 @@ def _row_to_kept(row: tuple[object, ...]) -> KeptRules:
 
 
 def _row_to_record(row: tuple[object, ...]) -> PodRecord:
-    (cid, ifname, uid, name, namespace, netns_path, inode, ips, state, source, created, updated, dev, verified) = row
+    (cid, ifname, uid, name, namespace, netns_path, inode, ips, state, source, created, updated, dev, verified,
+     variant) = row
     return PodRecord(
         container_id=str(cid),
         ifname=str(ifname),
@@ -228,6 +234,7 @@ def _row_to_record(row: tuple[object, ...]) -> PodRecord:
         updated_at=_float(updated),
         netns_dev=_int(dev),
         verified_at=_float(verified),
+        variant=str(variant),
     )
 
 
@@ -406,11 +413,12 @@ class PodStore:
             created = _float(existing[0]) if existing else (record.created_at or now)
             stored = replace(record, created_at=created, updated_at=now)
             db.execute(
-                f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     stored.container_id, stored.ifname, stored.uid, stored.name, stored.namespace,
                     stored.netns_path, stored.netns_inode, json.dumps(list(stored.ips)), stored.state,
                     stored.source, stored.created_at, stored.updated_at, stored.netns_dev, stored.verified_at,
+                    stored.variant,
                 ),
             )
             return stored
@@ -465,6 +473,13 @@ class PodStore:
                 raise
 
         self._call(op)
+
+    def set_variant(self, record: PodRecord, variant: str) -> None:
+        """Store the variant now installed for ``record`` (only while the row still describes the same netns)."""
+        self._call(lambda db: db.execute(
+            "UPDATE pods SET variant=? WHERE container_id=? AND ifname=? AND netns_inode=?",
+            (variant, *record.key, record.netns_inode),
+        ))
 
     # -- rules kept after a CNI DEL -----------------------------------------------------------------------------
     def keep_rules(self, record: PodRecord, kept: KeptRules) -> None:

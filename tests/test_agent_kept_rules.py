@@ -298,7 +298,7 @@ def test_a_failed_readd_keeps_the_kept_rules(node: Node, tmpdir_short: str) -> N
 
 
 def test_the_schema_3_migration_and_the_kept_rows(tmp_path: Path) -> None:
-    """A schema-2 database (no kept_rules table) opens as schema 3 with its records; keeping a
+    """A schema-2 database (no variant column, no kept_rules table) opens as schema 3 with its records; keeping a
     record's rules is one transaction (record gone, row there) and outlives a reopen."""
     db_path = tmp_path / "agent.db"
     db = sqlite3.connect(db_path)
@@ -318,17 +318,17 @@ def test_the_schema_3_migration_and_the_kept_rows(tmp_path: Path) -> None:
     store = PodStore(str(tmp_path))
     try:
         (record,) = store.all()
-        assert (record.uid, record.netns_inode, record.netns_dev) == ("u1", 77, 5)
+        assert (record.uid, record.netns_inode, record.netns_dev, record.variant) == ("u1", 77, 5, "")
         kept = KeptRules.of(record, dev=5, when=123.0)
         store.keep_rules(record, kept)
         assert store.all() == [] and store.kept() == [kept]
-        store.upsert(PodRecord("c2", "eth0", "u2", "api", "shop", "/run/netns/y", 78))
+        store.upsert(PodRecord("c2", "eth0", "u2", "api", "shop", "/run/netns/y", 78, variant='{"mode":"tproxy"}'))
     finally:
         store.close()
     store = PodStore(str(tmp_path))
     try:
         assert store.kept_in(77, 5) == kept and store.kept_in(77, 6) is None
-        assert [r.name for r in store.all()] == ["api"]
+        assert [r.variant for r in store.all()] == ['{"mode":"tproxy"}']
         assert store._call(lambda d: d.execute("PRAGMA user_version").fetchone()[0]) == 3
         assert store.drop_kept(77, 5) is True and store.drop_kept(77, 5) is False
     finally:

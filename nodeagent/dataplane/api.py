@@ -55,6 +55,8 @@ class PodWork:
     netns_dev: int = 0
     extra: dict[str, str] = field(default_factory=dict)
     controls: PodControls = DEFAULT_CONTROLS  # the pod's annotations, from the agent's cluster view
+    # The variant decided by the caller (the one recorded, for a pod absent from the view); None: from ``controls``
+    variant: Variant | None = None
     # The netns holds this pod's rules, kept by a CNI DEL: a failed add must leave them (fail closed)
     rules_kept: bool = False
 
@@ -99,6 +101,17 @@ class Dataplane(Protocol):
         """Remove the rules a ``release`` kept in ``pod``'s netns, after checking that the path still names that
         netns (inode and device): NetnsGone otherwise, and nothing is done inside whatever is there. Raises
         DataplaneError when the netns is enrolled again or the removal failed."""
+        ...
+
+    def variant_for(self, pod: PodWork) -> Variant | None:
+        """The variant ``pod`` gets now (``pod.variant``, else its controls under the agent's defaults); None when
+        this dataplane installs no rules. Raises DataplaneError when the pod's controls cannot be honoured."""
+        ...
+
+    def change_variant(self, pod: PodWork) -> tuple[Variant, Variant] | None:
+        """Bring a held pod's rules to ``variant_for(pod)`` under guardrails when its installed variant differs.
+        Returns (installed before, installed now), equal when nothing changed; None when the dataplane does not
+        hold the pod in that netns. Raises DataplaneError (the guardrails then stay: fail closed)."""
         ...
 
     def restore(self, pod: PodWork, deadline: float) -> list[str]:
@@ -155,6 +168,12 @@ class RecordingDataplane:
         self.remove(pod)
 
     def discard_kept(self, pod: PodWork) -> None:
+        return None
+
+    def variant_for(self, pod: PodWork) -> Variant | None:
+        return None
+
+    def change_variant(self, pod: PodWork) -> tuple[Variant, Variant] | None:
         return None
 
     def restore(self, pod: PodWork, deadline: float) -> list[str]:

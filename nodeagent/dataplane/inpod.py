@@ -8,6 +8,7 @@ whose netns holds rules kept by a DEL (``PodWork.rules_kept``) keeps them when i
 remove: probe-set entries first, then ZDS del, then the rules.
 release (a CNI DEL of a live netns): probe-set entries first, then ZDS del; the rules and routes stay until a
 re-add of the same netns, or ``discard_kept`` (the reconciler, after a grace, on the verified netns).
+change_variant: a held pod's rules rewritten for the variant its annotations ask for now, under guardrails.
 """
 
 from __future__ import annotations
@@ -190,6 +191,31 @@ class InPodDataplane:
             log.info("rules kept after a DEL removed", extra={
                 "scope": "dataplane", "pod_namespace": pod.namespace, "pod_name": pod.name, "pod_uid": pod.uid,
                 "netns": pod.netns_path, "netns_inode": pod.netns_inode})
+
+    def change_variant(self, pod: PodWork) -> tuple[Variant, Variant] | None:
+        variant = self.variant_for(pod)
+        key = _key(pod)
+        lock = self._pod_lock(key)
+        if not lock.acquire(blocking=False):
+            return None  # an ADD or DEL holds the pod: the next pass looks again
+        try:
+            with self._lock:
+                entry = self._pods.get(key)
+            if entry is None or entry.handle is None:
+                return None
+            if pod.netns_inode and not entry.handle.matches(pod.netns_inode, pod.netns_dev):
+                return None
+            before = entry.variant
+            if before == variant:
+                return before, before
+            entry.verified_generation = None
+            # DataplaneError: the guardrails stay, and the variant held is still the old one, so the next pass
+            # tries the change again
+            self._converge(entry.handle, entry.families, variant, pod)
+            entry.variant = variant
+            return before, variant
+        finally:
+            lock.release()
 
     def close(self) -> None:
         """Stop serving; the pods' rules and the probe path stay (a restart is not an uninstall)."""
@@ -384,7 +410,10 @@ class InPodDataplane:
             return {k: e.variant for k, e in self._pods.items()}
 
     def variant_for(self, pod: PodWork) -> Variant:
-        """The rule set ``pod`` gets: the agent's mode and DNS default under the pod's own controls."""
+        """The rule set ``pod`` gets: the caller's decision (``pod.variant``), else the agent's mode and DNS
+        default under the pod's own controls."""
+        if pod.variant is not None:
+            return pod.variant
         if pod.controls.problem:
             raise DataplaneError(f"pod {pod.namespace}/{pod.name}: {pod.controls.problem}")
         try:
