@@ -13,6 +13,7 @@ reconciler removes the rules after ``KEPT_RULES_GRACE_S`` (``discard_kept``), on
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -70,8 +71,10 @@ def work_from_kept(kept: KeptRules) -> PodWork:
                    netns_dev=kept.netns_dev)
 
 
+@functools.lru_cache(maxsize=64)
 def variant_text(variant: Variant | None) -> str:
-    """How a record stores its variant ("" when the dataplane installs no rules)."""
+    """How a record stores its variant ("" when the dataplane installs no rules). Cached: every reconcile pass
+    compares each pod's variant with its record's."""
     if variant is None:
         return ""
     return json.dumps(variant.to_json(), sort_keys=True, separators=(",", ":"))
