@@ -37,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from nodeagent.dataplane import hostprobe, inpod, iptables, netns, zds_server
+from netns_threads import run_in_netns
+from nodeagent.dataplane import hostprobe, inpod, iptables, zds_server
 from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.rules import Family
 from testbed import netns as netns_mod
 from testbed.poll import WaitTimeout, wait_for
 from testbed.procs import stop_process
+from zds import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MEDIAN_MS, TARGET_P99_MS, TARGET_CONCURRENT_P99_MS = 5.0, 15.0, 150.0
@@ -202,12 +204,12 @@ def _floors(dp: inpod.InPodDataplane, ns_path: str, runs: int) -> dict[str, list
         noop = b"*nat\nCOMMIT\n"
         conn = dp.zds._conns[-1]  # the peer's connection
         cases: dict[str, Callable[[], Any]] = {
-            "a thread joining the pod netns (setns) and exiting": lambda: netns.run_in_netns(fd, lambda: None),
-            "no-op iptables-restore in the pod netns (same spawn path as the rules)": lambda: netns.run_in_netns(
+            "a thread joining the pod netns (setns) and exiting": lambda: run_in_netns(fd, lambda: None),
+            "no-op iptables-restore in the pod netns (same spawn path as the rules)": lambda: run_in_netns(
                 fd, lambda: iptables._Child([Family.V4.restore_cmd, "--noflush"], noop).finish()),
             "fork/exec /bin/true": lambda: subprocess.run(["/bin/true"], check=True),
             "bare ZDS round trip (DelWorkload of an unknown pod, to the ack)": lambda: conn.request(
-                zds_server._del_request("bench-unknown"), None, 5.0),
+                protocol.del_workload("bench-unknown"), None, 5.0),
             "nsenter --net=<pod netns> true (an exec per netns, which the agent avoids)": lambda: subprocess.run(
                 ["nsenter", f"--net={ns_path}", "true"], check=True),
         }

@@ -158,11 +158,12 @@ def processes_in(ident: tuple[int, int], proc_root: str = "/proc") -> list[str]:
 
 def addresses_in(path: str) -> set[str] | None:
     """Every address configured in the netns at ``path`` (None when it cannot be entered)."""
+    import netns_threads
     from nodeagent.dataplane import netns, nlprobe
 
     try:
         with netns.open_netns(path) as handle:
-            return netns.run_in_netns(handle.fd, nlprobe.addresses, "netns-addrs")
+            return netns_threads.run_in_netns(handle.fd, nlprobe.addresses, "netns-addrs")
     except (netns.NetnsError, OSError):
         return None
 

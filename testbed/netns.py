@@ -118,7 +118,7 @@ def free_port() -> int:
 
 def sock_in(ns_path: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A socket created by a thread that joined ``ns_path`` (the socket stays in that netns)."""
-    from zds_peer.nsworker import NetnsWorker
+    from netns_threads import NetnsWorker
 
     fd = os.open(ns_path, os.O_RDONLY)
     try:

@@ -183,8 +183,8 @@ def node_sets(node_path: str) -> dict[str, str]:
 
 def edit_node_sets(node_path: str, fn: Callable[[Any], Any]) -> Any:
     """Run ``fn(ProbeSets)`` in a test's node netns: changes behind the agent's back (lost state, strangers)."""
+    from netns_threads import NetnsWorker
     from nodeagent.dataplane.probesets import ProbeSets
-    from zds_peer.nsworker import NetnsWorker
 
     fd = os.open(node_path, os.O_RDONLY)
     try:

@@ -10,10 +10,8 @@ import socket
 import threading
 import time
 
-from google.protobuf.message import DecodeError
-
-from nodeagent.dataplane import zds_pb2
 from testbed.poll import wait_for
+from zds import protocol
 
 
 class ScriptedZtunnel:
@@ -29,7 +27,7 @@ class ScriptedZtunnel:
                      what=f"the ZDS socket {path} to accept")
         else:
             self._connect(path)
-        self.sock.send(zds_pb2.ZdsHello(version=zds_pb2.V1).SerializeToString())
+        self.sock.send(protocol.hello())
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
 
@@ -40,7 +38,7 @@ class ScriptedZtunnel:
     def _loop(self) -> None:
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, 1024, 4)
+                data, fds, _, _ = socket.recv_fds(self.sock, protocol.MAX_DATAGRAM, protocol.RECV_MAX_FDS)
             except OSError:
                 return
             if not data:
@@ -55,22 +53,19 @@ class ScriptedZtunnel:
                         os.close(fd)
 
     def _handle(self, data: bytes, fds: list[int]) -> None:
-        req = zds_pb2.WorkloadRequest()
         try:
-            req.ParseFromString(data)
-        except DecodeError:  # keep the evidence: the assertions on kinds() then show the bytes
+            kind, req = protocol.decode_request(data)
+        except protocol.DecodeError:  # keep the evidence: the assertions on kinds() then show the bytes
             self.got.append((f"corrupt:{data.hex()}:fds={len(fds)}", "", None))
             return
-        kind = req.WhichOneof("payload") or ""
-        uid = getattr(getattr(req, kind), "uid", "") if kind != "snapshot_sent" else ""
-        self.got.append((kind, uid, os.fstat(fds[0]).st_ino if fds else None))
-        if self.mode == "silent" and kind == "add":
+        self.got.append((kind, protocol.request_uid(req), os.fstat(fds[0]).st_ino if fds else None))
+        if self.mode == "silent" and kind == protocol.ADD:
             return
         if self.ack_delay_s:
             time.sleep(self.ack_delay_s)
-        err = "rejected by test" if self.mode == "error" and kind == "add" else ""
+        err = "rejected by test" if self.mode == "error" and kind == protocol.ADD else ""
         with contextlib.suppress(OSError):
-            self.sock.send(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=err)).SerializeToString())
+            self.sock.send(protocol.ack(err))
 
     def kinds(self) -> list[str]:
         return [k for k, _, _ in self.got]

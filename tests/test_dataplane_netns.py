@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+import netns_threads
 from nodeagent.dataplane import netns
 from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
@@ -50,7 +51,7 @@ def test_thread_and_subprocess_inherit_only_the_thread(netns_factory: Callable[.
     want = f"net:[{os.stat(ns.path).st_ino}]"
     mine = os.readlink("/proc/thread-self/ns/net")
     with netns.open_netns(ns.path) as h:
-        seen = netns.run_in_netns(
+        seen = netns_threads.run_in_netns(
             h.fd,
             lambda: (
                 os.readlink("/proc/thread-self/ns/net"),

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from nodeagent.dataplane import inpod, iptables, netns, routes, rules
+import netns_threads
+from nodeagent.dataplane import inpod, iptables, routes, rules
 from nodeagent.dataplane.rules import Family
 from testbed.netns import Netns
 from tests import goldens
@@ -17,7 +18,7 @@ from tests import goldens
 def in_ns(ns: Netns, fn):  # type: ignore[no-untyped-def]
     fd = os.open(ns.path, os.O_RDONLY)
     try:
-        return netns.run_in_netns(fd, fn)
+        return netns_threads.run_in_netns(fd, fn)
     finally:
         os.close(fd)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.dataplane import hostrules, iptables, netns, rules
+import netns_threads
+from nodeagent.dataplane import hostrules, iptables, rules
 from nodeagent.dataplane.hostprobe import HostProbe
 from nodeagent.dataplane.rules import Family, RedirectMode, Variant
 from testbed.netns import Netns
@@ -48,7 +49,7 @@ FAMILIES = [Family.V4, Family.V6]
 def in_ns(ns: Netns, fn):  # type: ignore[no-untyped-def]
     fd = os.open(ns.path, os.O_RDONLY)
     try:
-        return netns.run_in_netns(fd, fn)
+        return netns_threads.run_in_netns(fd, fn)
     finally:
         os.close(fd)
 

@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from nodeagent.dataplane import zds_pb2
 from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
 from testbed.netns import Netns
 from testbed.pods import listening_ports
 from testbed.poll import wait_for
 from testbed.zds import ScriptedZtunnel
+from zds import zds_pb2
 from zds_peer.client import Peer
 
 
@@ -234,7 +234,7 @@ def test_generated_pb2_is_up_to_date(tmpdir_short: str) -> None:
     import sys
     from pathlib import Path
 
-    src = Path(__file__).resolve().parent.parent / "nodeagent" / "dataplane"
+    src = Path(__file__).resolve().parent.parent / "zds"
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{src}", f"--python_out={tmpdir_short}",
          f"--pyi_out={tmpdir_short}", str(src / "zds.proto")],

@@ -9,11 +9,10 @@ import socket
 import threading
 import time
 
-from nodeagent.dataplane import zds_pb2
+from zds import protocol, zds_pb2
 from zds_peer.proxy import PodProxy
 from zds_peer.stats import Stats
 
-MAX_DATAGRAM = 1024
 # The seed's log lines come from ztunnel::inpod::statemanager; ours carry our own target.
 log = logging.getLogger("zds_peer::inpod::statemanager")
 
@@ -99,33 +98,31 @@ class Peer:
 
     # -- protocol -------------------------------------------------------------------------------------------
     def _serve(self, sock: socket.socket) -> None:
-        sock.send(zds_pb2.ZdsHello(version=zds_pb2.V1).SerializeToString())
+        sock.send(protocol.hello())
         self.connected.set()
         self.stats.set("connected", True)
         in_snapshot: set[str] | None = set()  # uids named before SnapshotSent; None once it arrived
         while not self._stop.is_set():
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_DATAGRAM, 4)
+            data, fds, _flags, _addr = socket.recv_fds(sock, protocol.MAX_DATAGRAM, protocol.RECV_MAX_FDS)
             if not data:
                 for fd in fds:
                     os.close(fd)
                 return
-            req = zds_pb2.WorkloadRequest()
             error = ""
             try:
-                req.ParseFromString(data)
-                kind = req.WhichOneof("payload")
-                if kind == "add":
+                kind, req = protocol.decode_request(data)
+                if kind == protocol.ADD:
                     if not fds:
                         raise ValueError("AddWorkload without a netns fd")
                     self._add(req.add, fds[0])
                     if in_snapshot is not None:
                         in_snapshot.add(req.add.uid)
-                elif kind == "keep":
+                elif kind == protocol.KEEP:
                     if in_snapshot is not None:
                         in_snapshot.add(req.keep.uid)
-                elif kind == "del":
+                elif kind == protocol.DEL:
                     self._del(getattr(req, "del").uid)
-                elif kind == "snapshot_sent":
+                elif kind == protocol.SNAPSHOT_SENT:
                     log.info("pod received snapshot sent")
                     if in_snapshot is not None:
                         self._drop_all_but(in_snapshot)
@@ -143,8 +140,7 @@ class Peer:
                     os.close(fd)
             if self.ack_delay_s:
                 time.sleep(self.ack_delay_s)
-            resp = zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=error))
-            sock.send(resp.SerializeToString())
+            sock.send(protocol.ack(error))
 
     def _add(self, add: zds_pb2.AddWorkload, fd: int) -> None:
         uid = add.uid

@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-from zds_peer.nsworker import NetnsWorker
+from netns_threads import NetnsWorker
 from zds_peer.stats import Stats
 
 OUTBOUND_PORT = 15001

@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from netns_threads import NetnsWorker
 from nodeagent.dataplane import hostrules, iptables
 from nodeagent.dataplane.hostrules import SetEntry
-from nodeagent.dataplane.netns import NetnsError, NetnsWorker, NsId, open_any_netns
+from nodeagent.dataplane.netns import NetnsError, NsId, open_any_netns
 from nodeagent.dataplane.probesets import ProbeSetError, ProbeSets
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, Family, RuleParams
 

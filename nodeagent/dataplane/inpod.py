@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import netns_threads
 from nodeagent.dataplane import driftcheck, iptables, netns, routes
 from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.dataplane.hostprobe import HostProbe, HostProbeError
@@ -181,7 +182,7 @@ class InPodDataplane:
                                      f"enrolled again as {held[0].pod.namespace}/{held[0].pod.name}; rules left")
             handle = self._open_verified(pod)  # NetnsGone: replaced or gone, nothing done inside it
             try:
-                netns.run_in_netns(handle.fd, lambda: remove_redirection([Family.V4, Family.V6], self.params),
+                netns_threads.run_in_netns(handle.fd, lambda: remove_redirection([Family.V4, Family.V6], self.params),
                                    "netns-discard")
             except Exception as exc:
                 raise DataplaneError(f"pod {pod.namespace}/{pod.name}: removing the kept rules failed: {exc}") \
@@ -303,7 +304,7 @@ class InPodDataplane:
             if entry is None or handle is None or (pod.netns_inode and not handle.matches(pod.netns_inode,
                                                                                           pod.netns_dev)):
                 return None
-            netns.enter(handle.fd)
+            netns_threads.enter(handle.fd)
             problems, generation = driftcheck.check_here(entry.families, self.params, entry.variant,
                                                          entry.verified_generation)
             entry.verified_generation = generation
@@ -342,7 +343,7 @@ class InPodDataplane:
                 raise NetnsGone(f"pod {pod.namespace}/{pod.name}: already enrolled in netns inode "
                                 f"{previous.handle.inode}, not {pod.netns_inode}")
             try:
-                addresses = pod.ips or netns.run_in_netns(handle.fd, routes.addresses, "netns-addrs")
+                addresses = pod.ips or netns_threads.run_in_netns(handle.fd, routes.addresses, "netns-addrs")
                 families = families_of(addresses)
                 repaired = self._converge(handle, families, variant, pod)
             except DataplaneError:
@@ -385,7 +386,7 @@ class InPodDataplane:
             remove_redirection(families, params)
 
         try:
-            return netns.run_in_netns(
+            return netns_threads.run_in_netns(
                 handle.fd, lambda: driftcheck.converge_here(families, params, variant, install, remove),
                 "netns-repair",
             )
@@ -468,7 +469,7 @@ class InPodDataplane:
         t0 = time.monotonic()
         families = families_of(pod.ips)
         try:
-            families, addresses = netns.run_in_netns(
+            families, addresses = netns_threads.run_in_netns(
                 handle.fd, lambda: _install_in_pod(pod.ips, self.params, variant), "netns-add"
             )
         except Exception as exc:
@@ -578,7 +579,7 @@ class InPodDataplane:
 
     def _undo(self, handle: netns.NetnsHandle, families: list[Family]) -> None:
         try:
-            netns.run_in_netns(handle.fd, lambda: remove_redirection(families, self.params), "netns-undo")
+            netns_threads.run_in_netns(handle.fd, lambda: remove_redirection(families, self.params), "netns-undo")
         except Exception as exc:
             log.warning("undo in %s failed: %s", handle.path, exc)
 
@@ -614,7 +615,7 @@ class InPodDataplane:
         if handle is None:
             return
         try:
-            netns.run_in_netns(
+            netns_threads.run_in_netns(
                 handle.fd, lambda: remove_redirection(sorted(set(families), key=lambda f: f.value)), "netns-del"
             )
         except Exception as exc:

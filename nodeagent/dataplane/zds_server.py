@@ -1,6 +1,6 @@
 """The agent side of ZDS: ztunnel connects here and receives pods' netns fds.
 
-UNIX SOCK_SEQPACKET, one protobuf per datagram (``zds.proto``). ztunnel connects and sends ``ZdsHello``; the
+UNIX SOCK_SEQPACKET, one protobuf per datagram (the contract: ``zds/``). ztunnel connects and sends ``ZdsHello``; the
 agent sends its snapshot (``AddWorkload`` + netns fd as SCM_RIGHTS per known pod, ``KeepWorkload`` where the fd
 is gone), then ``SnapshotSent``, then live adds and dels. Every request waits for its ``Ack`` (deadline
 ``ack_timeout_s``) and a connection has one sender at a time, so requests and acks never interleave. Adds go
@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodeagent.dataplane import zds_pb2
+from zds import protocol, zds_pb2
+from zds.protocol import MAX_DATAGRAM
 
 log = logging.getLogger("ambient-cni.agent.zds")
 
-MAX_DATAGRAM = 1024  # ztunnel's receive buffer: bigger messages are an error there
 HELLO_TIMEOUT_S = 5.0
 SNAPSHOT_GATE_TIMEOUT_S = 30.0
 
@@ -47,14 +47,7 @@ class SnapshotEntry:
 
 
 def add_request(entry: SnapshotEntry) -> zds_pb2.WorkloadRequest:
-    return zds_pb2.WorkloadRequest(
-        add=zds_pb2.AddWorkload(
-            uid=entry.uid,
-            workload_info=zds_pb2.WorkloadInfo(
-                name=entry.name, namespace=entry.namespace, service_account=entry.service_account
-            ),
-        )
-    )
+    return protocol.add_workload(entry.uid, entry.name, entry.namespace, entry.service_account)
 
 
 class _Connection:
@@ -84,14 +77,13 @@ class _Connection:
                     break
                 if not data:
                     break
-                resp = zds_pb2.WorkloadResponse()
                 try:
-                    resp.ParseFromString(data)
-                except Exception:
+                    ack = protocol.decode_ack(data)
+                except protocol.DecodeError:
                     log.warning("zds connection %d: undecodable message, closing", self.cid)
                     break
-                if resp.WhichOneof("payload") == "ack":
-                    self._acks.put(resp.ack)
+                if ack is not None:
+                    self._acks.put(ack)
         finally:
             self.close()
             self._release()
@@ -266,9 +258,7 @@ class ZdsServer:
             sock.settimeout(HELLO_TIMEOUT_S)
             data = sock.recv(MAX_DATAGRAM)
             sock.settimeout(None)
-            hello = zds_pb2.ZdsHello()
-            hello.ParseFromString(data)
-            if not data or hello.version != zds_pb2.V1:
+            if not protocol.decode_hello(data):
                 log.warning("zds connection %d: no ZdsHello V1 (got %r), closing", cid, data[:32])
                 conn.close()
                 return
@@ -297,7 +287,7 @@ class ZdsServer:
                     req = add_request(entry)
                     fd: int | None = entry.fd
                 else:
-                    req = zds_pb2.WorkloadRequest(keep=zds_pb2.KeepWorkload(uid=entry.uid))
+                    req = protocol.keep_workload(entry.uid)
                     fd = None
                 try:
                     conn.request_locked(req, fd, self.ack_timeout_s)
@@ -305,9 +295,7 @@ class ZdsServer:
                     log.warning("zds snapshot: pod %s: %s", entry.uid, exc.msg)
                     if conn.closed:
                         return
-            conn.request_locked(
-                zds_pb2.WorkloadRequest(snapshot_sent=zds_pb2.SnapshotSent()), None, self.ack_timeout_s
-            )
+            conn.request_locked(protocol.snapshot_sent(), None, self.ack_timeout_s)
             log.info("zds: snapshot of %d pods sent on connection %d", len(entries), cid)
         except ZdsError as exc:
             log.warning("zds connection %d: snapshot failed: %s", cid, exc.msg)
@@ -336,7 +324,7 @@ class ZdsServer:
         with self._lock:
             live = [c for c in self._conns if not c.closed]
         errors = []
-        req = _del_request(uid)
+        req = protocol.del_workload(uid)
         for conn in live:
             try:
                 conn.request(req, None, self.ack_timeout_s if timeout is None else timeout)
@@ -358,7 +346,3 @@ def _served_by_someone(path: str) -> bool:
     finally:
         probe.close()
     return True
-
-
-def _del_request(uid: str) -> zds_pb2.WorkloadRequest:
-    return zds_pb2.WorkloadRequest(**{"del": zds_pb2.DelWorkload(uid=uid)})
