@@ -64,7 +64,7 @@ def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     state.write_text(state_yaml())
     run_dir = workdir / "run"
     argv = [str(ROOT / ".venv" / "bin" / "python"), "-m", "ambient_cni", "agent", "--run-dir", str(run_dir),
-            "--state-dir", str(workdir / "state"), "--cluster-state", str(state), "--dataplane", "record",
+            "--state-dir", str(workdir / "state"), "--cluster-state", str(state), "--dataplane", "noop",
             "--health-addr", "127.0.0.1:0", "--node-name", "bench", "--log-level", "warning"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -182,12 +182,12 @@ def _run(workdir: Path, empty: Path, names: list[str], agent: subprocess.Popen[b
     empty_med, add_med = statistics.median(empty_ms), statistics.median(add_ms)
     ratio = add_med / empty_med
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-    report.header(f"Enrolled ADD exec through a real agent (record dataplane) vs the empty frozen executable: "
+    report.header(f"Enrolled ADD exec through a real agent (noop dataplane) vs the empty frozen executable: "
                   f"{runs} runs each, round-robin; then {PODS} concurrent ADDs of distinct pods")
     report.row(f"empty frozen executable (baseline), median of {runs}", f"{empty_med:.1f} ms")
     report.row("agent share: the same ADD over the socket from the benchmark (no exec), median",
                f"{statistics.median(wire_ms):.2f} ms")
-    report.row("enrolled ADD exec via the agent (record dataplane), median",
+    report.row("enrolled ADD exec via the agent (noop dataplane), median",
                f"{add_med:.1f} ms (p90 {percentile(add_ms, 90):.1f}) = {ratio:.2f}x empty",
                f"<= {TARGET_RATIO:g}x empty", ratio <= TARGET_RATIO)
     report.row("CPU time per exec (user + sys, median): empty / enrolled ADD",

@@ -127,15 +127,15 @@ def _ask_agent(
 
     With ``tolerate_unreachable`` an absent or refusing agent yields None instead of an error.
     """
-    from cni_plugin import notifier
+    from cni_plugin import agent_client
 
     path = _socket_path(inv.conf)
     budget_ms = deadline_ms or inv.conf["deadline_ms"]
     who = f"pod {request.pod.namespace}/{request.pod.name}" if request.pod.name else "this node"
     started = time.monotonic()
     try:
-        reply = notifier.call(path, request, started + budget_ms / 1000, retry_connect)
-    except notifier.AgentUnreachable as exc:
+        reply = agent_client.call(path, request, started + budget_ms / 1000, retry_connect)
+    except agent_client.AgentUnreachable as exc:
         if tolerate_unreachable:
             LOG.info("agent unreachable", op=request.op, error=str(exc))
             return None
@@ -148,12 +148,12 @@ def _ask_agent(
         else:
             msg = f"ambient-cni: the node agent is unreachable ({exc}); check the ambient-cni agent on this node"
         raise errors.CniError(errors.TRY_AGAIN_LATER, msg) from exc
-    except notifier.AgentTimeout as exc:
+    except agent_client.AgentTimeout as exc:
         raise errors.CniError(
             errors.TRY_AGAIN_LATER,
             f"ambient-cni: the node agent at {path} did not answer {request.op} for {who} within {budget_ms} ms",
         ) from exc
-    except notifier.AgentWentAway as exc:
+    except agent_client.AgentWentAway as exc:
         raise errors.CniError(
             errors.TRY_AGAIN_LATER,
             f"ambient-cni: the node agent at {path} went away mid-request ({request.op} for {who}: {exc}); "

@@ -8,7 +8,7 @@ Never enrolled: hostNetwork pods, pods with the ``sidecar.istio.io/status`` anno
 
 from __future__ import annotations
 
-from cni_plugin.record import Record
+from cni_plugin.frozen import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ MODE_NONE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
 
 
-class PodFacts(Record):
+class PodFacts(Frozen):
     """What the rule needs to know about a pod: PodFacts(name=, namespace=, labels=, annotations=,
     host_network=)."""
 
@@ -33,7 +33,7 @@ class PodFacts(Record):
     host_network: bool
 
 
-class Exemptions(Record):
+class Exemptions(Frozen):
     """Pods that are never enrolled, decided from the pod's name and namespace alone."""
 
     __slots__ = ("exclude_namespaces", "agent_pod_namespace", "agent_pod_name_prefix")

@@ -24,7 +24,7 @@ import stat
 import time
 
 from cni_plugin import fastjson, k8snames
-from cni_plugin.record import Record
+from cni_plugin.frozen import Frozen
 
 HINTS_DIR = "pods"
 MAX_HINT_BYTES = 16 * 1024  # a hint is ~300 bytes (dual-stack, long names); anything larger is not ours
@@ -35,7 +35,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class Hint(Record):
+class Hint(Frozen):
     """One pod's hint. ``written_at`` is stamped by ``write``."""
 
     __slots__ = ("netns", "container_id", "ifname", "uid", "ips", "written_at")

@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 
-from cni_plugin.record import Record
+from cni_plugin.frozen import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class SnapshotError(Exception):
     pass
 
 
-class Snapshot(Record):
+class Snapshot(Frozen):
     __slots__ = ("node", "generation", "namespaces", "pods")
     node: str
     generation: int

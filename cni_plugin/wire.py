@@ -4,7 +4,7 @@ UNIX stream socket ``<run_dir>/cni.sock``. Each message is a 4-byte big-endian l
 msgpack map; frames over 1 MiB are refused. One request, one reply, then close.
 
 This module is pure: framing, request construction and validation. The socket I/O lives in
-``cni_plugin.notifier`` (client) and ``nodeagent.server`` (server).
+``cni_plugin.agent_client`` (client) and ``nodeagent.server`` (server).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 
 from cni_plugin import k8snames
-from cni_plugin.record import Record
+from cni_plugin.frozen import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def decode_body(body: bytes, unpackb: Callable[[bytes], Any] | None = None) -> d
     return message
 
 
-class PodRef(Record):
+class PodRef(Frozen):
     __slots__ = ("name", "namespace", "uid", "infra_container_id")
     _defaults = {"name": "", "namespace": "", "uid": "", "infra_container_id": ""}
     name: str
@@ -90,13 +90,13 @@ class PodRef(Record):
         }
 
 
-class Attachment(Record):
+class Attachment(Frozen):
     __slots__ = ("container_id", "ifname")
     container_id: str
     ifname: str
 
 
-class Request(Record):
+class Request(Frozen):
     __slots__ = (
         "op", "id", "container_id", "netns", "ifname", "pod", "ips", "cni_version", "deadline_ms",
         "valid_attachments",
@@ -136,7 +136,7 @@ class Request(Record):
         return message
 
 
-class Reply(Record):
+class Reply(Frozen):
     __slots__ = ("id", "ok", "enrolled", "code", "msg")
     _defaults = {"enrolled": False, "code": 0, "msg": ""}
     id: str

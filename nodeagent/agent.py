@@ -14,7 +14,7 @@ from cni_plugin.enrollment import Exemptions
 from nodeagent import logs
 from nodeagent.clusterview.model import ClusterView
 from nodeagent.core import AgentCore, Readiness
-from nodeagent.dataplane.api import Dataplane, RecordingDataplane
+from nodeagent.dataplane.api import Dataplane, NoopDataplane
 from nodeagent.health import HealthServer
 from nodeagent.metrics import Metrics
 from nodeagent.plugin_logs import PluginLogTailer
@@ -81,14 +81,14 @@ OWN_NETNS = "/proc/self/ns/net"
 
 
 def make_dataplane(config: AgentConfig) -> Dataplane:
-    if config.dataplane == "record":
-        return RecordingDataplane()
+    if config.dataplane in ("noop", "record"):  # "record": the mode's older name
+        return NoopDataplane()
     try:
         from nodeagent.dataplane.hostprobe import HostProbeError
         from nodeagent.dataplane.inpod import InPodDataplane  # type: ignore[import-not-found,unused-ignore]
         from nodeagent.dataplane.rules import RedirectMode, RuleParams
     except ImportError as exc:
-        raise AgentError(f"the inpod dataplane is not available in this build ({exc}); use --dataplane record") from exc
+        raise AgentError(f"the inpod dataplane is not available in this build ({exc}); use --dataplane noop") from exc
     params = RuleParams(probe_v4=config.probe_snat_ip, probe_v6=config.probe_snat_ipv6)
     try:
         dataplane: Dataplane = InPodDataplane(

@@ -61,8 +61,9 @@ AGENT_OPTIONS: list[Any] = [
     _opt("--zds-socket", default=DEFAULT_ZDS_SOCKET, show_default=True, help="ZDS socket ztunnel connects to."),
     _opt("--health-addr", default="127.0.0.1:8000", show_default=True,
          help="HOST:PORT for /healthz /readyz /metrics."),
-    _opt("--dataplane", type=click.Choice(["inpod", "record"]), default="inpod", show_default=True,
-         help="inpod: redirection + ZDS; record: only record enrolled pods (no ztunnel)."),
+    _opt("--dataplane", type=click.Choice(["inpod", "noop", "record"]), default="inpod", show_default=True,
+         help="inpod: redirection + ZDS; noop: no rules, no ztunnel, only the agent's records of enrolled pods "
+         "(tests; record is its older name)."),
     _opt("--exclude-namespaces", default="kube-system", show_default=True,
          help="Comma-separated namespaces never enrolled (same default as the plugin)."),
     _opt("--agent-pod-namespace", default="istio-system", show_default=True,

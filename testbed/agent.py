@@ -129,7 +129,7 @@ class AgentProcess:
 
     def argv(self) -> list[str]:
         args = [str(VENV_PYTHON), "-m", "ambient_cni", "agent", "--run-dir", str(self.run_dir),
-                "--state-dir", str(self.state_dir), "--dataplane", "record", "--health-addr", "127.0.0.1:0",
+                "--state-dir", str(self.state_dir), "--dataplane", "noop", "--health-addr", "127.0.0.1:0",
                 "--node-name", "node-a", "--reconcile-interval", "1", "--log-level", "debug"]
         if self.cluster_state is not None:
             args += ["--cluster-state", str(self.cluster_state)]

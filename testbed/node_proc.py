@@ -72,7 +72,7 @@ class NodeProc:
     def start(self, *extra: str) -> NodeProc:
         self.port = self.port or free_port()
         argv = [str(PLUGIN), "node", "--conf-dir", str(self.conf_dir), "--bin-dir", str(self.bin_dir),
-                "--run-dir", str(self.run_dir), "--state-dir", str(self.base / "state"), "--dataplane", "record",
+                "--run-dir", str(self.run_dir), "--state-dir", str(self.base / "state"), "--dataplane", "noop",
                 "--node-name", "node-a", "--health-addr", f"127.0.0.1:{self.port}", *self.args, *extra]
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=CLEAN_ENV)

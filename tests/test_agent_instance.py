@@ -27,7 +27,7 @@ def second_agent(run_dir: Path, state_dir: Path, cluster_state: Path, zds: str,
                  host_netns: str | None = None) -> subprocess.CompletedProcess[str]:
     """Runs an agent to completion (a refused one exits at once). ``host_netns`` None: the recording dataplane
     (nothing of the node is touched even if the refusal failed); else the inpod one on that test node netns."""
-    dataplane = ["--dataplane", "record"] if host_netns is None else [
+    dataplane = ["--dataplane", "noop"] if host_netns is None else [
         "--dataplane", "inpod", "--zds-socket", zds, "--host-netns", host_netns]
     argv = [str(VENV_PYTHON), "-m", "ambient_cni", "agent", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
             "--cluster-state", str(cluster_state), *dataplane, "--health-addr", "127.0.0.1:0", "--node-name", "node-a"]

@@ -392,7 +392,7 @@ def test_plugin_log_lines_are_re_emitted(agent: AgentProcess) -> None:
 
 def test_cli_errors_are_clear(scratch: Path) -> None:
     argv = [str(VENV_PYTHON), "-m", "ambient_cni", "agent", "--run-dir", str(scratch / "r"), "--state-dir",
-            str(scratch / "s"), "--dataplane", "record", "--health-addr", "nonsense",
+            str(scratch / "s"), "--dataplane", "record", "--health-addr", "nonsense",  # noop's older name parses
             "--cluster-state", str(scratch / "x.yaml")]
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0

@@ -94,7 +94,7 @@ def test_node_with_a_kubeconfig_that_is_not_yaml(plugin_binary: Path, tmp_path: 
     proc = _run(plugin_binary, [
         "node", "--conf-dir", str(tmp_path / "conf"), "--bin-dir", str(tmp_path / "bin"),
         "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"),
-        "--kubeconfig", str(kubeconfig), "--dataplane", "record", "--health-addr", "127.0.0.1:0",
+        "--kubeconfig", str(kubeconfig), "--dataplane", "noop", "--health-addr", "127.0.0.1:0",
     ])
     # Reported by node's own kubeconfig check (a usage error), or by the catch-all: one line either way.
     assert proc.returncode != 0, proc.stderr

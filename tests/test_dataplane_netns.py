@@ -71,7 +71,7 @@ def test_dataplane_add_refuses_and_changes_nothing(tmpdir_short: str, path: str)
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds.sock"), ack_timeout_s=2.0)
     peer = Peer(dp.zds.path).start()
     try:
-        assert peer.snapshot_done.wait(5)
+        assert peer.replay_done.wait(5)
         pod = PodWork(uid="u-bad", name="bad", namespace="ns", netns_path=path, ips=("10.0.0.9/24",))
         with pytest.raises(DataplaneError) as err:
             dp.add(pod, time.monotonic() + 5)

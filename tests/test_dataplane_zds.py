@@ -50,7 +50,7 @@ def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns
     ns = netns_factory()
     peer = Peer(dataplane.zds.path).start()
     try:
-        assert peer.snapshot_done.wait(5)
+        assert peer.replay_done.wait(5)
         wait_for(lambda: dataplane.ready()[0], what="ready")
         pod = pod_in(ns)
         inode = dataplane.add(pod, time.monotonic() + 5)
@@ -69,19 +69,19 @@ def test_peer_add_del_with_listeners_in_the_pod(dataplane: InPodDataplane, netns
         peer.stop()
 
 
-def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:
+def test_replay_on_connect_and_reconnect(dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:
     a, b = netns_factory(), netns_factory()
     first = ScriptedZtunnel(dataplane.zds.path)
     try:
-        wait_for(lambda: first.kinds() == ["snapshot_sent"], what="empty snapshot")
+        wait_for(lambda: first.kinds() == ["snapshot_sent"], what="empty replay")
         pa = pod_in(a)
         dataplane.add(pa, time.monotonic() + 3)
         assert first.got[-1] == ("add", pa.uid, os.stat(a.path).st_ino)  # the fd really is the pod's netns
         dataplane.adopt(PodWork(uid="uid-restored", name="r", namespace="test", netns_path=""))
-        # a reconnecting ztunnel gets the full snapshot: Add+fd for a, Keep for the adopted pod, SnapshotSent
+        # a reconnecting ztunnel gets the full replay: Add+fd for a, Keep for the adopted pod, SnapshotSent
         second = ScriptedZtunnel(dataplane.zds.path)
         try:
-            wait_for(lambda: "snapshot_sent" in second.kinds(), what="snapshot")
+            wait_for(lambda: "snapshot_sent" in second.kinds(), what="replay")
             assert sorted(second.got[:-1], key=str) == sorted(
                 [("add", pa.uid, os.stat(a.path).st_ino), ("keep", "uid-restored", None)], key=str
             )
@@ -99,17 +99,17 @@ def test_snapshot_on_connect_and_reconnect(dataplane: InPodDataplane, netns_fact
         first.close()
 
 
-def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdir_short: str,
-                                                                          netns_factory: Callable[..., Netns]) -> None:
-    """A reconnect snapshot takes a while (one ack per pod). A pod removed meanwhile has its netns handle closed
+def test_replay_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(
+        tmpdir_short: str, netns_factory: Callable[..., Netns]) -> None:
+    """A reconnect replay takes a while (one ack per pod). A pod removed meanwhile has its netns handle closed
     (its DelWorkload to the busy connection gives up), and the fd number is soon reused by another file: the
-    snapshot must still send the netns it listed (the server owns duplicates), never a stale number."""
+    replay must still send the netns it listed (the server owns duplicates), never a stale number."""
     dp = InPodDataplane(os.path.join(tmpdir_short, "zds2.sock"), ack_timeout_s=2.0)
     a, x, b, other = netns_factory(), netns_factory(), netns_factory(), netns_factory()
     first = ScriptedZtunnel(dp.zds.path)
     reused: list[int] = []
     try:
-        wait_for(lambda: first.kinds() == ["snapshot_sent"], what="empty snapshot")
+        wait_for(lambda: first.kinds() == ["snapshot_sent"], what="empty replay")
         pods = [pod_in(ns) for ns in (a, x, b)]
         for pod in pods:
             dp.add(pod, time.monotonic() + 5)
@@ -117,13 +117,13 @@ def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdi
         # acks 1.2 s apart: Add(a) at 0, Add(x) at 1.2 s, Add(b) at 2.4 s; the DEL below gives up at ~2 s
         slow = ScriptedZtunnel(dp.zds.path, ack_delay_s=1.2)
         try:
-            wait_for(lambda: slow.kinds()[:1] == ["add"], what="snapshot under way")
+            wait_for(lambda: slow.kinds()[:1] == ["add"], what="replay under way")
             dp.remove(pods[2])  # closes b's handle once its DelWorkload to the busy connection gives up
             for _ in range(64):  # take b's old fd number for another netns, as any new open would
                 reused.append(os.open(other.path, os.O_RDONLY | os.O_CLOEXEC))
                 if reused[-1] == b_fd:
                     break
-            wait_for(lambda: "snapshot_sent" in slow.kinds(), timeout=15, what="snapshot")
+            wait_for(lambda: "snapshot_sent" in slow.kinds(), timeout=15, what="replay")
             got = {uid: ino for kind, uid, ino in slow.got if kind == "add"}
             assert got == {pod.uid: os.stat(ns.path).st_ino for pod, ns in zip(pods, (a, x, b), strict=True)}
         finally:
@@ -135,20 +135,20 @@ def test_snapshot_sends_each_pods_own_netns_even_if_the_pod_goes_meanwhile(tmpdi
         dp.close()
 
 
-def test_snapshot_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its_duplicate(
+def test_replay_leaves_out_a_pod_whose_path_names_another_netns_and_closes_its_duplicate(
         dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:
-    """The snapshot hands the ZDS server duplicates of the pods' netns fds (the server closes them once sent);
+    """The replay hands the ZDS server duplicates of the pods' netns fds (the server closes them once sent);
     a pod left out because its path no longer names the netns we hold must not leak its duplicate."""
     a, b, other = netns_factory(), netns_factory(), netns_factory()
     client = ScriptedZtunnel(dataplane.zds.path)
     try:
-        wait_for(lambda: client.kinds() == ["snapshot_sent"], what="empty snapshot")
+        wait_for(lambda: client.kinds() == ["snapshot_sent"], what="empty replay")
         pa, pb = pod_in(a), pod_in(b)
         for pod in (pa, pb):
             dataplane.add(pod, time.monotonic() + 5)
         dataplane._pods[pa.uid].pod = dataclasses.replace(pa, netns_path=other.path)  # the path was reused
         fds_before = sorted(os.listdir("/proc/self/fd"))
-        entries = dataplane._snapshot()
+        entries = dataplane._replay()
         try:
             assert [e.uid for e in entries] == [pb.uid]
             held = dataplane._pods[pb.uid].handle
@@ -170,7 +170,7 @@ def test_ack_timeout_or_error_fails_closed(
     ns = netns_factory()
     client = ScriptedZtunnel(dataplane.zds.path, mode=mode)
     try:
-        wait_for(lambda: "snapshot_sent" in client.kinds(), what="snapshot")
+        wait_for(lambda: "snapshot_sent" in client.kinds(), what="replay")
         t0 = time.monotonic()
         with pytest.raises(DataplaneError) as err:
             dataplane.add(pod_in(ns), time.monotonic() + 5)
@@ -192,13 +192,13 @@ def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_
     ns = netns_factory()
     peer = Peer(dataplane.zds.path, ack_delay_s=1.5).start()
     try:
-        wait_for(lambda: peer.snapshots_seen >= 1, timeout=10, what="snapshot")
+        wait_for(lambda: peer.replays_seen >= 1, timeout=10, what="replay")
         with pytest.raises(DataplaneError) as err:
             dataplane.add(pod_in(ns), time.monotonic() + 5)
         assert err.value.retryable
         assert "ISTIO" not in ns.iptables_save()
-        # the connection was closed; the peer reconnects, and the fresh snapshot drops the pod there too
-        wait_for(lambda: peer.snapshots_seen >= 2, timeout=10, what="re-snapshot")
+        # the connection was closed; the peer reconnects, and the fresh replay drops the pod there too
+        wait_for(lambda: peer.replays_seen >= 2, timeout=10, what="second replay")
         wait_for(lambda: not peer.proxies, what="proxy dropped")
     finally:
         peer.stop()
@@ -208,7 +208,7 @@ def test_concurrent_adds(dataplane: InPodDataplane, netns_factory: Callable[...,
     nss = [netns_factory() for _ in range(6)]
     peer = Peer(dataplane.zds.path).start()
     try:
-        assert peer.snapshot_done.wait(5)
+        assert peer.replay_done.wait(5)
         errors: list[BaseException] = []
 
         def add(ns: Netns) -> None:

@@ -25,7 +25,7 @@ GOLDEN = goldens.golden("installer")
 ENTRY = build_entry("/var/run/ambient-cni", "kube-system", "istio-system", "ambient-cni-node-", 5000, "info", None)
 
 
-def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+def _listing(directory: Path) -> dict[str, tuple[bytes, int]]:
     return {
         p.name: (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) for p in sorted(directory.iterdir()) if p.is_file()
     }
@@ -42,13 +42,13 @@ def _round_trip(scratch: Path, fixture: Path, mode: str, default_version: str | 
     name = node_name(fixture)
     (conf_dir / name).write_bytes(fixture.read_bytes())
     (conf_dir / name).chmod(0o644)
-    before = _snapshot(conf_dir)
+    before = _listing(conf_dir)
 
     outcome = Installer(_options(conf_dir, mode, default_version)).run_pass()
     error_golden = golden.with_name(golden.name + ".error")
     if not outcome.valid:
         goldens.check(error_golden, (outcome.reason + "\n").encode())
-        assert _snapshot(conf_dir) == before, "a refused primary must leave the conf dir untouched"
+        assert _listing(conf_dir) == before, "a refused primary must leave the conf dir untouched"
         assert not (conf_dir / ".ambient-cni").exists()
         return
     assert not error_golden.exists() or goldens.REFRESH, f"{fixture.name} was expected to be refused"
@@ -78,14 +78,14 @@ def _round_trip(scratch: Path, fixture: Path, mode: str, default_version: str | 
         assert list(doc) == ["cniVersion", "name", "plugins"] and len(doc["plugins"]) == 2
 
     inode, mtime = chain_file.stat().st_ino, chain_file.stat().st_mtime_ns
-    listing = _snapshot(conf_dir)
+    listing = _listing(conf_dir)
     again = Installer(_options(conf_dir, mode, default_version)).run_pass()
     assert again.valid and not again.wrote and not again.removed, "re-install must write nothing"
-    assert _snapshot(conf_dir) == listing
+    assert _listing(conf_dir) == listing
     assert (chain_file.stat().st_ino, chain_file.stat().st_mtime_ns) == (inode, mtime)
 
     Installer(_options(conf_dir, mode, default_version)).uninstall()
-    assert _snapshot(conf_dir) == before, "uninstall restores the original files byte for byte"
+    assert _listing(conf_dir) == before, "uninstall restores the original files byte for byte"
     assert not (conf_dir / ".ambient-cni").exists()
 
 

@@ -2,7 +2,7 @@
 asyncio, logging or the msgpack library (~7 ms per exec: the plugin speaks the wire format with
 cni_plugin.minipack). Checked on the plugin's real entry (ambient_cni.main.main) run unfrozen under
 ``python -X importtime``, which lists every module imported; the frozen build runs the same code. The enrolled
-ADD runs against a real agent (record dataplane) on a real netns, so the wire path itself is covered."""
+ADD runs against a real agent (noop dataplane) on a real netns, so the wire path itself is covered."""
 
 from __future__ import annotations
 
@@ -87,6 +87,6 @@ def test_enrolled_add_through_a_real_agent_imports_nothing_heavy(scratch: Path, 
         modules, proc = imported_modules(env, conf)
         assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()[-2000:]
         assert [r["name"] for r in agent.records()] == ["cart-0"]  # really enrolled through the agent
-    assert {"cni_plugin.notifier", "cni_plugin.minipack"} <= modules
+    assert {"cni_plugin.agent_client", "cni_plugin.minipack"} <= modules
     heavy = sorted(m for m in modules if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN)
     assert not heavy, f"the enrolled ADD imported {heavy}"

@@ -211,7 +211,7 @@ def test_agent_down_refuses_enrolled_containers(pair: Mesh) -> None:
     Containers outside the mesh still start. Once the agent is back, ``podman start`` (no CNI_ARGS) starts the
     refused container enrolled, and a reload restores the other one."""
     mesh, env, node = pair, pair.env, pair.node
-    snapshots_before = mesh.peer_stats().get("snapshots", 0)
+    replays_before = mesh.peer_stats().get("replays", 0)
     node.stop_agent()
     forward_before = _forward_rules(env)
     try:
@@ -242,7 +242,7 @@ def test_agent_down_refuses_enrolled_containers(pair: Mesh) -> None:
     node.wait_ready()
     # the restarted agent hands the server (recorded by its previous run) to the reconnected peer again on its
     # next reconcile pass
-    wait_for(lambda: mesh.peer_stats().get("snapshots", 0) > snapshots_before
+    wait_for(lambda: mesh.peer_stats().get("replays", 0) > replays_before
              and mesh.peer_pod(SERVER).get("listening") is True, timeout=30, what="the server restored")
     started = env.podman("start", "late")
     assert started.returncode == 0, started.stderr

@@ -36,9 +36,9 @@ class Peer:
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self.snapshots_seen = 0
+        self.replays_seen = 0
         self.connected = threading.Event()
-        self.snapshot_done = threading.Event()
+        self.replay_done = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> Peer:
@@ -101,7 +101,7 @@ class Peer:
         sock.send(protocol.hello())
         self.connected.set()
         self.stats.set("connected", True)
-        in_snapshot: set[str] | None = set()  # uids named before SnapshotSent; None once it arrived
+        in_replay: set[str] | None = set()  # uids the agent's replay named; None once SnapshotSent ended it
         while not self._stop.is_set():
             data, fds, _flags, _addr = socket.recv_fds(sock, protocol.MAX_DATAGRAM, protocol.RECV_MAX_FDS)
             if not data:
@@ -115,21 +115,21 @@ class Peer:
                     if not fds:
                         raise ValueError("AddWorkload without a netns fd")
                     self._add(req.add, fds[0])
-                    if in_snapshot is not None:
-                        in_snapshot.add(req.add.uid)
+                    if in_replay is not None:
+                        in_replay.add(req.add.uid)
                 elif kind == protocol.KEEP:
-                    if in_snapshot is not None:
-                        in_snapshot.add(req.keep.uid)
+                    if in_replay is not None:
+                        in_replay.add(req.keep.uid)
                 elif kind == protocol.DEL:
                     self._del(getattr(req, "del").uid)
                 elif kind == protocol.SNAPSHOT_SENT:
                     log.info("pod received snapshot sent")
-                    if in_snapshot is not None:
-                        self._drop_all_but(in_snapshot)
-                    in_snapshot = None
-                    self.snapshots_seen += 1
-                    self.stats.incr("snapshots")
-                    self.snapshot_done.set()
+                    if in_replay is not None:
+                        self._drop_all_but(in_replay)
+                    in_replay = None
+                    self.replays_seen += 1
+                    self.stats.incr("replays")
+                    self.replay_done.set()
                 else:
                     raise ValueError(f"unknown request {kind!r}")
             except Exception as exc:

@@ -12,7 +12,7 @@ class Stats:
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._data: dict[str, Any] = {"connected": False, "snapshots": 0, "pods": {}}
+        self._data: dict[str, Any] = {"connected": False, "replays": 0, "pods": {}}
 
     def pod(self, uid: str, name: str = "", namespace: str = "", listening: bool = True) -> None:
         with self._lock:
@@ -48,11 +48,6 @@ class Stats:
         with self._lock:
             self._data[key] = self._data.get(key, 0) + 1
             self._flush()
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            copy: dict[str, Any] = json.loads(json.dumps(self._data))
-            return copy
 
     def _flush(self) -> None:
         if not self.path:

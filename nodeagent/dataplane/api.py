@@ -149,23 +149,21 @@ class Dataplane(Protocol):
     def close(self) -> None: ...
 
 
-class RecordingDataplane:
-    """The dataplane of issue 3: accepts every pod and only records it (used where no ztunnel runs)."""
+class NoopDataplane:
+    """The dataplane that does nothing (``--dataplane noop``): every pod is accepted and nothing is installed, no
+    ztunnel is told. For agent tests and benchmarks of the wire protocol, the records, the views and restarts,
+    where no network namespace may change."""
 
     keeps_rules = False  # it installs none
 
-    def __init__(self) -> None:
-        self.added: dict[str, PodWork] = {}
-
     def add(self, pod: PodWork, deadline: float) -> int:
-        self.added[pod.uid or f"{pod.namespace}/{pod.name}"] = pod
         return pod.netns_inode
 
     def remove(self, pod: PodWork) -> None:
-        self.added.pop(pod.uid or f"{pod.namespace}/{pod.name}", None)
+        return None
 
     def release(self, pod: PodWork) -> None:
-        self.remove(pod)
+        return None
 
     def discard_kept(self, pod: PodWork) -> None:
         return None
@@ -177,7 +175,6 @@ class RecordingDataplane:
         return None
 
     def restore(self, pod: PodWork, deadline: float) -> list[str]:
-        self.add(pod, deadline)
         return []
 
     def verify(self, pods: list[PodWork]) -> list[list[str] | None]:
@@ -196,7 +193,7 @@ class RecordingDataplane:
         return []
 
     def debug_info(self) -> dict[str, Any]:
-        return {"dataplane": "record"}
+        return {"dataplane": "noop"}
 
     def close(self) -> None:
         return None

@@ -29,7 +29,7 @@ from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.dataplane.hostprobe import HostProbe, HostProbeError
 from nodeagent.dataplane.probesets import ProbeSetError
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, DEFAULT_VARIANT, Family, RedirectMode, RuleParams, Variant
-from nodeagent.dataplane.zds_server import SnapshotEntry, ZdsError, ZdsServer
+from nodeagent.dataplane.zds_server import Workload, ZdsError, ZdsServer
 
 log = logging.getLogger("ambient-cni.agent.dataplane")  # a child of the agent logger: lands in agent.log
 
@@ -137,12 +137,12 @@ class InPodDataplane:
             log.info("probe path in place in the node netns", extra={
                 "scope": "dataplane", "host_netns": host_netns, "written": written,
                 "families": [f"v{f.value}" for f in self.host.families]})
-        # With wait_for_takeover, ztunnel's first snapshot waits until the agent has restored the pods it
+        # With wait_for_takeover, ztunnel's first replay waits until the agent has restored the pods it
         # recorded before a restart (takeover_done), so that ztunnel is not told to drop them meanwhile.
         self._takeover = threading.Event()
         if not wait_for_takeover:
             self._takeover.set()
-        self.zds = ZdsServer(zds_socket_path, self._snapshot, ack_timeout_s, snapshot_gate=self._takeover.wait)
+        self.zds = ZdsServer(zds_socket_path, self._replay, ack_timeout_s, replay_gate=self._takeover.wait)
         try:
             self.zds.start()
         except BaseException:
@@ -271,7 +271,7 @@ class InPodDataplane:
         }
 
     def takeover_done(self) -> None:
-        """The agent has restored every pod it recorded: snapshots may go out."""
+        """The agent has restored every pod it recorded: replays may go out."""
         self._takeover.set()
 
     # -- drift (used by the reconciler) --------------------------------------------------------------------
@@ -328,7 +328,7 @@ class InPodDataplane:
 
     def restore(self, pod: PodWork, deadline: float) -> list[str]:
         """Take over a pod enrolled before this process started: check that the netns is the recorded one,
-        repair drift (against the pod's variant now) under guardrails, keep its fd (for every ZDS snapshot),
+        repair drift (against the pod's variant now) under guardrails, keep its fd (for every ZDS replay),
         tell a connected ztunnel and put its IPs in the probe set. On failure nothing is removed: the pod keeps
         whatever redirection it has (or its guardrails)."""
         key = _key(pod)
@@ -364,7 +364,7 @@ class InPodDataplane:
                     log.warning("pod %s/%s: adding its IPs to the probe set failed: %s", pod.namespace, pod.name,
                                 exc, extra={"scope": "dataplane", "pod_uid": pod.uid})
             if not self.zds.connected():
-                return repaired  # the snapshot of the next ztunnel connection carries it
+                return repaired  # the replay of the next ztunnel connection carries it
             timeout = min(self.ack_timeout_s, deadline - time.monotonic())
             try:
                 self.zds.add(_entry(pod, handle.fd), max(0.0, timeout))
@@ -427,7 +427,7 @@ class InPodDataplane:
         with self._lock:
             return self._pod_locks.setdefault(key, threading.Lock())
 
-    def _snapshot(self) -> list[SnapshotEntry]:
+    def _replay(self) -> list[Workload]:
         """What a (re)connecting ztunnel gets: every pod, each with a *duplicate* of its netns fd that the ZDS
         server owns and closes once sent. Sending takes one ack per pod, and meanwhile a DEL may close the
         pod's own handle and the fd number be reused by any other file (measured: another pod's netns went out
@@ -445,10 +445,10 @@ class InPodDataplane:
             except OSError:
                 _close_fds(fd for _, fd in listed)
                 raise
-        out: list[SnapshotEntry] = []
+        out: list[Workload] = []
         for e, fd in listed:
             if e.handle is not None and not _path_names(e.pod.netns_path, e.handle):
-                log.warning("pod %s/%s: %s no longer names its enrolled netns; left out of the ZDS snapshot",
+                log.warning("pod %s/%s: %s no longer names its enrolled netns; left out of the ZDS replay",
                             e.pod.namespace, e.pod.name, e.pod.netns_path)
                 _close_fds([fd])
                 continue
@@ -480,7 +480,7 @@ class InPodDataplane:
         t_rules = time.monotonic() - t0
         enrolled = _Enrolled(pod, handle, families, variant, addresses)
         with self._lock:
-            self._pods[key] = enrolled  # visible to a snapshot from now on
+            self._pods[key] = enrolled  # visible to a replay from now on
         timeout = min(self.ack_timeout_s, deadline - time.monotonic())
         try:
             if timeout <= 0:
@@ -642,8 +642,8 @@ def _key(pod: PodWork) -> str:
     return pod.uid or f"{pod.namespace}/{pod.name}"
 
 
-def _entry(pod: PodWork, fd: int | None) -> SnapshotEntry:
-    return SnapshotEntry(
+def _entry(pod: PodWork, fd: int | None) -> Workload:
+    return Workload(
         uid=pod.uid or _key(pod),
         name=pod.name,
         namespace=pod.namespace,

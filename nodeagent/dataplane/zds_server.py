@@ -1,11 +1,12 @@
 """The agent side of ZDS: ztunnel connects here and receives pods' netns fds.
 
 UNIX SOCK_SEQPACKET, one protobuf per datagram (the contract: ``zds/``). ztunnel connects and sends ``ZdsHello``; the
-agent sends its snapshot (``AddWorkload`` + netns fd as SCM_RIGHTS per known pod, ``KeepWorkload`` where the fd
-is gone), then ``SnapshotSent``, then live adds and dels. Every request waits for its ``Ack`` (deadline
-``ack_timeout_s``) and a connection has one sender at a time, so requests and acks never interleave. Adds go
-to the newest connection, dels to all. A connection whose ack times out is closed (ztunnel reconnects and gets a
-fresh snapshot), so a late ack can never be taken for the answer to a later request.
+agent replays the pods it holds (``AddWorkload`` + netns fd as SCM_RIGHTS per pod, ``KeepWorkload`` where the fd
+is gone), then ``SnapshotSent`` (ztunnel's name for the end of the replay), then live adds and dels. Every
+request waits for its ``Ack`` (deadline ``ack_timeout_s``) and a connection has one sender at a time, so requests
+and acks never interleave. Adds go to the newest connection, dels to all. A connection whose ack times out is
+closed (ztunnel reconnects and gets a fresh replay), so a late ack can never be taken for the answer to a later
+request.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from zds.protocol import MAX_DATAGRAM
 log = logging.getLogger("ambient-cni.agent.zds")
 
 HELLO_TIMEOUT_S = 5.0
-SNAPSHOT_GATE_TIMEOUT_S = 30.0
+REPLAY_GATE_TIMEOUT_S = 30.0
 
 
 class ZdsError(Exception):
@@ -38,7 +39,9 @@ class ZdsError(Exception):
 
 
 @dataclass(frozen=True)
-class SnapshotEntry:
+class Workload:
+    """One pod as ZDS names it (``AddWorkload``), with its netns fd."""
+
     uid: str
     name: str = ""
     namespace: str = ""
@@ -46,7 +49,7 @@ class SnapshotEntry:
     fd: int | None = None  # None: the netns is gone -> KeepWorkload. Ownership: see ZdsServer
 
 
-def add_request(entry: SnapshotEntry) -> zds_pb2.WorkloadRequest:
+def add_request(entry: Workload) -> zds_pb2.WorkloadRequest:
     return protocol.add_workload(entry.uid, entry.name, entry.namespace, entry.service_account)
 
 
@@ -96,7 +99,7 @@ class _Connection:
         releasing the GIL; a socket closed under a thread that is about to block on it lets that thread, if
         preempted there, use the number after it went to a new socket (the next connection, the next
         listener): a stale reader then steals another connection's acks (whose request times out and closes
-        that connection, so its snapshot never completes) or reads foreign bytes.
+        that connection, so its replay never completes) or reads foreign bytes.
         """
         if self._closed.is_set():
             return
@@ -152,24 +155,24 @@ class _Connection:
 
 
 class ZdsServer:
-    """Listens for ztunnel. ``snapshot_source`` returns what to replay to every new connection; the fds in those
+    """Listens for ztunnel. ``replay_source`` returns the pods to replay to every new connection; the fds in those
     entries belong to the server, which closes them once sent (``add`` only borrows the caller's fd)."""
 
     def __init__(
         self,
         path: str,
-        snapshot_source: Callable[[], list[SnapshotEntry]],
+        replay_source: Callable[[], list[Workload]],
         ack_timeout_s: float = 5.0,
-        snapshot_gate: Callable[[float], bool] | None = None,
+        replay_gate: Callable[[float], bool] | None = None,
     ) -> None:
         self.path = path
         self.ack_timeout_s = ack_timeout_s
-        self._snapshot_source = snapshot_source
-        # Waits (bounded) until the snapshot is complete, e.g. until a restarted agent has taken its pods over:
-        # ztunnel drops every pod a snapshot does not name.
-        self._snapshot_gate = snapshot_gate
+        self._replay_source = replay_source
+        # Waits (bounded) until the replay is complete, e.g. until a restarted agent has taken its pods over:
+        # ztunnel drops every pod a replay does not name.
+        self._replay_gate = replay_gate
         self._lock = threading.Lock()
-        self._conns: list[_Connection] = []  # oldest first; only connections whose snapshot went out
+        self._conns: list[_Connection] = []  # oldest first; only connections whose replay went out
         self._next_id = 0
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -266,22 +269,22 @@ class ZdsServer:
             log.warning("zds connection %d: hello failed: %s", cid, exc)
             conn.close()
             return
-        if self._snapshot_gate is not None and not self._snapshot_gate(SNAPSHOT_GATE_TIMEOUT_S):
+        if self._replay_gate is not None and not self._replay_gate(REPLAY_GATE_TIMEOUT_S):
             log.warning("zds connection %d: the agent has not taken over its pods after %.0f s; sending the "
-                        "snapshot as it is", cid, SNAPSHOT_GATE_TIMEOUT_S)
+                        "replay as it is", cid, REPLAY_GATE_TIMEOUT_S)
         if self._stop.is_set():  # the server closed while this connection said hello (or waited at the gate)
             conn.close()
             return
-        log.info("zds: ztunnel connected (connection %d), sending snapshot", cid)
+        log.info("zds: ztunnel connected (connection %d), replaying its pods", cid)
         conn.start_reader()
-        # Register and take the snapshot under the server lock, holding the connection's send lock: any add
-        # routed to this (newest) connection afterwards queues behind the snapshot.
+        # Register and take the replay under the server lock, holding the connection's send lock: any add
+        # routed to this (newest) connection afterwards queues behind the replay.
         conn.send_lock.acquire()
-        entries: list[SnapshotEntry] = []
+        entries: list[Workload] = []
         try:
             with self._lock:
                 self._conns.append(conn)
-                entries = self._snapshot_source()
+                entries = self._replay_source()
             for entry in entries:
                 if entry.fd is not None:
                     req = add_request(entry)
@@ -292,25 +295,25 @@ class ZdsServer:
                 try:
                     conn.request_locked(req, fd, self.ack_timeout_s)
                 except ZdsError as exc:
-                    log.warning("zds snapshot: pod %s: %s", entry.uid, exc.msg)
+                    log.warning("zds replay: pod %s: %s", entry.uid, exc.msg)
                     if conn.closed:
                         return
             conn.request_locked(protocol.snapshot_sent(), None, self.ack_timeout_s)
-            log.info("zds: snapshot of %d pods sent on connection %d", len(entries), cid)
+            log.info("zds: replay of %d pods sent on connection %d", len(entries), cid)
         except ZdsError as exc:
-            log.warning("zds connection %d: snapshot failed: %s", cid, exc.msg)
-        except OSError as exc:  # the snapshot source could not duplicate the netns fds (e.g. out of fds)
-            log.warning("zds connection %d: snapshot failed, closing: %s", cid, exc)
+            log.warning("zds connection %d: replay failed: %s", cid, exc.msg)
+        except OSError as exc:  # the replay source could not duplicate the netns fds (e.g. out of fds)
+            log.warning("zds connection %d: replay failed, closing: %s", cid, exc)
             conn.close()
         finally:
             conn.send_lock.release()
-            for entry in entries:  # the snapshot's fds are ours (SnapshotEntry): sent or not, close them
+            for entry in entries:  # the replay's fds are ours (Workload): sent or not, close them
                 if entry.fd is not None:
                     with contextlib.suppress(OSError):
                         os.close(entry.fd)
 
     # -- requests -----------------------------------------------------------------------------------------------
-    def add(self, entry: SnapshotEntry, timeout: float) -> None:
+    def add(self, entry: Workload, timeout: float) -> None:
         """AddWorkload with the netns fd to the newest connection; returns after the ack. Raises ZdsError."""
         assert entry.fd is not None
         with self._lock:

@@ -62,7 +62,7 @@ class Node:
     """The product's pieces on one environment. All paths live under the environment's temp root."""
 
     env: NodeEnv
-    dataplane: str = "record"
+    dataplane: str = "noop"
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: list[dict[str, Any]] = field(default_factory=list)
     agent: subprocess.Popen[bytes] | None = None

@@ -1,4 +1,6 @@
-"""A tiny immutable-record base for the hot path (``dataclasses`` pulls in ``inspect``: ~5 ms per exec)."""
+"""``Frozen``: the base of the plugin's small immutable value types (``PodRef``, ``Request``, ``Hint``, ...).
+
+A frozen dataclass would do, but ``dataclasses`` pulls in ``inspect``: ~5 ms on every plugin exec."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-class Record:
-    """Subclasses declare ``__slots__`` and ``_defaults``; instances are built from keyword arguments."""
+class Frozen:
+    """Subclasses declare ``__slots__`` (the fields, in positional order) and ``_defaults`` (a value, or a callable
+    making one); instances are built from positional or keyword arguments and never change."""
 
     __slots__: tuple[str, ...] = ()
     _defaults: dict[str, Any] = {}

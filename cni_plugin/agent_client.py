@@ -1,4 +1,4 @@
-"""The plugin's side of the socket: one request, one reply, bounded by a deadline.
+"""The plugin's client of the node agent: one request, one reply over ``cni.sock``, bounded by a deadline.
 
 Only the connect is retried, and only while the socket is absent or refuses connections (the agent is
 starting), inside the same deadline. Any failure is raised as AgentUnreachable / AgentTimeout /
