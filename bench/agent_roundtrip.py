@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench import report
 from bench.plugin_exec import PLUGIN, ROOT, Case, build_empty, cpu_median, exec_once, percentile
-from cni_plugin.snapshot import SNAPSHOT_NAME
+from cni_plugin import rundir
 from testbed import netns
 from testbed.poll import wait_for
 from testbed.procs import stop_process
@@ -70,7 +70,7 @@ def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
     def serving() -> int | None:  # --log-level warning hides the health line; find the port through /proc instead
         port = _listening_port(proc.pid)
-        return port if port and (run_dir / SNAPSHOT_NAME).exists() and (run_dir / "cni.sock").exists() else None
+        return port if port and (run_dir / rundir.SNAPSHOT).exists() and (run_dir / rundir.SOCKET).exists() else None
 
     try:
         port = wait_for(serving, 30, "the agent to come up", interval=0.05)
@@ -149,10 +149,10 @@ def _run(workdir: Path, empty: Path, names: list[str], agent: subprocess.Popen[b
     for _ in range(runs):
         message = request("add", "rt", "shop", uid="uid-rt", netns=rt_netns, container_id="rt-wire")
         started = time.perf_counter()
-        reply = call(str(run_dir / "cni.sock"), message)
+        reply = call(str(run_dir / rundir.SOCKET), message)
         wire_ms.append((time.perf_counter() - started) * 1000)
         assert reply["ok"] and reply["enrolled"], reply
-        call(str(run_dir / "cni.sock"), dict(message, op="del"))
+        call(str(run_dir / rundir.SOCKET), dict(message, op="del"))
     # 110 concurrent enrolled ADDs of distinct pods
     latencies: list[float] = []
     failures: list[str] = []

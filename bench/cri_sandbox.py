@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import report
 from bench.plugin_exec import build_empty
+from cni_plugin import rundir
 from cni_plugin import snapshot as snapshot_mod
 from testbed.cri import env as env_mod
 from testbed.cri.client import CriClient
@@ -77,7 +78,7 @@ def _cluster_pods(pods: int, warmup: int) -> list[dict[str, object]]:
 
 
 def _wait_snapshot(node: Node, count: int, timeout: float = 15.0) -> None:
-    path = str(node.run_dir / snapshot_mod.SNAPSHOT_NAME)
+    path = str(node.run_dir / rundir.SNAPSHOT)
     wait_for(lambda: len(snapshot_mod.read(path).pods) >= count, timeout, "the agent's enrollment snapshot to list "
              "the benchmark pods", interval=0.05, tolerate=(snapshot_mod.SnapshotError,))
 

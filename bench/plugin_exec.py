@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import report
+from cni_plugin import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "dist" / "ambient-cni"
@@ -94,7 +95,7 @@ def write_snapshot(run_dir: Path) -> None:
 
     snap = snapshot.Snapshot(node="bench", generation=1, namespaces={"plain": False, "shop": True},
                              pods={"plain/web-0": False})
-    (run_dir / snapshot.SNAPSHOT_NAME).write_bytes(snapshot.encode(snap, time.time()))
+    (run_dir / rundir.SNAPSHOT).write_bytes(snapshot.encode(snap, time.time()))
 
 
 def _stdin_file(case: Case, workdir: Path) -> Path:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from bench import report
 from bench.plugin_exec import ROOT, percentile
+from cni_plugin import rundir
 from testbed import netns
 from testbed.agent import call, request
 from testbed.poll import WaitTimeout, wait_for
@@ -137,7 +138,7 @@ def start(workdir: Path, names: list[str], node_netns: str) -> tuple[subprocess.
             "--reconcile-interval", str(INTERVAL_S), "--log-level", "debug"]
     agent = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ztunnel = ScriptedZtunnel(zds, connect_timeout=30)
-    sock = str(run_dir / "cni.sock")
+    sock = str(run_dir / rundir.SOCKET)
     wait_for(lambda: os.path.exists(sock), 30, "the agent's plugin socket", interval=0.05)
     for i, n in enumerate(names):
         enroll(sock, i, n)
@@ -160,7 +161,7 @@ def enroll(sock: str, i: int, name: str) -> None:
 
 
 def run(workdir: Path, names: list[str], agent: subprocess.Popen[bytes], passes: int, drifts: int) -> int:
-    log = workdir / "run" / "agent.log"
+    log = workdir / "run" / rundir.AGENT_LOG
     # let every pod get its first full check (one iptables-save each), then measure steady passes
     offset = 0
 

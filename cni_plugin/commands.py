@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from cni_plugin import cniargs, errors, hints, wire
+from cni_plugin import cniargs, errors, hints, rundir, wire
 from cni_plugin.enrollment import Exemptions, exemption_reason
 from cni_plugin.plugin_log import LOG
 from cni_plugin.result import pass_through, pod_ips
@@ -27,7 +27,7 @@ _DEL_DEADLINE_MS = 3000  # DEL is best effort: do not hold the runtime's CNI loc
 def _configure_log(inv: Invocation) -> None:
     conf = inv.conf
     log_file = conf["log_file"]
-    LOG.configure(conf["log_level"], os.path.join(conf["run_dir"], "plugin.log") if log_file is None else log_file)
+    LOG.configure(conf["log_level"], rundir.plugin_log_path(conf["run_dir"]) if log_file is None else log_file)
     LOG.context = {"cmd": inv.command, "container": inv.container_id[:12]}
 
 
@@ -83,10 +83,6 @@ def _remembered_identity(inv: Invocation, pod: wire.PodRef, tolerant: bool) -> w
     return known
 
 
-def _socket_path(conf: dict[str, Any]) -> str:
-    return os.path.join(conf["run_dir"], wire.SOCKET_NAME)
-
-
 def _request(inv: Invocation, op: str, pod: wire.PodRef, ips: tuple[str, ...] = (), **extra: Any) -> wire.Request:
     return wire.Request(
         op=op,
@@ -105,7 +101,7 @@ def _request(inv: Invocation, op: str, pod: wire.PodRef, ips: tuple[str, ...] = 
 def _verdict(conf: dict[str, Any], pod: wire.PodRef) -> str:
     from cni_plugin import snapshot
 
-    path = os.path.join(conf["run_dir"], snapshot.SNAPSHOT_NAME)
+    path = rundir.snapshot_path(conf["run_dir"])
     try:
         return snapshot.read(path).verdict(pod.namespace, pod.name)
     except snapshot.SnapshotError as exc:
@@ -129,7 +125,7 @@ def _ask_agent(
     """
     from cni_plugin import agent_client
 
-    path = _socket_path(inv.conf)
+    path = rundir.socket_path(inv.conf["run_dir"])
     budget_ms = deadline_ms or inv.conf["deadline_ms"]
     who = f"pod {request.pod.namespace}/{request.pod.name}" if request.pod.name else "this node"
     started = time.monotonic()
@@ -222,7 +218,7 @@ def _refuse_unremembered(inv: Invocation, pod: wire.PodRef) -> None:
     from cni_plugin import identity_cache
 
     why = (
-        f"cannot write under {identity_cache.directory(inv.conf['run_dir'])}"
+        f"cannot write under {rundir.identities_dir(inv.conf['run_dir'])}"
         if identity_cache.valid_identity(pod)
         else "it is not a valid Kubernetes namespace/name/uid"
     )
@@ -240,7 +236,7 @@ def cmd_del(inv: Invocation) -> None:
     if pod is None or exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
         return None
     hints.remove(conf["run_dir"], pod.namespace, pod.name, inv.container_id)
-    if not os.path.exists(_socket_path(conf)):
+    if not os.path.exists(rundir.socket_path(conf["run_dir"])):
         LOG.info("agent socket absent: nothing to tell it")
         return None
     request = _request(inv, "del", pod)
@@ -301,7 +297,7 @@ def cmd_gc(inv: Invocation) -> None:
     forgotten = identity_cache.prune(conf["run_dir"], valid_ids)
     if forgotten:
         LOG.info("gc removed identities of containers that are gone", count=forgotten)
-    if not os.path.exists(_socket_path(conf)):
+    if not os.path.exists(rundir.socket_path(conf["run_dir"])):
         return None
     attachments = tuple(wire.Attachment(item["containerID"], item["ifname"]) for item in valid)
     try:

@@ -8,31 +8,26 @@ effort: a missing run dir or a failed write never affects the operation.
 This module is the format's only writer and only reader (the plugin, the agent's netns finder and
 ``ambient-cni doctor`` all use it). Confinement:
 
-- the file name is ``<namespace>_<name>`` of a pair that passed ``k8snames`` (a DNS-1123 label and subdomain):
-  one path component, never ``.``/``..``, never shared by two pods; anything else is never looked up;
+- the file name is ``cni_plugin.rundir.hint_name``: ``<namespace>_<name>`` of a pair that passed ``k8snames``
+  (one path component, never ``.``/``..``, never shared by two pods); anything else is never looked up;
 - every operation is relative to a descriptor of ``<run_dir>/pods`` opened with ``O_NOFOLLOW|O_DIRECTORY``
   (a symlink there is refused), so no name can reach outside that directory;
-- files are opened with ``O_NOFOLLOW|O_NONBLOCK`` (a symlink or a FIFO never redirects or blocks a read),
-  must be regular files, are read up to ``MAX_HINT_BYTES``, and every field is type-checked. Anything
-  else is "unusable": None, never an exception. DEL and GC remove unusable entries (not directories).
+- files are written with ``cni_plugin.files`` (temp file and rename) and read with ``files.read_bounded``
+  (no symlink followed, no FIFO waited on, at most ``MAX_HINT_BYTES``), and every field is type-checked.
+  Anything else is "unusable": None, never an exception. DEL and GC remove unusable entries (not directories).
 """
 
 from __future__ import annotations
 
 import os
-import stat
 import time
 
-from cni_plugin import fastjson, k8snames
+from cni_plugin import fastjson, files, k8snames, rundir
 from cni_plugin.frozen import Frozen
 
-HINTS_DIR = "pods"
 MAX_HINT_BYTES = 16 * 1024  # a hint is ~300 bytes (dual-stack, long names); anything larger is not ours
 STALE_TEMP_S = 600.0  # GC removes temp files of writers killed mid-write after this long
-_TEMP_SUFFIX = ".tmp"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Hint(Frozen):
@@ -55,24 +50,6 @@ class Hint(Frozen):
 
 
 # -- pure ------------------------------------------------------------------------------------------
-def file_name(namespace: str, name: str) -> str | None:
-    """``<namespace>_<name>``, or None when the pair is not a valid Kubernetes namespace and pod name."""
-    if not k8snames.is_pod_name_pair(namespace, name):
-        return None
-    return f"{namespace}_{name}"
-
-
-def is_hint_name(entry: str) -> bool:
-    namespace, sep, name = entry.partition("_")  # a namespace never holds "_", so the split is unique
-    return bool(sep) and k8snames.is_pod_name_pair(namespace, name)
-
-
-def path(run_dir: str, namespace: str, name: str) -> str | None:
-    """Where the pod's hint lives (for messages); None for a pair that has no hint."""
-    entry = file_name(namespace, name)
-    return None if entry is None else os.path.join(run_dir, HINTS_DIR, entry)
-
-
 def _text(value: object) -> bool:
     """A string every os call and encoder accepts (UTF-8, no NUL)."""
     return isinstance(value, str) and k8snames.is_text(value) and "\x00" not in value
@@ -106,7 +83,7 @@ def parse(data: bytes | str) -> Hint | None:
 
 # -- effects ---------------------------------------------------------------------------------------
 def _open_dir(run_dir: str, create: bool = False) -> int | None:
-    directory = os.path.join(run_dir, HINTS_DIR)
+    directory = rundir.hints_dir(run_dir)
     try:
         return os.open(directory, _DIR_FLAGS)
     except FileNotFoundError:
@@ -128,28 +105,10 @@ def _open_dir(run_dir: str, create: bool = False) -> int | None:
 
 def _load(dir_fd: int, entry: str) -> Hint | None:
     try:
-        fd = os.open(entry, _READ_FLAGS, dir_fd=dir_fd)
+        _, data = files.read_bounded(entry, MAX_HINT_BYTES, dir_fd=dir_fd)
     except OSError:
         return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_HINT_BYTES:
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_HINT_BYTES:
-            chunk = os.read(fd, MAX_HINT_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if size > MAX_HINT_BYTES:
-        return None
-    return parse(b"".join(chunks))
+    return None if data is None else parse(data)
 
 
 def _unlink(dir_fd: int, entry: str) -> bool:
@@ -162,7 +121,7 @@ def _unlink(dir_fd: int, entry: str) -> bool:
 
 def read(run_dir: str, namespace: str, name: str) -> Hint | None:
     """The pod's hint, or None (no hint, an invalid pair, or unusable content)."""
-    entry = file_name(namespace, name)
+    entry = rundir.hint_name(namespace, name)
     if entry is None:
         return None
     dir_fd = _open_dir(run_dir)
@@ -176,25 +135,16 @@ def read(run_dir: str, namespace: str, name: str) -> Hint | None:
 
 def write(run_dir: str, namespace: str, name: str, hint: Hint) -> bool:
     """Write (atomically replace) the pod's hint. Never creates the run dir; False when not written."""
-    entry = file_name(namespace, name)
+    entry = rundir.hint_name(namespace, name)
     if entry is None or not os.path.isdir(run_dir):
         return False
     dir_fd = _open_dir(run_dir, create=True)
     if dir_fd is None:
         return False
-    tmp = f".{entry}.{os.getpid()}.{os.urandom(3).hex()}{_TEMP_SUFFIX}"
     try:
-        fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
-        try:
-            view = memoryview(hint.to_json(time.time()))
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, entry, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        files.write_at(dir_fd, entry, hint.to_json(time.time()), 0o600, durable=False)
         return True
     except OSError:
-        _unlink(dir_fd, tmp)
         return False
     finally:
         os.close(dir_fd)
@@ -204,7 +154,7 @@ def remove(run_dir: str, namespace: str, name: str, container_id: str) -> None:
     """Remove the pod's hint unless it belongs to another sandbox (a newer one keeps its own).
 
     An unusable entry under the pod's name is removed too."""
-    entry = file_name(namespace, name)
+    entry = rundir.hint_name(namespace, name)
     if entry is None:
         return
     dir_fd = _open_dir(run_dir)
@@ -220,7 +170,7 @@ def remove(run_dir: str, namespace: str, name: str, container_id: str) -> None:
 
 
 def _stale_temp(dir_fd: int, entry: str, now: float) -> bool:
-    if not (entry.startswith(".") and entry.endswith(_TEMP_SUFFIX)):
+    if not files.is_temp_name(entry):
         return False
     try:
         return now - os.stat(entry, dir_fd=dir_fd, follow_symlinks=False).st_mtime > STALE_TEMP_S
@@ -239,7 +189,7 @@ def prune(run_dir: str, valid_container_ids: set[str]) -> int:
     now = time.time()
     try:
         for entry in os.listdir(dir_fd):
-            if is_hint_name(entry):
+            if rundir.is_hint_name(entry):
                 hint = _load(dir_fd, entry)
                 if hint is not None and hint.container_id in valid_container_ids:
                     continue

@@ -6,15 +6,17 @@ the caller's environment (podman sends ``K8S_POD_NAME=<container name>`` and no 
 ADD is "not a Kubernetes pod" and would pass through: an enrolled container out of the mesh for good.
 
 So every ADD that carries a Kubernetes identity (and is not exempt) leaves
-``<run_dir>/identities/<container id>`` (dir 0700, file 0600, temp file + rename, JSON
-``{"v", "container_id", "namespace", "name", "uid", "infra_container_id", "written_at"}``), and an ADD, CHECK
+``<run_dir>/identities/<container id>`` (``cni_plugin.rundir``; dir 0700, file 0600, written with
+``cni_plugin.files``, JSON ``{"v", "container_id", "namespace", "name", "uid", "infra_container_id",
+"written_at"}``), and an ADD, CHECK
 or DEL of that container id *without* a namespace in CNI_ARGS inherits it. DEL does not remove the entry;
 CNI GC removes entries of containers that are not valid attachments any more, and the node agent removes
 entries whose pod is gone from its cluster view (``nodeagent/identity_gc.py``).
 
 Fail closed: an entry that exists but cannot be used (not a regular file, too large, not the expected JSON)
 is an error for ADD (``IdentityError``), never "no identity"; DEL treats it as no identity. Paths are built
-only from a validated container id and checked to stay inside the directory.
+only by ``rundir.identity_path`` (a valid container id, one component inside the directory); what an entry holds
+must be a pod identity Kubernetes could have produced (``k8snames``).
 """
 
 from __future__ import annotations
@@ -23,67 +25,29 @@ import os
 import stat
 import time
 
-from cni_plugin import fastjson
+from cni_plugin import fastjson, files, k8snames, rundir
 from cni_plugin.wire import PodRef
 
-IDENTITIES_DIR = "identities"
 FORMAT_VERSION = 1
 MAX_ENTRY_BYTES = 4096
-_MAX_ID = 255  # one path component (NAME_MAX); runtimes use 64 hex digits
-_ID_FIRST = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-_ID_CHARS = _ID_FIRST | frozenset("_.-")
-_DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
-_UID_CHARS = _ID_FIRST | frozenset("-")
 
 
 class IdentityError(Exception):
     """An entry exists for the container id but cannot be used."""
 
 
-def valid_container_id(value: str) -> bool:
-    """libcni's rule (``[a-zA-Z0-9][a-zA-Z0-9_.-]*``) and short enough to be one file name."""
-    return 0 < len(value) <= _MAX_ID and value[0] in _ID_FIRST and all(c in _ID_CHARS for c in value)
-
-
-def _dns_label(value: str) -> bool:
-    return 0 < len(value) <= 63 and value[0] != "-" and value[-1] != "-" and all(c in _DNS_CHARS for c in value)
-
-
 def valid_identity(pod: PodRef) -> bool:
-    """Kubernetes' shape: namespace a DNS-1123 label, name a DNS-1123 subdomain, uid and infra id plain tokens."""
-    name = pod.name
-    return (
-        _dns_label(pod.namespace)
-        and 0 < len(name) <= 253
-        and all(_dns_label(part) for part in name.split("."))
-        and len(pod.uid) <= 128
-        and all(c in _UID_CHARS for c in pod.uid)
-        and (not pod.infra_container_id or valid_container_id(pod.infra_container_id))
-    )
-
-
-def directory(run_dir: str) -> str:
-    return os.path.join(run_dir, IDENTITIES_DIR)
-
-
-def entry_path(run_dir: str, container_id: str) -> str | None:
-    """``<run_dir>/identities/<container_id>``, or None when the id could leave (or not name) a file there."""
-    if not valid_container_id(container_id):
-        return None
-    parent = directory(run_dir)
-    path = os.path.join(parent, container_id)
-    if os.path.dirname(path) != parent or os.path.basename(path) != container_id:
-        return None
-    return path
+    """Kubernetes' shape (``k8snames``): namespace and name given and valid, uid and infra container id valid when
+    given."""
+    return (k8snames.is_pod_name_pair(pod.namespace, pod.name)
+            and k8snames.pod_problem(pod.namespace, pod.name, pod.uid, pod.infra_container_id) is None)
 
 
 def remember(run_dir: str, container_id: str, pod: PodRef) -> bool:
     """Record ``pod`` as the identity of ``container_id``. False (nothing written) when it cannot be done."""
-    path = entry_path(run_dir, container_id)
+    path = rundir.identity_path(run_dir, container_id)
     if path is None or not valid_identity(pod) or not os.path.isdir(run_dir):
         return False
-    parent = os.path.dirname(path)
-    tmp = os.path.join(parent, f".{os.getpid()}-{os.urandom(4).hex()}.tmp")
     body = {
         "v": FORMAT_VERSION,
         "container_id": container_id,
@@ -94,33 +58,20 @@ def remember(run_dir: str, container_id: str, pod: PodRef) -> bool:
         "written_at": time.time(),
     }
     try:
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, fastjson.dumps(body).encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        files.write_atomic(path, fastjson.dumps(body).encode(), 0o600, durable=False)
         return True
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         return False
 
 
 def _read(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise IdentityError(f"identity entry {path} is not a regular file")
-        if info.st_size > MAX_ENTRY_BYTES:
-            raise IdentityError(f"identity entry {path} is larger than {MAX_ENTRY_BYTES} bytes")
-        return os.read(fd, MAX_ENTRY_BYTES + 1)
-    finally:
-        os.close(fd)
+    info, data = files.read_bounded(path, MAX_ENTRY_BYTES)
+    if not stat.S_ISREG(info.st_mode):
+        raise IdentityError(f"identity entry {path} is not a regular file")
+    if data is None:
+        raise IdentityError(f"identity entry {path} is larger than {MAX_ENTRY_BYTES} bytes")
+    return data
 
 
 def decode(data: bytes, container_id: str, path: str = "") -> PodRef:
@@ -148,7 +99,7 @@ def recall(run_dir: str, container_id: str) -> PodRef | None:
 
     Raises IdentityError when an entry exists but cannot be used.
     """
-    path = entry_path(run_dir, container_id)
+    path = rundir.identity_path(run_dir, container_id)
     if path is None:
         return None
     try:
@@ -161,7 +112,7 @@ def recall(run_dir: str, container_id: str) -> PodRef | None:
 
 
 def forget(run_dir: str, container_id: str) -> bool:
-    path = entry_path(run_dir, container_id)
+    path = rundir.identity_path(run_dir, container_id)
     if path is None:
         return False
     try:
@@ -174,10 +125,10 @@ def forget(run_dir: str, container_id: str) -> bool:
 def stored_ids(run_dir: str) -> list[str]:
     """Container ids that have an entry (temp files and foreign names skipped)."""
     try:
-        names = os.listdir(directory(run_dir))
+        names = os.listdir(rundir.identities_dir(run_dir))
     except OSError:
         return []
-    return [name for name in names if valid_container_id(name)]
+    return [name for name in names if rundir.identity_name(name) is not None]
 
 
 def prune(run_dir: str, valid_container_ids: set[str]) -> int:

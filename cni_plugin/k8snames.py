@@ -47,16 +47,19 @@ def is_dns1123_subdomain(value: str) -> bool:
     return 0 < len(value) <= MAX_SUBDOMAIN and all(is_dns1123_label(part) for part in value.split("."))
 
 
-def _is_identifier(value: str, limit: int) -> bool:
-    return 0 < len(value) <= limit and value[0] in _ALNUM and all(c in _ID_CHARS for c in value)
+def is_identifier(value: str, limit: int | None = None) -> bool:
+    """libcni's identifier rule ``[A-Za-z0-9][A-Za-z0-9_.-]*`` (container IDs, network names), without ``re``;
+    at most ``limit`` characters when given."""
+    return (bool(value) and (limit is None or len(value) <= limit) and value[0] in _ALNUM
+            and all(c in _ID_CHARS for c in value))
 
 
 def is_uid(value: str) -> bool:
-    return _is_identifier(value, MAX_UID)
+    return is_identifier(value, MAX_UID)
 
 
 def is_container_id(value: str) -> bool:
-    return _is_identifier(value, MAX_CONTAINER_ID)
+    return is_identifier(value, MAX_CONTAINER_ID)
 
 
 _RULES = (

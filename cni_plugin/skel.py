@@ -10,7 +10,7 @@ import os
 import sys
 
 from cni_plugin import errors, fastjson
-from cni_plugin.k8snames import is_text, shown
+from cni_plugin.k8snames import is_identifier, is_text, shown
 from cni_plugin.plugin_log import LOG
 from cni_plugin.versions import LATEST, SUPPORTED_VERSIONS, at_least
 
@@ -28,13 +28,6 @@ _REQUIRED_ENV = {
     "GC": ("CNI_PATH",),
 }
 _MIN_VERSION = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
-_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-_NAME_CHARS = _ALNUM | frozenset("_.-")
-
-
-def valid_identifier(value: str) -> bool:
-    """``^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`` (libcni's rule for container IDs and network names), without ``re``."""
-    return bool(value) and value[0] in _ALNUM and all(c in _NAME_CHARS for c in value)
 _MAX_STDIN = 16 * 1024 * 1024
 
 
@@ -64,7 +57,7 @@ def check_env(command: str, env: Mapping[str, str]) -> None:
     if missing:
         raise errors.CniError(errors.INVALID_ENV, f"required env variables [{','.join(missing)}] missing")
     container_id = env.get("CNI_CONTAINERID", "")
-    if command in ("ADD", "DEL", "CHECK") and not valid_identifier(container_id):
+    if command in ("ADD", "DEL", "CHECK") and not is_identifier(container_id):
         raise errors.CniError(
             errors.INVALID_ENV,
             f"invalid characters in CNI_CONTAINERID {container_id!r}",
@@ -147,7 +140,7 @@ def load_conf(stdin: bytes, command: str, invocation: Invocation | None = None) 
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise errors.CniError(errors.INVALID_CONFIG, "missing network name")
-    if not valid_identifier(name):
+    if not is_identifier(name):
         raise errors.CniError(errors.INVALID_CONFIG, f"invalid characters in network name {name!r}")
     if isinstance(raw.get("runtimeConfig"), dict):
         raw["runtimeConfig"] = _lower_keys(raw["runtimeConfig"])

@@ -1,4 +1,5 @@
-"""The enrollment snapshot the agent publishes in its run dir and the plugin reads on every ADD.
+"""The enrollment snapshot the agent publishes as ``<run_dir>/enrollment.json`` (``cni_plugin.rundir``) and the plugin
+reads on every ADD.
 
 Format (one JSON object, atomically replaced; JSON because the plugin parses it with CPython's C scanner
 without importing msgpack, whose import costs ~5 ms of every pod start):
@@ -7,8 +8,8 @@ without importing msgpack, whose import costs ~5 ms of every pod start):
 verdict; ``pods`` holds the verdict of every pod the agent knows on this node (pod-level opt-ins and
 opt-outs, hostNetwork and sidecar pods included).
 
-Reading it is bounded and never blocks: the file is opened with ``O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC`` (a symlink
-or a FIFO is refused at once) and must be a regular file owned by root and not writable by group or others,
+Reading it is bounded and never blocks (``cni_plugin.files.read_bounded``: a symlink or a FIFO is refused at once)
+and the file must be a regular file owned by root and not writable by group or others,
 at most ``MAX_SNAPSHOT_BYTES``; every field must have its type. Anything else is SnapshotError ("unknown"):
 the plugin then fails closed for pods that may be enrolled (CNI code 11).
 """
@@ -16,7 +17,6 @@ the plugin then fails closed for pods that may be enrolled (CNI code 11).
 from __future__ import annotations
 
 import errno
-import os
 import stat
 
 from cni_plugin.frozen import Frozen
@@ -25,14 +25,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-SNAPSHOT_NAME = "enrollment.json"
 SNAPSHOT_VERSION = 1
 # Measured: a node with 5,000 pods in a cluster with 1,000 namespaces (realistic generated names) publishes
 # 347 KiB; 5,000 pods whose names all have the maximum length (63 + 253 characters) 1.6 MB. The cap is ~12x the
 # realistic size; parsing a snapshot that large costs ~25 ms and ~8 MiB.
 MAX_SNAPSHOT_BYTES = 4 * 1024 * 1024
 OWNER_UID = 0  # the agent runs as root; a snapshot anyone else could have written is not the agent's
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _BOOL = {bool}
 
 
@@ -104,40 +102,28 @@ def decode(data: bytes) -> Snapshot:
 
 
 def _read_bounded(path: str) -> bytes:
+    from cni_plugin import files
+
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        info, data = files.read_bounded(path, MAX_SNAPSHOT_BYTES)
     except OSError as exc:
         reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
         raise SnapshotError(f"cannot read enrollment snapshot {path}: {reason}") from exc
     except ValueError as exc:  # an unusable path string
         raise SnapshotError(f"cannot read enrollment snapshot {path!r}: {exc}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SnapshotError(f"enrollment snapshot {path} is not a regular file")
-        if info.st_uid != OWNER_UID:
-            raise SnapshotError(f"enrollment snapshot {path} is owned by uid {info.st_uid}, not root")
-        if info.st_mode & 0o022:
-            raise SnapshotError(f"enrollment snapshot {path} is writable by group or others")
-        if info.st_size > MAX_SNAPSHOT_BYTES:
-            raise SnapshotError(
-                f"enrollment snapshot {path} is {info.st_size} bytes, over the {MAX_SNAPSHOT_BYTES}-byte limit"
-            )
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_SNAPSHOT_BYTES:
-            chunk = os.read(fd, MAX_SNAPSHOT_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise SnapshotError(f"cannot read enrollment snapshot {path}: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
-    if size > MAX_SNAPSHOT_BYTES:
+    if not stat.S_ISREG(info.st_mode):
+        raise SnapshotError(f"enrollment snapshot {path} is not a regular file")
+    if info.st_uid != OWNER_UID:
+        raise SnapshotError(f"enrollment snapshot {path} is owned by uid {info.st_uid}, not root")
+    if info.st_mode & 0o022:
+        raise SnapshotError(f"enrollment snapshot {path} is writable by group or others")
+    if info.st_size > MAX_SNAPSHOT_BYTES:
+        raise SnapshotError(
+            f"enrollment snapshot {path} is {info.st_size} bytes, over the {MAX_SNAPSHOT_BYTES}-byte limit"
+        )
+    if data is None:
         raise SnapshotError(f"enrollment snapshot {path} grew over the {MAX_SNAPSHOT_BYTES}-byte limit")
-    return b"".join(chunks)
+    return data
 
 
 def read(path: str) -> Snapshot:

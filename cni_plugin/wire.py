@@ -1,7 +1,7 @@
 """Plugin <-> agent wire protocol v1 (see docs/protocol.md).
 
-UNIX stream socket ``<run_dir>/cni.sock``. Each message is a 4-byte big-endian length followed by one
-msgpack map; frames over 1 MiB are refused. One request, one reply, then close.
+UNIX stream socket ``<run_dir>/cni.sock`` (``cni_plugin.rundir``). Each message is a 4-byte big-endian length
+followed by one msgpack map; frames over 1 MiB are refused. One request, one reply, then close.
 
 This module is pure: framing, request construction and validation. The socket I/O lives in
 ``cni_plugin.agent_client`` (client) and ``nodeagent.server`` (server).
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20
 HEADER = struct.Struct(">I")
-SOCKET_NAME = "cni.sock"
 
 OPS = ("add", "del", "check", "gc", "status")
 

@@ -23,7 +23,7 @@ import stat
 import sys
 from dataclasses import dataclass
 
-from conflist.atomic import fsync_dir
+from cni_plugin.files import fsync_dir
 
 EXECUTABLE = "ambient-cni"
 BUNDLE_PREFIX = ".ambient-cni-"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
+from cni_plugin import rundir
 from cni_plugin.config import DEFAULT_RUN_DIR, PLUGIN_TYPE
 from conflist import logs
 from conflist.chain import plugin_entry
@@ -17,7 +17,6 @@ from conflist.installer import DEFAULT_OWNED_NAME, Installer, InstallError, Opti
 
 log = logging.getLogger("ambient_cni.install")
 FC = TypeVar("FC", bound=Callable[..., Any])
-READY_NAME = "install.ready"
 DISABLED = "none"  # an empty env var counts as unset in click, so env users disable files with this word
 
 
@@ -89,7 +88,7 @@ def _common(func: FC) -> FC:
 
 def _ready_file(ready_file: str | None, run_dir: str) -> str | None:
     if ready_file is None:
-        return os.path.join(run_dir, READY_NAME)
+        return rundir.install_ready_path(run_dir)
     return None if ready_file in ("", DISABLED) else ready_file
 
 

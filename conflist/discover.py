@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from conflist.atomic import read_bytes
+from cni_plugin.files import read_bytes
 from conflist.chain import ChainError, Primary, is_config_name, parse_primary
 
 DEFAULT_CONF_DIR = "/etc/cni/net.d"

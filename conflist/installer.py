@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from conflist import atomic, binary
+from cni_plugin import files
+from conflist import binary
 from conflist.chain import (
     ChainError,
     Primary,
@@ -194,10 +195,10 @@ class Installer:
         name = owned_name_for(primary.filename, opts.owned_file_name)
         data = serialise(build_chain(primary, opts.entry, opts.default_cni_version))
         path = os.path.join(opts.conf_dir, name)
-        if atomic.write_atomic(path, data, opts.file_mode):
+        if files.write_atomic(path, data, opts.file_mode):
             out.wrote.append(name)
         for stale in present:
-            if stale != name and atomic.remove(os.path.join(opts.conf_dir, stale)):
+            if stale != name and files.remove(os.path.join(opts.conf_dir, stale)):
                 out.removed.append(stale)
         out.config = name
 
@@ -205,7 +206,7 @@ class Installer:
         return os.path.join(self.options.conf_dir, BACKUP_DIR, name + ".orig.json")
 
     def _read_backup(self, name: str) -> tuple[str, bytes] | None:
-        raw = atomic.read_bytes(self._backup_path(name))
+        raw = files.read_bytes(self._backup_path(name))
         if raw is None:
             return None
         try:
@@ -231,7 +232,7 @@ class Installer:
         directory = os.path.join(self.options.conf_dir, BACKUP_DIR)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         doc = {"name": name, "content": content.decode("utf-8")}
-        atomic.write_atomic(self._backup_path(target), serialise(doc), 0o600)
+        files.write_atomic(self._backup_path(target), serialise(doc), 0o600)
 
     def _config_pass_inplace(self, listing: Scan, out: Outcome) -> None:
         opts = self.options
@@ -243,7 +244,7 @@ class Installer:
         target = primary.filename if primary.is_list else stem + ".conflist"
         self.last_primary = target
         path = os.path.join(opts.conf_dir, primary.filename)
-        current = atomic.read_bytes(path) or b""
+        current = files.read_bytes(path) or b""
         original_primary = primary
         if primary.is_list:
             original_primary = Primary(primary.filename, True, remove_ours(primary.doc))
@@ -255,12 +256,12 @@ class Installer:
             self._ensure_backup(target, primary, current)
             return
         self._ensure_backup(target, primary, current)
-        if atomic.write_atomic(os.path.join(opts.conf_dir, target), data, mode):
+        if files.write_atomic(os.path.join(opts.conf_dir, target), data, mode):
             out.wrote.append(target)
-        if target != primary.filename and atomic.remove(path):
+        if target != primary.filename and files.remove(path):
             out.removed.append(primary.filename)
         for stale in (n for n in listing.names if n in ours):
-            if atomic.remove(os.path.join(opts.conf_dir, stale)):
+            if files.remove(os.path.join(opts.conf_dir, stale)):
                 out.removed.append(stale)
         out.config = target
 
@@ -301,7 +302,7 @@ class Installer:
             return Outcome(False, str(exc), primary=primary.filename)
         if first != name:
             return Outcome(False, f"{first} sorts before {name}", primary=primary.filename)
-        if want is not None and atomic.read_bytes(os.path.join(opts.conf_dir, name)) != want:
+        if want is not None and files.read_bytes(os.path.join(opts.conf_dir, name)) != want:
             return Outcome(False, f"{name} differs from the chain of {base.filename}", primary=primary.filename)
         if self.manifest is not None and (reason := binary.status(opts.bin_dir, self.manifest)) is not None:
             return Outcome(False, reason, config=name, primary=primary.filename)
@@ -316,7 +317,7 @@ class Installer:
         if not os.path.isdir(opts.conf_dir):
             raise InstallError(f"conf dir {opts.conf_dir} does not exist (it is never created or removed by us)")
         out = Outcome(False)
-        atomic.sweep_temps(opts.conf_dir)
+        files.sweep_temps(opts.conf_dir)
         out.binary_changed, binary_problem = self._binary_pass(full_binary_check)
         listing = scan(opts.conf_dir)
         try:
@@ -347,10 +348,10 @@ class Installer:
                    "bundle": self.manifest.dir_name if self.manifest else None}
             with contextlib.suppress(OSError):
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                atomic.write_atomic(path, serialise(doc), 0o644)
+                files.write_atomic(path, serialise(doc), 0o644)
         else:
             with contextlib.suppress(OSError):
-                atomic.remove(path)
+                files.remove(path)
 
     # ---- uninstall ----------------------------------------------------------------------------------------
     def uninstall(self, remove_binary: bool = True) -> Outcome:
@@ -361,11 +362,11 @@ class Installer:
         out = Outcome(True)
         self.set_ready(False)
         if os.path.isdir(opts.conf_dir):
-            atomic.sweep_temps(opts.conf_dir)
+            files.sweep_temps(opts.conf_dir)
             listing = scan(opts.conf_dir)
             for name in listing.names:
                 if name in opts.owned_names():
-                    if atomic.remove(os.path.join(opts.conf_dir, name)):
+                    if files.remove(os.path.join(opts.conf_dir, name)):
                         out.removed.append(name)
                     continue
                 primary = listing.valid.get(name)
@@ -394,14 +395,14 @@ class Installer:
         backup = self._read_backup(primary.filename)
         if self._backup_matches(backup, primary) and backup is not None:
             original_name, content = backup
-            atomic.write_atomic(os.path.join(opts.conf_dir, original_name), content, mode)
+            files.write_atomic(os.path.join(opts.conf_dir, original_name), content, mode)
             out.wrote.append(original_name)
-            if original_name != primary.filename and atomic.remove(path):
+            if original_name != primary.filename and files.remove(path):
                 out.removed.append(primary.filename)
             return
         stripped = remove_ours(primary.doc)
         if stripped.get("plugins"):
-            atomic.write_atomic(path, serialise(stripped), mode)
+            files.write_atomic(path, serialise(stripped), mode)
             out.wrote.append(primary.filename)
-        elif atomic.remove(path):  # held nothing but our entry
+        elif files.remove(path):  # held nothing but our entry
             out.removed.append(primary.filename)

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from cni_plugin import hints, k8snames
+from cni_plugin import hints, k8snames, rundir
 from nodeagent.dataplane import diagnose, rules
 from nodeagent.dataplane.netns import NetnsError, open_netns
 from nodeagent.dataplane.rules import DEFAULT_VARIANT, Family, RuleParams, Variant
@@ -109,7 +109,7 @@ def resolve(pod: str | None, netns: str | None, run_dir: str, health_addr: str) 
     match = [r for r in records if r.get("namespace") == namespace and r.get("name") == name]
     if match:
         return _from_record(match[-1], "agent /debug/pods"), notes
-    hint_path = hints.path(run_dir, namespace, name)
+    hint_path = rundir.hint_path(run_dir, namespace, name)
     hint = hints.read(run_dir, namespace, name)
     if hint is not None:
         notes.append("the agent has no record of this pod (not enrolled?)")
@@ -185,7 +185,7 @@ def _doctor(
         f"  {verified_line(target, time.time())}",
         *[f"  note: {n}" for n in notes],
     ]
-    agent_text = _read(os.path.join(run_dir, "agent.log"))
+    agent_text = _read(rundir.agent_log_path(run_dir))
     agent_lines = (
         None if agent_text is None
         else diagnose.agent_log_lines(agent_text, target.uid, target.namespace, target.name)

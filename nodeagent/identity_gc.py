@@ -19,7 +19,7 @@ import logging
 import os
 import time
 
-from cni_plugin import identity_cache
+from cni_plugin import files, identity_cache, rundir
 from nodeagent import logs
 from nodeagent.clusterview.model import ClusterState
 from nodeagent.store import PodStore
@@ -34,23 +34,6 @@ def _age(path: str, now: float) -> float | None:
         return None
 
 
-def _sweep_temp_files(run_dir: str, grace_s: float, now: float) -> None:
-    directory = identity_cache.directory(run_dir)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(".") and name.endswith(".tmp"):
-            path = os.path.join(directory, name)
-            age = _age(path, now)
-            if age is not None and age >= grace_s:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-
-
 def prune_identities(
     run_dir: str, state: ClusterState, store: PodStore, grace_s: float, now: float | None = None
 ) -> int:
@@ -59,7 +42,7 @@ def prune_identities(
     recorded = {record.container_id for record in store.all()}
     removed = 0
     for container_id in identity_cache.stored_ids(run_dir):
-        path = identity_cache.entry_path(run_dir, container_id)
+        path = rundir.identity_path(run_dir, container_id)
         age = _age(path, now) if path else None
         if path is None or age is None or age < grace_s or container_id in recorded:
             continue
@@ -78,5 +61,5 @@ def prune_identities(
             removed += 1
             logs.emit(_log, logging.INFO, "forgot the identity of a container whose pod is gone",
                       logs.pod_fields(pod.namespace, pod.name, pod.uid, container_id=container_id))
-    _sweep_temp_files(run_dir, grace_s, now)
+    files.sweep_temps(rundir.identities_dir(run_dir), older_than_s=grace_s)
     return removed

@@ -2,10 +2,11 @@
 
 Two agents sharing a run dir break each other in ways that fail open: the second one re-binds the ZDS socket
 (ztunnel then talks to an agent that did not enroll the pods) and republishes the enrollment snapshot from its
-own view. ``take`` locks ``<dir>/agent.lock`` (created 0600, never through a symlink, a regular file of ours)
-with ``LOCK_EX | LOCK_NB``; a second agent gets ``AlreadyRunning`` naming the holder's pid and must exit
-without changing anything. The kernel drops the lock when the holder exits, however it exits, so a crashed
-agent never leaves a stale lock behind. The lock file itself stays (unlinking lock files races).
+own view. ``take_locks`` locks ``<dir>/agent.lock`` (``cni_plugin.rundir.lock_path``; created 0600, never through
+a symlink, a regular file of ours) with ``LOCK_EX | LOCK_NB``; a second agent gets ``AlreadyRunning`` naming the
+holder's pid and must exit without changing anything. The kernel drops the lock when the holder exits, however it
+exits, so a crashed agent never leaves a stale lock behind. The lock file itself stays (unlinking lock files
+races).
 
 ``secure_dir`` forces a directory to 0700 and checks that the agent owns it, whatever existed before (a hostPath
 ``DirectoryOrCreate`` makes directories 0755).
@@ -19,7 +20,8 @@ import fcntl
 import os
 import stat
 
-LOCK_NAME = "agent.lock"
+from cni_plugin import rundir
+
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 
@@ -69,7 +71,7 @@ class InstanceLock:
     def __init__(self, directory: str, what: str) -> None:
         self.directory = directory
         self.what = what
-        self.path = os.path.join(directory, LOCK_NAME)
+        self.path = rundir.lock_path(directory)
         self.fd = -1
 
     def identity(self) -> tuple[int, int]:

@@ -14,8 +14,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from cni_plugin import rundir
+
 LOGGER_NAME = "ambient-cni.agent"
-AGENT_LOG_NAME = "agent.log"
 AGENT_LOG_MAX_BYTES = 10 * 1024 * 1024
 AGENT_LOG_BACKUPS = 1
 
@@ -71,7 +72,7 @@ def setup(run_dir: str | None, level: str = "info", stream: Any = None) -> loggi
     logger.addHandler(handler)
     if run_dir:
         file_handler = PrivateRotatingFileHandler(
-            os.path.join(run_dir, AGENT_LOG_NAME), maxBytes=AGENT_LOG_MAX_BYTES, backupCount=AGENT_LOG_BACKUPS,
+            rundir.agent_log_path(run_dir), maxBytes=AGENT_LOG_MAX_BYTES, backupCount=AGENT_LOG_BACKUPS,
             encoding="utf-8",
         )
         file_handler.setFormatter(formatter)

@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from cni_plugin import rundir
 from nodeagent import logs
 
-PLUGIN_LOG_NAME = "plugin.log"
 POLL_S = 0.25
 MAX_LINE = 64 * 1024
 
@@ -42,7 +42,7 @@ def parse_line(line: bytes) -> tuple[int, str, dict[str, Any]]:
 
 class PluginLogTailer:
     def __init__(self, run_dir: str, on_line: Callable[[], None] | None = None) -> None:
-        self.path = os.path.join(run_dir, PLUGIN_LOG_NAME)
+        self.path = rundir.plugin_log_path(run_dir)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="plugin-log", daemon=True)
         self._log = logs.get_logger()

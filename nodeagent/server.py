@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from cni_plugin import errors, wire
+from cni_plugin import errors, rundir, wire
 from nodeagent import logs
 from nodeagent.core import AgentCore
 from nodeagent.instance import UnsafePath, secure_dir
@@ -84,7 +84,7 @@ def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes:
 class SocketServer:
     def __init__(self, run_dir: str, core: AgentCore, workers: int = WORKERS) -> None:
         self.run_dir = run_dir
-        self.path = os.path.join(run_dir, wire.SOCKET_NAME)
+        self.path = rundir.socket_path(run_dir)
         self.core = core
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cni-req")
         self._listener: socket.socket | None = None

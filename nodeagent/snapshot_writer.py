@@ -1,4 +1,5 @@
-"""Publishes ``<run_dir>/enrollment.json`` after view changes: debounced, atomic (temp + fsync + rename).
+"""Publishes ``<run_dir>/enrollment.json`` after view changes: debounced, written with ``cni_plugin.files`` (temp +
+fsync + rename).
 
 Nothing is written before the view is synced: a snapshot from an incomplete view would let enrolled pods
 pass as "not enrolled". The file stays in place when the agent stops.
@@ -12,9 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from cni_plugin import files, rundir
 from cni_plugin import snapshot as snapshot_format
 from cni_plugin.enrollment import Exemptions
-from conflist.atomic import write_atomic
 from nodeagent import decide, logs
 from nodeagent.clusterview.model import ClusterState
 
@@ -30,7 +31,7 @@ class SnapshotPublisher:
         state_source: Callable[[], ClusterState],
         synced: Callable[[], tuple[bool, str]],
     ) -> None:
-        self.path = os.path.join(run_dir, snapshot_format.SNAPSHOT_NAME)
+        self.path = rundir.snapshot_path(run_dir)
         self.node = node
         self.exemptions = exemptions
         self._state_source = state_source
@@ -72,7 +73,7 @@ class SnapshotPublisher:
             self._published.set()
             return False
         self._generation += 1
-        write_atomic(self.path, snapshot_format.encode(snap, time.time()), 0o600)
+        files.write_atomic(self.path, snapshot_format.encode(snap, time.time()), 0o600)
         self._last = fingerprint
         self.writes += 1
         self._published.set()

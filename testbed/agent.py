@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cni_plugin import wire
+from cni_plugin import rundir, wire
 from testbed.paths import REPO_ROOT, VENV_PYTHON
 from testbed.poll import wait_for
 from testbed.procs import stop_process
@@ -121,7 +121,7 @@ class AgentProcess:
 
     @property
     def sock(self) -> str:
-        return str(self.run_dir / "cni.sock")
+        return str(self.run_dir / rundir.SOCKET)
 
     @property
     def stderr_path(self) -> Path:
@@ -145,7 +145,7 @@ class AgentProcess:
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> AgentProcess:
         with contextlib.suppress(FileNotFoundError):
-            (self.run_dir / "agent.log").unlink()
+            (self.run_dir / rundir.AGENT_LOG).unlink()
         self.health = ""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AMBIENT_CNI_")}
         with open(self.stderr_path, "ab") as err:
@@ -160,7 +160,8 @@ class AgentProcess:
             tail = self.stderr_path.read_text()[-3000:]
             raise AssertionError(f"agent exited with {self.proc.returncode}: {tail}")
         with contextlib.suppress(OSError):
-            match = re.search(r'"health endpoint listening","addr":"([^"]+)"', (self.run_dir / "agent.log").read_text())
+            log = (self.run_dir / rundir.AGENT_LOG).read_text()
+            match = re.search(r'"health endpoint listening","addr":"([^"]+)"', log)
             if match:
                 return match.group(1)
         return None
@@ -218,7 +219,7 @@ class AgentProcess:
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []
-        for line in (self.run_dir / "agent.log").read_text().splitlines():
+        for line in (self.run_dir / rundir.AGENT_LOG).read_text().splitlines():
             with contextlib.suppress(ValueError):
                 lines.append(json.loads(line))
         return lines

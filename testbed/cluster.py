@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cni_plugin import snapshot
+from cni_plugin import rundir
 from testbed.agent import AgentProcess, pod, write_state
 from testbed.cni import write_conflist
 from testbed.netns import Netns
@@ -54,7 +54,7 @@ class Cluster:
         write_state(self.state_file, NAMESPACES, self.pods)
         # The pod object exists before its sandbox: wait until the agent's view has it (its enrollment snapshot
         # names it), else the ADD could be decided by the namespace alone, before the pod's annotations are known.
-        snapshot_path = self.agent.run_dir / snapshot.SNAPSHOT_NAME
+        snapshot_path = self.agent.run_dir / rundir.SNAPSHOT
         wait_for(lambda: f"{namespace}/{name}" in _snapshot_pods(snapshot_path), timeout=15,
                  what=f"pod {namespace}/{name} in the agent's view")
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={entry['uid']}"

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from cni_plugin import snapshot, wire
+from cni_plugin import rundir, snapshot, wire
 from testbed.paths import FIXTURES, PLUGIN
 from testbed.runners import PluginResult
 
@@ -101,7 +101,7 @@ def assert_silent_success(result: PluginResult) -> None:
 
 def write_snapshot(run_dir: Path, namespaces: dict[str, bool], pods: dict[str, bool] | None = None) -> None:
     snap = snapshot.Snapshot(node="acpt-node", generation=1, namespaces=namespaces, pods=pods or {})
-    path = run_dir / snapshot.SNAPSHOT_NAME
+    path = run_dir / rundir.SNAPSHOT
     path.write_bytes(snapshot.encode(snap, time.time()))
     path.chmod(0o644)  # the plugin accepts it (the agent writes 0600) and refuses a group/world-writable one
 
@@ -121,7 +121,7 @@ class FakeAgent:
     the agent does, so every exchange also checks the plugin's ``cni_plugin.minipack`` against the library."""
 
     def __init__(self, run_dir: Path, respond: Callable[[dict[str, Any]], bytes | None]) -> None:
-        self.path = str(run_dir / wire.SOCKET_NAME)
+        self.path = str(run_dir / rundir.SOCKET)
         self.respond = respond
         self.requests: list[dict[str, Any]] = []
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

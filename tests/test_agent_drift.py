@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
+from cni_plugin import rundir
 from nodeagent.dataplane import drift, guardrails, rules
 from nodeagent.dataplane.api import PodWork
 from nodeagent.dataplane.drift import RouteFacts
@@ -138,7 +139,7 @@ def test_a_replaced_netns_is_re_enrolled(cluster: Cluster, netns_factory: Callab
 
 def test_a_gone_netns_is_dropped_from_ztunnel(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:
     ns, uid = cluster.add_pod(netns_factory, "gone")
-    hint = cluster.agent.run_dir / "pods" / "ambient-test_gone"
+    hint = cluster.agent.run_dir / rundir.HINTS / "ambient-test_gone"
     assert hint.exists()
     hint.unlink()  # the sandbox vanishes without a CNI DEL (and without a trace the agent could follow)
     subprocess.run(["ip", "netns", "del", ns.name], check=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin import snapshot
+from cni_plugin import rundir, snapshot
 from testbed.agent import AMBIENT, AgentProcess, call, pod, request, write_state
 from testbed.netns import Netns
 from testbed.paths import REPO_ROOT, VENV_PYTHON
@@ -89,7 +89,7 @@ def test_reconcile_reads_hints_only_inside_the_hints_dir(
     canary_before = sorted((p.name, p.stat().st_mtime_ns) for p in canary.iterdir())
 
     agent = AgentProcess(scratch / "agent")
-    hints = agent.run_dir / "pods"
+    hints = agent.run_dir / rundir.HINTS
     hints.mkdir(parents=True)
     os.mkfifo(hints / "shop_fifo-0")
     (hints / "shop_link-0").symlink_to(canary / "link-target")
@@ -121,14 +121,14 @@ def test_reconcile_reads_hints_only_inside_the_hints_dir(
 def test_an_odd_file_at_the_snapshot_path_does_not_stop_publishing(kind: str, scratch: Path, state_file: Path) -> None:
     agent = AgentProcess(scratch / "agent", cluster_state=state_file)
     agent.run_dir.mkdir(parents=True, mode=0o700)
-    path = agent.run_dir / snapshot.SNAPSHOT_NAME
+    path = agent.run_dir / rundir.SNAPSHOT
     if kind == "fifo":
         os.mkfifo(path)
     elif kind == "symlink-to-fifo":
         os.mkfifo(scratch / "elsewhere")
         path.symlink_to(scratch / "elsewhere")
     else:  # a stale directory under a temp-like name next to it changes nothing
-        (agent.run_dir / f".{snapshot.SNAPSHOT_NAME}.ambient-tmp.00000000").mkdir()
+        (agent.run_dir / f".{rundir.SNAPSHOT}.ambient-tmp.00000000").mkdir()
     try:
         agent.start(timeout=15)
         info = path.lstat()
@@ -149,13 +149,13 @@ def _doctor(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_doctor_reads_hints_only_inside_the_hints_dir(scratch: Path, pod_netns: Netns) -> None:
     run_dir = scratch / "run"
-    (run_dir / "pods").mkdir(parents=True)
+    (run_dir / rundir.HINTS).mkdir(parents=True)
     (scratch / "evil_x").write_text(_hint(pod_netns.path, "uid-evil", "cid-evil"))
     walked = _doctor(run_dir, "--pod", "../../evil/x")  # <run>/pods/../../evil_x
     assert walked.returncode == 2, walked.stdout + walked.stderr
     assert "DNS-1123" in walked.stderr and "Traceback" not in walked.stderr
     assert "uid-evil" not in walked.stdout
-    os.mkfifo(run_dir / "pods" / "shop_cart-0")
+    os.mkfifo(run_dir / rundir.HINTS / "shop_cart-0")
     started = time.monotonic()
     fifo = _doctor(run_dir, "--pod", "shop/cart-0")
     assert time.monotonic() - started < 20

@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from cni_plugin import rundir
 from testbed.agent import AMBIENT, AgentProcess, call, pod, request, write_state
 from testbed.cluster import AMBIENT_NS, PLAIN_NS, Cluster
 from testbed.netns import Netns
@@ -45,10 +46,10 @@ def test_a_second_agent_changes_nothing(cluster: Cluster, netns_factory: Callabl
     first = cluster.agent
     _ns, uid = cluster.add_pod(netns_factory, "web-0")
     zds = str(first.base / "zds.sock")
-    snapshot_path = first.run_dir / "enrollment.json"
+    snapshot_path = first.run_dir / rundir.SNAPSHOT
     zds_inode, snapshot_bytes = os.stat(zds).st_ino, snapshot_path.read_bytes()
     records = enrolled(first)
-    log_size = (first.run_dir / "agent.log").stat().st_size
+    log_size = (first.run_dir / rundir.AGENT_LOG).stat().st_size
 
     # the intruder's view says the ambient namespace is not enrolled: publishing it would fail open
     other_view = scratch / "other.yaml"
@@ -63,8 +64,8 @@ def test_a_second_agent_changes_nothing(cluster: Cluster, netns_factory: Callabl
         assert snapshot_path.read_bytes() == snapshot_bytes
         assert enrolled(first) == records
     assert not (scratch / "other-state").exists(), "refused before touching its own state dir"
-    assert (first.run_dir / "agent.log").stat().st_size >= log_size
-    assert str(os.getpid()) not in (first.run_dir / "agent.lock").read_text()
+    assert (first.run_dir / rundir.AGENT_LOG).stat().st_size >= log_size
+    assert str(os.getpid()) not in (first.run_dir / rundir.LOCK).read_text()
 
     # ztunnel reconnects (a new peer process): it reaches the first agent, gets the enrolled pod in the
     # snapshot, and enrolled ADDs keep working
@@ -87,7 +88,7 @@ def test_a_symlinked_lock_file_is_refused(scratch: Path) -> None:
     run_dir = scratch / "agent" / "run"
     run_dir.mkdir(parents=True, mode=0o700)
     target = scratch / "elsewhere"
-    os.symlink(target, run_dir / "agent.lock")
+    os.symlink(target, run_dir / rundir.LOCK)
     state = scratch / "state.yaml"
     write_state(state, {"shop": AMBIENT}, [])
     done = second_agent(run_dir, scratch / "agent" / "state", state, str(scratch / "zds.sock"))
@@ -109,7 +110,7 @@ def test_dirs_are_0700_and_every_agent_file_0600_whatever_existed_before(
     for directory in (agent.run_dir, agent.state_dir):
         directory.mkdir(parents=True)
         os.chmod(directory, 0o755)
-    for path in (agent.state_dir / "agent.db", agent.run_dir / "agent.log"):
+    for path in (agent.state_dir / "agent.db", agent.run_dir / rundir.AGENT_LOG):
         path.touch()
         os.chmod(path, 0o644)
     try:

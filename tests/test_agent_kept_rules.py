@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import rundir
 from nodeagent.core import KEPT_RULES_GRACE_S
 from nodeagent.dataplane import guardrails, rules
 from nodeagent.dataplane.api import DataplaneError, PodWork
@@ -79,7 +80,7 @@ def kept_rows(agent: AgentProcess) -> list[dict[str, Any]]:
 def agent_del(chain: Cluster, pod: Pod) -> None:
     """Our DEL alone, as libcni runs it first (the bridge's DEL, which deletes eth0, comes after it): the plugin
     removes the pod's netns hint and tells the agent."""
-    (chain.agent.run_dir / "pods" / f"{AMBIENT_NS}_{pod.name}").unlink()
+    (chain.agent.run_dir / rundir.HINTS / f"{AMBIENT_NS}_{pod.name}").unlink()
     reply = call(chain.agent.sock, request("del", pod.name, AMBIENT_NS, uid=pod.uid, netns=pod.ns.path,
                                              container_id=f"c-{pod.name}"))
     assert reply["ok"] is True and reply["enrolled"] is True, reply

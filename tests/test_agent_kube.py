@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin import snapshot
+from cni_plugin import rundir, snapshot
 from testbed.agent import AMBIENT, AgentProcess, call, request
 from testbed.fakekube.server import FakeKube
 from testbed.netns import Netns
@@ -45,7 +45,7 @@ def agent(scratch: Path, fake: FakeKube) -> Iterator[AgentProcess]:
 
 
 def _snap(agent: AgentProcess) -> snapshot.Snapshot:
-    return snapshot.read(str(agent.run_dir / snapshot.SNAPSHOT_NAME))
+    return snapshot.read(str(agent.run_dir / rundir.SNAPSHOT))
 
 
 def test_list_then_watch_add_modify_delete(agent: AgentProcess, fake: FakeKube) -> None:
@@ -108,6 +108,6 @@ def test_unreachable_api_server_is_not_ready(scratch: Path) -> None:
         assert agent.http("/readyz")[0] == 503
         reply = call(agent.sock, request("status"))
         assert (reply["ok"], reply["code"]) == (False, 50)
-        assert not (agent.run_dir / snapshot.SNAPSHOT_NAME).exists()
+        assert not (agent.run_dir / rundir.SNAPSHOT).exists()
     finally:
         agent.kill()

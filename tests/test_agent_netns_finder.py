@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin import hints
+from cni_plugin import hints, rundir
 from nodeagent import netns_finder
 from testbed.netns import Netns
 from testbed.poll import wait_for
@@ -75,20 +75,20 @@ def test_the_agent_reads_hints_only_inside_the_hints_dir(tmp_path: Path) -> None
     """A crafted hint outside ``<run_dir>/pods`` is never reached: not by a traversing name, not through a
     symlink, and a FIFO in its place does not block the reader."""
     run_dir = tmp_path / "run"
-    (run_dir / "pods").mkdir(parents=True)
+    (run_dir / rundir.HINTS).mkdir(parents=True)
     outside = tmp_path / "evil_x"
     outside.write_text(json.dumps({"netns": "/proc/self/ns/net", "uid": "u"}))
     for namespace, name in (("../../evil", "x"), (str(tmp_path / "evil"), "x"), ("..", "evil_x")):
         assert netns_finder.read_hint(str(run_dir), namespace, name) is None
-    (run_dir / "pods" / "shop_cart-0").symlink_to(outside)
+    (run_dir / rundir.HINTS / "shop_cart-0").symlink_to(outside)
     assert netns_finder.read_hint(str(run_dir), "shop", "cart-0") is None
-    (run_dir / "pods" / "shop_cart-0").unlink()
-    os.mkfifo(run_dir / "pods" / "shop_cart-0")
+    (run_dir / rundir.HINTS / "shop_cart-0").unlink()
+    os.mkfifo(run_dir / rundir.HINTS / "shop_cart-0")
     started = time.monotonic()
     assert netns_finder.find(str(run_dir), "shop", "cart-0", "") is None
     assert time.monotonic() - started < 1
-    (run_dir / "pods").rename(tmp_path / "real-pods")
-    (run_dir / "pods").symlink_to(tmp_path / "real-pods")
+    (run_dir / rundir.HINTS).rename(tmp_path / "real-pods")
+    (run_dir / rundir.HINTS).symlink_to(tmp_path / "real-pods")
     (tmp_path / "real-pods" / "shop_cart-0").unlink()
     (tmp_path / "real-pods" / "shop_cart-0").write_text(json.dumps({"netns": "/proc/self/ns/net"}))
     assert netns_finder.read_hint(str(run_dir), "shop", "cart-0") is None, "a symlinked hints dir is refused"

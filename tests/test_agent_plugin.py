@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import snapshot, wire
+from cni_plugin import rundir, snapshot, wire
 from testbed.agent import AMBIENT, AgentProcess, pod, write_state
 from testbed.cni import ChainInfo, write_conflist
 from testbed.netns import Netns
@@ -151,7 +151,7 @@ class FakeAgent:
 def _publish(run_dir: Path, data: bytes | None) -> None:
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if data is not None:
-        (run_dir / snapshot.SNAPSHOT_NAME).write_bytes(data)
+        (run_dir / rundir.SNAPSHOT).write_bytes(data)
 
 
 GOOD_SNAPSHOT = snapshot.encode(snapshot.Snapshot("node-a", 1, {"shop": True}, {}), 0.0)
@@ -171,7 +171,7 @@ GOOD_SNAPSHOT = snapshot.encode(snapshot.Snapshot("node-a", 1, {"shop": True}, {
 def test_fail_closed(env: dict[str, Any], netns_factory: Callable[..., Netns],
                      case: str, code: int, text: str, max_s: float) -> None:
     run_dir: Path = env["agent"].run_dir
-    sock = str(run_dir / wire.SOCKET_NAME)
+    sock = str(run_dir / rundir.SOCKET)
     fake: FakeAgent | None = None
     _publish(run_dir, {"snapshot missing": None, "snapshot corrupt": b"\xc1garbage"}.get(case, GOOD_SNAPSHOT))
     if case == "socket refuses":

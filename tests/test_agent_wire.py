@@ -20,7 +20,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from cni_plugin import snapshot, wire
+from cni_plugin import rundir, snapshot, wire
 from testbed.agent import AMBIENT, AgentProcess, call, pod, request, send_raw, write_state
 from testbed.netns import Netns
 from testbed.paths import REPO_ROOT, VENV_PYTHON
@@ -161,7 +161,7 @@ def test_restart_between_add_and_del_keeps_the_record(agent: AgentProcess, pod_n
     assert call(agent.sock, add)["enrolled"] is True
     assert agent.stop() == 0
     assert not os.path.exists(agent.sock)
-    assert (agent.run_dir / snapshot.SNAPSHOT_NAME).exists(), "the snapshot stays when the agent stops"
+    assert (agent.run_dir / rundir.SNAPSHOT).exists(), "the snapshot stays when the agent stops"
     agent.start()
     records = agent.records()
     assert [(r["container_id"], r["uid"]) for r in records] == [("cid-r", "uid-cart")]
@@ -172,7 +172,7 @@ def test_restart_between_add_and_del_keeps_the_record(agent: AgentProcess, pod_n
 
 
 def test_snapshot_holds_namespace_and_pod_verdicts(agent: AgentProcess) -> None:
-    snap = snapshot.read(str(agent.run_dir / snapshot.SNAPSHOT_NAME))
+    snap = snapshot.read(str(agent.run_dir / rundir.SNAPSHOT))
     assert snap.node == "node-a"
     assert snap.namespaces == {"istio-system": True, "kube-system": False, "plain": False, "shop": True}
     assert snap.pods["shop/cart-0"] is True
@@ -309,10 +309,10 @@ def test_readyz_follows_the_cluster_view(scratch: Path) -> None:
         assert agent.http("/healthz")[0] == 200
         status, body = agent.http("/readyz")
         assert status == 503 and "invalid" in body, body
-        assert not (agent.run_dir / snapshot.SNAPSHOT_NAME).exists(), "no snapshot from an unsynced view"
+        assert not (agent.run_dir / rundir.SNAPSHOT).exists(), "no snapshot from an unsynced view"
         write_state(state, {"shop": AMBIENT}, [])
         agent.wait_ready(timeout=10)
-        assert (agent.run_dir / snapshot.SNAPSHOT_NAME).exists()
+        assert (agent.run_dir / rundir.SNAPSHOT).exists()
         status_reply = call(agent.sock, request("status"))
         assert status_reply["ok"] is True
     finally:
@@ -320,7 +320,7 @@ def test_readyz_follows_the_cluster_view(scratch: Path) -> None:
 
 
 def test_file_view_reloads_and_keeps_last_good_view(agent: AgentProcess, state_file: Path, pod_ns: Netns) -> None:
-    snap_path = str(agent.run_dir / snapshot.SNAPSHOT_NAME)
+    snap_path = str(agent.run_dir / rundir.SNAPSHOT)
     assert snapshot.read(snap_path).namespaces["plain"] is False
     write_state(state_file, {**NAMESPACES, "plain": AMBIENT}, [pod("plain-0", "plain", uid="uid-plain")])
     wait_for(lambda: snapshot.read(snap_path).namespaces["plain"] is True, what="snapshot after reload")
@@ -345,7 +345,7 @@ def test_reconcile_removes_unenrolled_and_enrolls_running_pods(
     # an already-running pod (netns hint left by the plugin) whose namespace gets labelled is enrolled; its
     # netns holds the address the hint names (the agent checks that before it trusts the hint)
     subprocess.run(["ip", "-n", pod_ns.name, "addr", "add", "10.9.0.7/24", "dev", "lo"], check=True)
-    hints = agent.run_dir / "pods"
+    hints = agent.run_dir / rundir.HINTS
     hints.mkdir(exist_ok=True)
     (hints / "plain_web-0").write_text(
         f'{{"netns": "{pod_ns.path}", "container_id": "cid-hint", "ifname": "eth0", "uid": "uid-web", '
@@ -376,11 +376,11 @@ def test_sigterm_drains_in_flight_requests(agent: AgentProcess) -> None:
         assert agent.proc.wait(10) == 0
     finally:
         conn.close()
-    assert (agent.run_dir / snapshot.SNAPSHOT_NAME).exists()
+    assert (agent.run_dir / rundir.SNAPSHOT).exists()
 
 
 def test_plugin_log_lines_are_re_emitted(agent: AgentProcess) -> None:
-    log = agent.run_dir / "plugin.log"
+    log = agent.run_dir / rundir.PLUGIN_LOG
     with open(log, "a") as handle:
         handle.write('{"time": "t", "level": "warning", "msg": "ADD failed closed", "pod_name": "cart-0"}\n')
     wait_for(lambda: any(line.get("scope") == "cni-plugin" for line in agent.log_lines()), what="re-emit")
@@ -423,7 +423,7 @@ def test_reconcile_follows_a_replaced_netns_and_drops_a_gone_one(
         subprocess.run(["ip", "-n", ns.name, "addr", "add", "10.9.0.5/24", "dev", "lo"], check=True)
         new_inode = os.stat(ns.path).st_ino
         assert new_inode != old_inode
-        hints = agent.run_dir / "pods"
+        hints = agent.run_dir / rundir.HINTS
         hints.mkdir(exist_ok=True)
         (hints / "shop_cart-0").write_text(
             f'{{"netns": "{ns.path}", "container_id": "cid-new", "ifname": "eth0", "uid": "uid-cart", '

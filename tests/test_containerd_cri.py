@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import rundir
 from cni_plugin import snapshot as snapshot_mod
 from testbed.cri import env as env_mod
 from testbed.cri.client import CriClient, CriError, PodSpec
@@ -84,7 +85,7 @@ def _records(node: Node, namespace: str, name: str) -> list[dict[str, Any]]:
 
 
 def _plugin_log(node: Node) -> list[dict[str, Any]]:
-    path = node.run_dir / "plugin.log"
+    path = node.run_dir / rundir.PLUGIN_LOG
     lines = path.read_text().splitlines() if path.exists() else []
     out = []
     for line in lines:
@@ -100,7 +101,7 @@ def _del_count(node: Node) -> float:
 
 
 def _wait_snapshot_has(node: Node, key: str, timeout: float = 10.0) -> None:
-    path = str(node.run_dir / snapshot_mod.SNAPSHOT_NAME)
+    path = str(node.run_dir / rundir.SNAPSHOT)
     wait_for(lambda: key in snapshot_mod.read(path).pods, timeout, tolerate=(snapshot_mod.SnapshotError,),
              what=lambda: f"the agent's snapshot to list {key}:\n{node.agent_log_tail()}")
 
@@ -154,7 +155,7 @@ def test_enrolled_pod_is_recorded_redirected_and_released(node: Node, cri: CriCl
         cri.stop_pod_sandbox(sid)  # DEL with the cached prevResult -> the agent forgets the pod
         assert _del_count(node) == dels + 1
         assert _records(node, ENROLLED_NS, "cart-0") == []
-        assert not (node.run_dir / "pods" / f"{ENROLLED_NS}_cart-0").exists()
+        assert not (node.run_dir / rundir.HINTS / f"{ENROLLED_NS}_cart-0").exists()
         cri.remove_pod_sandbox(sid)  # the second DEL, CNI_NETNS="" and no prevResult, must succeed
         removed = True
         assert _del_count(node) == dels + 2
@@ -183,7 +184,7 @@ def test_unenrolled_pods_start_without_the_agent(node: Node, cri: CriClient, cri
         assert node.request_counts() == before, "the plugin contacted the agent for a pod that is not enrolled"
         assert _records(node, PLAIN_NS, "web-0") == []
         # the netns hint is left for the agent anyway (the namespace may be enrolled later)
-        hint = json.loads((node.run_dir / "pods" / f"{PLAIN_NS}_web-0").read_text())
+        hint = json.loads((node.run_dir / rundir.HINTS / f"{PLAIN_NS}_web-0").read_text())
         assert hint["uid"] == "u-web-0" and hint["container_id"] == sids[0]
     finally:
         for sid in sids:
@@ -280,7 +281,7 @@ def test_twenty_concurrent_pods_enroll_and_leave_nothing_behind(node: Node, cri:
             list(pool.map(lambda sid: _remove(cri, sid), sids))
     left = [r for r in node.debug_pods() if str(r.get("name", "")).startswith("burst-")]
     assert left == [], f"the agent still has records: {left}"
-    hints = sorted(p.name for p in (node.run_dir / "pods").glob(f"{ENROLLED_NS}_burst-*"))
+    hints = sorted(p.name for p in (node.run_dir / rundir.HINTS).glob(f"{ENROLLED_NS}_burst-*"))
     assert hints == []
     assert [s for s in cri.list_sandboxes() if s.metadata.name.startswith("burst-")] == []
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin import snapshot as snapshot_mod
+from cni_plugin import rundir
 from nodeagent.dataplane import rules
 from nodeimage.build import IMAGE_NAME
 from testbed.cri import env as env_mod
@@ -148,7 +148,7 @@ def test_daemonset_pod_installs_redirects_and_uninstalls_when_deleted(
         assert "stop: uninstall" in messages, node.log_tail()
         assert tree_bytes(cri_env.conf_dir) == conf_before
         assert tree_bytes(cri_env.bin_dir) == bin_before
-        assert not (node.dirs.run_dir / snapshot_mod.SNAPSHOT_NAME).exists()
+        assert not (node.dirs.run_dir / rundir.SNAPSHOT).exists()
     finally:
         for sid in sandboxes:
             _remove_sandbox(cri, sid)
@@ -168,7 +168,7 @@ def test_upgrade_keeps_the_chain_and_new_pods_fail_closed_until_the_next_contain
         assert old.stop(cri) == 0  # the DaemonSet still exists and targets the node: an upgrade
         assert "stop: keep" in [e.get("msg") for e in old.log_lines()], old.log_tail()
         assert tree_bytes(cri_env.conf_dir) == conf and tree_bytes(cri_env.bin_dir) == bins
-        assert (old.dirs.run_dir / snapshot_mod.SNAPSHOT_NAME).exists()
+        assert (old.dirs.run_dir / rundir.SNAPSHOT).exists()
 
         with pytest.raises(CriError) as refused:  # no agent: the enrolled pod must not start unredirected
             sandboxes.append(_enrolled_pod(cri_env, cri, fake, "cart-1"))

@@ -9,6 +9,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
+from cni_plugin import rundir
 from testbed.cni import write_conflist
 from testbed.netns import Netns
 from testbed.paths import CLEAN_ENV, PLUGIN, REPO_ROOT, SYSTEM_CNI_DIR
@@ -43,7 +44,7 @@ def test_the_readme_cp_command_gives_a_plugin_libcni_runs(
     added = run_driver("add", chain.name, pod_netns.path, **common)  # type: ignore[arg-type]
     assert added.code == 0, added.describe()
     assert added.json["ips"], added.describe()
-    assert '"ADD"' in (run_dir / "plugin.log").read_text()  # our plugin ran, from the copied bundle
+    assert '"ADD"' in (run_dir / rundir.PLUGIN_LOG).read_text()  # our plugin ran, from the copied bundle
     deleted = run_driver("del", chain.name, pod_netns.path, **common)  # type: ignore[arg-type]
     assert deleted.code == 0, deleted.describe()
     doctor = subprocess.run([str(PLUGIN), "doctor", "--bin-dir", str(bin_dir)], capture_output=True, text=True,

@@ -14,6 +14,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from cni_plugin import rundir
 from testbed.cni import write_conflist
 from testbed.netns import Netns
 from testbed.paths import BUNDLE, SYSTEM_CNI_DIR
@@ -52,7 +53,7 @@ def test_libcni_runs_installed_chain_with_real_plugin_last(
                        node=node_netns, container_id="acinst0001")
     assert added.code == 0, added.describe()
     assert added.json["ips"], added.describe()
-    log_lines = [json.loads(line) for line in (run_dir / "plugin.log").read_text().splitlines() if line.strip()]
+    log_lines = [json.loads(line) for line in (run_dir / rundir.PLUGIN_LOG).read_text().splitlines() if line.strip()]
     assert any("ADD" in json.dumps(line).upper() for line in log_lines), log_lines
     deleted = run_driver("del", chain.name, pod_netns.path, conf_dir=conf_dir, bin_dir=bindir, cache_dir=cache_dir,
                          node=node_netns, container_id="acinst0001")
@@ -61,7 +62,7 @@ def test_libcni_runs_installed_chain_with_real_plugin_last(
 
 def _execs(run_dir: Path) -> list[tuple[str, str]]:
     """(command, container id) of each exec of our plugin, from its own log."""
-    log = run_dir / "plugin.log"
+    log = run_dir / rundir.PLUGIN_LOG
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     return [(line["cmd"], line["container"]) for line in lines]
 

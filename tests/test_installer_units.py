@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conflist import atomic, binary
+from cni_plugin import files
+from conflist import binary
 from conflist.chain import ChainError, build_chain, is_chained, parse_primary, plugin_entry, serialise
 from conflist.discover import DEFAULT_BIN_DIR, DEFAULT_CONF_DIR, Dirs, config_names, resolve_dirs, scan
 from conflist.installer import Installer, Options, owned_name_for
@@ -138,18 +139,18 @@ def test_this_hosts_containerd_config_is_readable() -> None:
     assert dirs.conf_dir and dirs.bin_dir
 
 
-# ---- atomic ------------------------------------------------------------------------------------------------
+# ---- files (the atomic writer) ----------------------------------------------------------------------------
 def test_atomic_write_skips_identical_and_sweeps_temps(scratch: Path) -> None:
     path = scratch / "f.conflist"
-    assert atomic.write_atomic(str(path), b"a\n", 0o600)
+    assert files.write_atomic(str(path), b"a\n", 0o600)
     inode = path.stat().st_ino
-    assert not atomic.write_atomic(str(path), b"a\n", 0o600)
+    assert not files.write_atomic(str(path), b"a\n", 0o600)
     assert path.stat().st_ino == inode
-    assert atomic.write_atomic(str(path), b"a\n", 0o640), "a mode change is a change"
+    assert files.write_atomic(str(path), b"a\n", 0o640), "a mode change is a change"
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     (scratch / ".f.conflist.ambient-tmp.dead").write_text("partial")
-    assert atomic.sweep_temps(str(scratch)) == [".f.conflist.ambient-tmp.dead"]
-    assert atomic.is_temp_name(os.path.basename(atomic.temp_name(str(scratch), "x.conf")))
+    assert files.sweep_temps(str(scratch)) == [".f.conflist.ambient-tmp.dead"]
+    assert files.is_temp_name(files.temp_name("x.conf"))
 
 
 # ---- binary ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin import rundir
 from testbed.fakekube.server import FakeKube
 from testbed.node_proc import CLEAN_ENV, PRIMARY_NAME, NodeProc, tree_bytes
 from testbed.paths import PLUGIN
@@ -62,14 +63,14 @@ def test_ready_untaints_and_an_upgrade_stop_keeps_everything(node: NodeProc, fak
     assert chain["plugins"][-1]["type"] == "ambient-cni"
     assert chain["plugins"][-1]["run_dir"] == str(node.run_dir)
     bins = tree_bytes(node.bin_dir)
-    snapshot = node.run_dir / "enrollment.json"
-    assert snapshot.exists() and (node.run_dir / "install.ready").exists()
+    snapshot = node.run_dir / rundir.SNAPSHOT
+    assert snapshot.exists() and (node.run_dir / rundir.INSTALL_READY).exists()
 
     assert node.stop() == 0
     assert tree_bytes(node.conf_dir) == conf  # chain stays
     assert tree_bytes(node.bin_dir) == bins  # binary stays
     assert snapshot.exists()  # snapshot stays: enrolled pods keep failing closed until the next agent
-    assert not (node.run_dir / "install.ready").exists()
+    assert not (node.run_dir / rundir.INSTALL_READY).exists()
     messages = node.messages()  # every stderr line is JSON
     assert "stop: keep" in messages and "uninstall: CNI config removed" not in messages
     (entry,) = [e for e in node.log() if e["msg"] == "stop: keep"]
@@ -87,7 +88,7 @@ def test_a_deleted_daemonset_uninstalls_config_first_binary_last(node: NodeProc,
     assert node.stop() == 0
     assert tree_bytes(node.conf_dir) == conf_before  # the original bytes, nothing of ours left
     assert tree_bytes(node.bin_dir) == bin_before
-    assert not (node.run_dir / "enrollment.json").exists()
+    assert not (node.run_dir / rundir.SNAPSHOT).exists()
     messages = node.messages()
     order = [messages.index(m) for m in ("stop: uninstall", "uninstall: CNI config removed",
                                          "uninstall: node-side probe path removed",
@@ -160,7 +161,7 @@ def test_a_refused_list_is_not_an_empty_view(node: NodeProc, fake: FakeKube) -> 
     fake.lifecycle.fail(403)
     node.start("--uninstall-on-stop", "never")
     wait_for(lambda: "cannot list" in node.wait_http("/readyz", status=503), 15, "the view's reason")
-    assert not (node.run_dir / "enrollment.json").exists()  # no snapshot from a view that never synced
+    assert not (node.run_dir / rundir.SNAPSHOT).exists()  # no snapshot from a view that never synced
     fake.lifecycle.fail(None)
     node.wait_http("/readyz")
     assert node.stop() == 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import snapshot, wire
+from cni_plugin import rundir, wire
 from testbed.cni import netconf
 from testbed.runners import plugin_env, run_plugin
 from tests.plugin_fixtures import (
@@ -127,7 +127,7 @@ def test_error_table(
 
 def test_enrolled_pod_without_agent_is_code_11_naming_the_snapshot(run_dir: Path, plugin_binary: Path) -> None:
     result = run_plugin(plugin_env("ADD", cni_args=ENROLLED_POD_ARGS), netconf("1.0.0", run_dir=run_dir))
-    assert_error(result, 11, str(run_dir / snapshot.SNAPSHOT_NAME))
+    assert_error(result, 11, str(run_dir / rundir.SNAPSHOT))
 
 
 def test_enrolled_pod_with_snapshot_but_no_socket_is_code_11_naming_the_socket(
@@ -137,14 +137,14 @@ def test_enrolled_pod_with_snapshot_but_no_socket_is_code_11_naming_the_socket(
     conf = netconf("1.0.0", run_dir=run_dir, deadline_ms=300)
     started = time.monotonic()
     result = run_plugin(plugin_env("ADD", cni_args=ENROLLED_POD_ARGS), conf)
-    assert_error(result, 11, str(run_dir / wire.SOCKET_NAME))
+    assert_error(result, 11, str(run_dir / rundir.SOCKET))
     assert time.monotonic() - started < 5, "the deadline bounds the wait for the agent"
 
 
 def test_status_without_agent_is_code_50(run_dir: Path, plugin_binary: Path) -> None:
     result = run_plugin(plugin_env("STATUS", container_id=None, netns=None, ifname=None),
                         netconf("1.1.0", run_dir=run_dir))
-    assert_error(result, 50, str(run_dir / wire.SOCKET_NAME))
+    assert_error(result, 50, str(run_dir / rundir.SOCKET))
 
 
 @pytest.mark.parametrize(
@@ -336,7 +336,7 @@ def test_del_with_unresponsive_agent_is_silent_and_bounded(
 def test_del_removes_the_netns_hint(run_dir: Path, plugin_binary: Path) -> None:
     args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0"
     run_plugin(plugin_env("ADD", cni_args=args, netns="/var/run/netns/acpodh"), netconf("1.0.0", run_dir=run_dir))
-    hint = run_dir / "pods" / "shop_cart-0"
+    hint = run_dir / rundir.HINTS / "shop_cart-0"
     assert hint.exists(), "ADD writes the netns hint even when it then fails closed"
     data = json.loads(hint.read_text())
     assert data["netns"] == "/var/run/netns/acpodh" and data["container_id"] == "ac0123456789abcdef"
@@ -395,7 +395,7 @@ def test_logs_never_reach_stdout(run_dir: Path, plugin_binary: Path) -> None:
         if lines:
             json.loads(lines[0])
         assert_no_traceback(result.stdout, result.stderr)
-    log_lines = (run_dir / "plugin.log").read_text().splitlines()
+    log_lines = (run_dir / rundir.PLUGIN_LOG).read_text().splitlines()
     assert log_lines and all(isinstance(json.loads(line), dict) for line in log_lines)
 
 
@@ -411,7 +411,7 @@ def test_unwritable_log_file_never_fails_the_operation(run_dir: Path, plugin_bin
 
 
 def test_log_file_is_size_capped(run_dir: Path, plugin_binary: Path) -> None:
-    log = run_dir / "plugin.log"
+    log = run_dir / rundir.PLUGIN_LOG
     log.write_bytes(b"x" * (5 * 1024 * 1024 - 10) + b"\n")
     result = run_plugin(_add_env(), netconf("1.0.0", run_dir=run_dir))
     assert result.code == 0, result.describe()

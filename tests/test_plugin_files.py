@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import snapshot
+from cni_plugin import rundir
 from testbed.cni import netconf
 from testbed.paths import PLUGIN
 from testbed.runners import BASE_ENV, PluginResult, plugin_env, run_plugin
@@ -58,7 +58,7 @@ class Area:
 
     @property
     def pods(self) -> Path:
-        return self.run_dir / "pods"
+        return self.run_dir / rundir.HINTS
 
     @property
     def canary(self) -> Path:
@@ -416,7 +416,7 @@ def _run_measured(env: dict[str, str], stdin: bytes, scratch: Path) -> tuple[Plu
 def test_unusable_snapshot_is_code_11_fast_with_bounded_memory(
     variant: str, area: Area, plugin_binary: Path
 ) -> None:
-    path = area.run_dir / snapshot.SNAPSHOT_NAME
+    path = area.run_dir / rundir.SNAPSHOT
     env = plugin_env("ADD", cni_args=cni_args())
     stdin = json.dumps(netconf("1.0.0", run_dir=area.run_dir, log_file="")).encode()
     _snapshot_variants(area)["v-true"](path)  # baseline memory: a small snapshot the plugin reads and refuses
@@ -430,7 +430,7 @@ def test_unusable_snapshot_is_code_11_fast_with_bounded_memory(
 
 
 def test_a_valid_snapshot_still_decides(area: Area, plugin_binary: Path) -> None:
-    path = area.run_dir / snapshot.SNAPSHOT_NAME
+    path = area.run_dir / rundir.SNAPSHOT
     path.write_text(json.dumps(NOT_ENROLLED))
     result = run_plugin(plugin_env("ADD", cni_args=cni_args()), netconf("1.0.0", run_dir=area.run_dir))
     assert result.code == 0, result.describe()
@@ -438,7 +438,7 @@ def test_a_valid_snapshot_still_decides(area: Area, plugin_binary: Path) -> None
 
 
 def test_check_with_unusable_snapshot_is_code_11(area: Area, plugin_binary: Path) -> None:
-    os.mkfifo(area.run_dir / snapshot.SNAPSHOT_NAME)
+    os.mkfifo(area.run_dir / rundir.SNAPSHOT)
     conf = netconf("1.0.0", run_dir=area.run_dir, prevResult={"cniVersion": "1.0.0", "ips": []})
     assert_error(run_plugin(plugin_env("CHECK", cni_args=cni_args()), conf, timeout=10), 11, "unknown")
 
@@ -448,7 +448,7 @@ def test_check_with_unusable_snapshot_is_code_11(area: Area, plugin_binary: Path
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink"])
 def test_an_odd_log_file_never_blocks_or_redirects_the_log(kind: str, area: Area, plugin_binary: Path) -> None:
-    log = area.run_dir / "plugin.log"
+    log = area.run_dir / rundir.PLUGIN_LOG
     if kind == "fifo":
         os.mkfifo(log)
     else:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import identity_cache, snapshot
+from cni_plugin import files, identity_cache, rundir, snapshot
 from cni_plugin.wire import PodRef
 from nodeagent.clusterview.model import ClusterState, Pod
 from nodeagent.identity_gc import prune_identities
@@ -49,7 +49,7 @@ def _tree(root: Path) -> set[str]:
 
 def test_remember_and_recall(run_dir: Path) -> None:
     assert identity_cache.remember(str(run_dir), CID, CART)
-    entry = run_dir / "identities" / CID
+    entry = run_dir / rundir.IDENTITIES / CID
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
     assert stat.S_IMODE(entry.parent.stat().st_mode) == 0o700
     assert identity_cache.recall(str(run_dir), CID) == CART
@@ -66,7 +66,7 @@ def test_container_ids_that_cannot_name_a_file_there(run_dir: Path, container_id
     canary = run_dir.parent / "canary"
     canary.mkdir()
     before = _tree(run_dir.parent)
-    assert identity_cache.entry_path(str(run_dir), container_id) is None
+    assert rundir.identity_path(str(run_dir), container_id) is None
     assert not identity_cache.remember(str(run_dir), container_id, CART)
     assert identity_cache.recall(str(run_dir), container_id) is None
     assert not identity_cache.forget(str(run_dir), container_id)
@@ -87,11 +87,11 @@ def test_container_ids_that_cannot_name_a_file_there(run_dir: Path, container_id
 )
 def test_invalid_identities_are_not_remembered(run_dir: Path, pod_ref: PodRef) -> None:
     assert not identity_cache.remember(str(run_dir), CID, pod_ref)
-    assert not (run_dir / "identities" / CID).exists()
+    assert not (run_dir / rundir.IDENTITIES / CID).exists()
 
 
 def _write_entry(run_dir: Path, data: bytes | None = None, doc: Any = None) -> Path:
-    entry = run_dir / "identities" / CID
+    entry = run_dir / rundir.IDENTITIES / CID
     entry.parent.mkdir(mode=0o700, exist_ok=True)
     entry.write_bytes(data if data is not None else json.dumps(doc).encode())
     return entry
@@ -122,7 +122,7 @@ def test_unusable_entries_are_errors_not_absent(run_dir: Path, label: str, conte
 
 
 def test_special_files_are_refused_fast(run_dir: Path, tmp_path: Path) -> None:
-    directory = run_dir / "identities"
+    directory = run_dir / rundir.IDENTITIES
     directory.mkdir(mode=0o700)
     target = tmp_path / "elsewhere"
     target.write_text(json.dumps(GOOD))
@@ -141,9 +141,9 @@ def test_prune_keeps_valid_attachments_only(run_dir: Path) -> None:
     ids = [f"{i:02x}" * 32 for i in range(3)]
     for container_id in ids:
         assert identity_cache.remember(str(run_dir), container_id, CART)
-    (run_dir / "identities" / ".123-abcd.tmp").write_text("half")
+    (run_dir / rundir.IDENTITIES / ".123-abcd.tmp").write_text("half")
     assert identity_cache.prune(str(run_dir), {ids[1]}) == 2
-    assert sorted(os.listdir(run_dir / "identities")) == sorted([".123-abcd.tmp", ids[1]])
+    assert sorted(os.listdir(run_dir / rundir.IDENTITIES)) == sorted([".123-abcd.tmp", ids[1]])
 
 
 # ------------------------------------------------------------------------------------- the frozen plugin
@@ -157,7 +157,7 @@ def _conf(run_dir: Path, version: str = "1.0.0", **keys: Any) -> bytes:
 
 def _snapshot(run_dir: Path, namespaces: dict[str, bool]) -> None:
     data = snapshot.encode(snapshot.Snapshot(node="n", generation=1, namespaces=namespaces, pods={}), time.time())
-    (run_dir / snapshot.SNAPSHOT_NAME).write_bytes(data)
+    (run_dir / rundir.SNAPSHOT).write_bytes(data)
 
 
 def _plugin(run_dir: Path, command: str, cni_args: str | None, container_id: str = CID, **conf: Any) -> Any:
@@ -179,7 +179,7 @@ def test_readd_without_identity_inherits_it_and_fails_closed(run_dir: Path, plug
     again = _plugin(run_dir, "ADD", PODMAN_ARGS)
     assert again.code == 1 and again.json["code"] == 11, again.describe()
     assert "pod shop/cart-0 is enrolled" in again.json["msg"]
-    log = (run_dir / "plugin.log").read_text()
+    log = (run_dir / rundir.PLUGIN_LOG).read_text()
     assert "using the one remembered for this container" in log
     # another container without identity and without an entry: not a Kubernetes pod, passes through
     other = _plugin(run_dir, "ADD", PODMAN_ARGS, container_id="5e" * 32)
@@ -221,7 +221,7 @@ def test_unusable_entry_refuses_add_and_never_fails_del(run_dir: Path, plugin_bi
 
 def test_enrolled_pod_is_refused_when_its_identity_cannot_be_remembered(run_dir: Path, plugin_binary: Path) -> None:
     _snapshot(run_dir, {"shop": True, "web": False})
-    (run_dir / "identities").write_text("a file where the directory should be")
+    (run_dir / rundir.IDENTITIES).write_text("a file where the directory should be")
     refused = _plugin(run_dir, "ADD", CART_ARGS)
     assert refused.code == 1 and refused.json["code"] == 5, refused.describe()
     assert "cannot remember pod shop/cart-0" in refused.json["msg"]
@@ -251,10 +251,10 @@ def test_agent_forgets_entries_of_gone_pods_only(run_dir: Path, tmp_path: Path) 
     corrupt = _write_entry(run_dir, b"garbage")
     store.upsert(PodRecord(container_id=ids["recorded"], ifname="eth0", uid="u-recorded", name="recorded",
                            namespace="shop", netns_path="/x", netns_inode=1))
-    temp = run_dir / "identities" / ".99-dead.tmp"
+    temp = run_dir / rundir.IDENTITIES / files.temp_name(ids["gone"])  # a writer killed mid-write
     temp.write_text("{")
     now = time.time()
-    for path in (run_dir / "identities").iterdir():
+    for path in (run_dir / rundir.IDENTITIES).iterdir():
         if path.name != ids["young"]:
             os.utime(path, (now - 60, now - 60))
     state = ClusterState(pods={
@@ -262,7 +262,7 @@ def test_agent_forgets_entries_of_gone_pods_only(run_dir: Path, tmp_path: Path) 
         ("shop", "replaced"): Pod("replaced", "shop", uid="u-new"),
     })
     assert prune_identities(str(run_dir), state, store, grace_s=10.0, now=now) == 2
-    left = set(os.listdir(run_dir / "identities"))
+    left = set(os.listdir(run_dir / rundir.IDENTITIES))
     assert left == {ids["in-view"], ids["young"], ids["recorded"], corrupt.name}
     store.close()
 
@@ -313,7 +313,7 @@ def test_reload_sequence_keeps_the_pod_enrolled_through_libcni(chain: dict[str, 
     # the final DEL of a container whose cached CNI_ARGS carry no identity still reaches the agent
     assert _driver(chain, "del", pod_ns, cid, PODMAN_ARGS).code == 0
     assert agent.records() == []
-    entry = agent.run_dir / "identities" / cid
+    entry = agent.run_dir / rundir.IDENTITIES / cid
     assert entry.exists()
     old = time.time() - 60
     os.utime(entry, (old, old))

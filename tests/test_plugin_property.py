@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cni_plugin import hints, identity_cache
+from cni_plugin import rundir
 from testbed.cni import netconf
 from testbed.paths import require_plugin
 from testbed.runners import run_plugin
@@ -173,9 +173,9 @@ def _may_change(name: str) -> bool:
     if name in ("node/run/plugin.log", "node/run/plugin.log.1", "node/run/pods", "node/run/identities"):
         return True
     if name.startswith("node/run/identities/"):
-        return identity_cache.valid_container_id(name[len("node/run/identities/"):])
+        return rundir.identity_name(name[len("node/run/identities/"):]) is not None
     prefix = "node/run/pods/"
-    return name.startswith(prefix) and hints.is_hint_name(name[len(prefix):])
+    return name.startswith(prefix) and rundir.is_hint_name(name[len(prefix):])
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import rundir
 from testbed.podman import env as env_mod
 from testbed.podman.config import TOOL_IMAGE
 from testbed.podman.env import PodmanEnv
@@ -96,7 +97,7 @@ def test_container_through_the_chained_network(pm_env: PodmanEnv, node: Node, mo
         cached = env.cni_cache_entry(net.name, cid)
         assert cached["result"] == add.stdout_json(), "podman kept something else than the plugin printed"
         assert cached["result"]["ips"][0]["address"] == f"{ip}/24"
-        assert '"not enrolled: not a Kubernetes pod' in (node.run_dir / "plugin.log").read_text()
+        assert '"not enrolled: not a Kubernetes pod' in (node.run_dir / rundir.PLUGIN_LOG).read_text()
 
         assert env.podman("stop", "-t", "1", f"plain-{mode}").returncode == 0
         dels = [c for c in recorded(tmp_path / "calls", cid) if c.command == "DEL"]

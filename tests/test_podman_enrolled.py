@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import rundir
 from nodeagent.dataplane.rules import normalise_save
 from testbed.podman import env as env_mod
 from testbed.podman.config import TOOL_IMAGE
@@ -100,7 +101,7 @@ class Mesh:
 
     def plugin_log(self) -> list[dict[str, Any]]:
         lines = []
-        for line in (self.node.run_dir / "plugin.log").read_text().splitlines():
+        for line in (self.node.run_dir / rundir.PLUGIN_LOG).read_text().splitlines():
             with contextlib.suppress(ValueError):
                 lines.append(json.loads(line))
         return lines

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cni_plugin import rundir
 from testbed.netns import free_port
 from testbed.paths import CLEAN_ENV, REPO_ROOT, VENV_PYTHON
 from testbed.poll import wait_for
@@ -189,7 +190,7 @@ class Node:
         def serving() -> bool:
             if agent.poll() is not None:
                 raise ProductError(f"the agent exited with {agent.returncode}:\n{self.agent_log_tail()}")
-            return (self.run_dir / "cni.sock").exists() and self._http_ok("/readyz" if wait_ready else "/healthz")
+            return (self.run_dir / rundir.SOCKET).exists() and self._http_ok("/readyz" if wait_ready else "/healthz")
 
         wait_for(serving, timeout, interval=0.05, what=lambda: f"the agent to serve:\n{self.agent_log_tail()}")
 
