@@ -29,7 +29,7 @@ GENERATED := cni_plugin/_generated_schema.py
 $(GENERATED): cni_plugin/config.py cni_plugin/schema_gen.py cni_plugin/minischema.py $(VENV)/.stamp
 	$(PY) -m cni_plugin.schema_gen > $@.tmp && mv $@.tmp $@
 
-PY_SOURCES := $(shell find cni_plugin conflist nodeagent ambient_cni zds netns_threads zds_peer -name '*.py' 2>/dev/null)
+PY_SOURCES := $(shell find cni_plugin cli_options conflist nodeagent ambient_cni zds netns_threads zds_peer -name '*.py' 2>/dev/null)
 build: $(PLUGIN)
 $(PLUGIN): $(VENV)/.stamp $(GENERATED) build/pyinstaller.spec $(PY_SOURCES)
 	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN --workpath .pyi-work --distpath $(DIST) build/pyinstaller.spec

@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from conflist.cli import _common, _opt
+from cli_options import apply_options, option
+from conflist.cli import COMMON_OPTIONS
 from conflist.cli import uninstall_cmd as conflist_uninstall
 
 OWN_NETNS = "/proc/self/ns/net"
@@ -19,10 +20,10 @@ NONE = "none"
 
 
 @click.command("uninstall")
-@_common
-@_opt("--host-netns", default=None,
-      help="The node's network namespace holding the probe SNAT rule and sets, removed after the config and "
-      "binary; 'none' keeps them. [default: this process's own network namespace]")
+@apply_options(COMMON_OPTIONS)
+@option("--host-netns", default=None,
+        help="The node's network namespace holding the probe SNAT rule and sets, removed after the config and "
+        "binary; 'none' keeps them. [default: this process's own network namespace]")
 @click.pass_context
 def uninstall_cmd(ctx: click.Context, host_netns: str | None, **kw: Any) -> None:
     """Remove the plugin from the conflist, then its binary, then the node-side probe path."""

@@ -1,8 +1,13 @@
 """ADD, DEL, CHECK, STATUS and GC of the chained plugin (one small function each).
 
-Decisions that need no agent come first (not a Kubernetes pod, excluded namespace, the agent's own
-pods); then the agent's enrollment snapshot; only enrolled pods (or pods the snapshot does not know yet)
-involve the agent. Enrolled pods fail closed: no agent ack, no pod.
+Decisions that need no agent come first: not a Kubernetes pod, then the exemptions (excluded namespaces, the
+agent's own pods), then the agent's enrollment snapshot; only enrolled pods (or pods the snapshot does not know
+yet) involve the agent. Enrolled pods fail closed: no agent ack, no pod.
+
+The exemptions are the agent's (``_exempt``): the snapshot carries the ones the agent applies and the plugin
+follows them, so a namespace excluded only in the plugin's config can never let a pod the agent enrolls start
+unredirected. The config's exemptions decide alone only while no snapshot carries any (no agent has published
+yet, e.g. while the node's first pods start; or an older agent).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from cni_plugin.skel import Invocation
+    from cni_plugin.snapshot import Snapshot
 
 _DEL_DEADLINE_MS = 3000  # DEL is best effort: do not hold the runtime's CNI lock for long
 
@@ -98,18 +104,44 @@ def _request(inv: Invocation, op: str, pod: wire.PodRef, ips: tuple[str, ...] = 
     )
 
 
-def _verdict(conf: dict[str, Any], pod: wire.PodRef) -> str:
+def _read_snapshot(conf: dict[str, Any], pod: wire.PodRef) -> Snapshot | str:
+    """The agent's enrollment snapshot, or why it cannot be used (``""``: not read, the pod is no Kubernetes
+    pod)."""
+    if not (pod.name and pod.namespace):
+        return ""
     from cni_plugin import snapshot
 
-    path = rundir.snapshot_path(conf["run_dir"])
     try:
-        return snapshot.read(path).verdict(pod.namespace, pod.name)
+        return snapshot.read(rundir.snapshot_path(conf["run_dir"]))
     except snapshot.SnapshotError as exc:
+        return str(exc)
+
+
+def _exempt(conf: dict[str, Any], pod: wire.PodRef, snap: Snapshot | str) -> str | None:
+    """Why ``pod`` is outside the mesh without asking the agent, or None when it may be enrolled.
+
+    With a snapshot that carries the agent's exemptions, those decide: the config's count only where the agent
+    agrees, and a pod that only the config exempts is decided like any other (from the snapshot, asking the
+    agent when it may be enrolled). Without one, the config decides."""
+    own = exemption_reason(pod.name, pod.namespace, _exemptions(conf))
+    published = None if isinstance(snap, str) else snap.exemptions
+    if published is None:
+        return own
+    reason = exemption_reason(pod.name, pod.namespace, published)
+    if own is not None and reason is None:
+        LOG.warning("the plugin's config exempts this pod but the node agent does not: deciding as the agent does",
+                    config=own)
+    return reason
+
+
+def _verdict(pod: wire.PodRef, snap: Snapshot | str) -> str:
+    if isinstance(snap, str):
         raise errors.CniError(
             errors.TRY_AGAIN_LATER,
-            f"ambient-cni: enrollment of pod {pod.namespace}/{pod.name} is unknown ({exc}); "
+            f"ambient-cni: enrollment of pod {pod.namespace}/{pod.name} is unknown ({snap}); "
             "is the ambient-cni agent running on this node? It publishes this snapshot.",
-        ) from exc
+        )
+    return snap.verdict(pod.namespace, pod.name)
 
 
 def _ask_agent(
@@ -176,7 +208,8 @@ def cmd_add(inv: Invocation) -> dict[str, Any]:
     _configure_log(inv)
     result = pass_through(conf["prevResult"], conf["cniVersion"])
     pod = _pod(inv)
-    reason = exemption_reason(pod.name, pod.namespace, _exemptions(conf))
+    snap = _read_snapshot(conf, pod)
+    reason = _exempt(conf, pod, snap)
     if reason is not None:
         LOG.info("not enrolled: " + reason)
         return result
@@ -189,7 +222,7 @@ def cmd_add(inv: Invocation) -> dict[str, Any]:
         LOG.debug("netns hint not written")
     from cni_plugin.snapshot import Verdict
 
-    verdict = _verdict(conf, pod)
+    verdict = _verdict(pod, snap)
     if verdict == Verdict.NOT_ENROLLED:
         LOG.info("not enrolled (agent snapshot)")
         return result
@@ -233,7 +266,7 @@ def cmd_del(inv: Invocation) -> None:
     conf = inv.conf
     _configure_log(inv)
     pod = _pod_if_valid(inv)
-    if pod is None or exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
+    if pod is None or _exempt(conf, pod, _read_snapshot(conf, pod)) is not None:
         return None
     hints.remove(conf["run_dir"], pod.namespace, pod.name, inv.container_id)
     if not os.path.exists(rundir.socket_path(conf["run_dir"])):
@@ -257,11 +290,12 @@ def cmd_check(inv: Invocation) -> None:
     if conf["prevResult"] is not None:
         pass_through(conf["prevResult"], conf["cniVersion"])  # validates it
     pod = _pod(inv)
-    if exemption_reason(pod.name, pod.namespace, _exemptions(conf)) is not None:
+    snap = _read_snapshot(conf, pod)
+    if _exempt(conf, pod, snap) is not None:
         return None
     from cni_plugin.snapshot import Verdict
 
-    verdict = _verdict(conf, pod)
+    verdict = _verdict(pod, snap)
     if verdict == Verdict.NOT_ENROLLED:
         return None
     request = _request(inv, "check", pod, pod_ips(conf["prevResult"]))

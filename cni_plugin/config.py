@@ -11,8 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DEFAULT_RUN_DIR = "/var/run/ambient-cni"
-PLUGIN_TYPE = "ambient-cni"
+from cni_plugin import defaults
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -47,16 +46,19 @@ class PluginConfig(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     run_dir: str = Field(
-        DEFAULT_RUN_DIR, min_length=1, description="Agent run dir: cni.sock, the enrollment snapshot, plugin.log"
+        defaults.RUN_DIR, min_length=1, description="Agent run dir: cni.sock, the enrollment snapshot, plugin.log"
     )
     exclude_namespaces: list[str] = Field(
-        default_factory=lambda: ["kube-system"], description="Namespaces never enrolled; decided without the agent"
+        default_factory=lambda: list(defaults.EXCLUDE_NAMESPACES),
+        description="Namespaces never enrolled, until the node agent publishes its own exemptions (which then decide)",
     )
-    agent_pod_namespace: str = Field("istio-system", description="Namespace of the node agent's own pods")
+    agent_pod_namespace: str = Field(defaults.AGENT_POD_NAMESPACE, description="Namespace of the node agent's own pods")
     agent_pod_name_prefix: str = Field(
-        "ambient-cni-node-", description="Name prefix of the node agent's own pods (always admitted)"
+        defaults.AGENT_POD_NAME_PREFIX, description="Name prefix of the node agent's own pods (always admitted)"
     )
-    deadline_ms: int = Field(5000, ge=100, le=120_000, description="End-to-end bound of one agent round trip")
+    deadline_ms: int = Field(
+        defaults.DEADLINE_MS, ge=100, le=120_000, description="End-to-end bound of one agent round trip"
+    )
     log_level: LogLevel = Field("info", description="debug, info, warning or error")
     log_file: str | None = Field(
         None, description='Plugin log file; default <run_dir>/plugin.log; "" disables the file'

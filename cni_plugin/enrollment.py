@@ -2,17 +2,22 @@
 
 A pod is enrolled when its namespace has ``istio.io/dataplane-mode=ambient`` and the pod does not carry
 ``istio.io/dataplane-mode=none``, or when the pod itself carries ``istio.io/dataplane-mode=ambient``.
-Never enrolled: hostNetwork pods, pods with the ``sidecar.istio.io/status`` annotation, namespaces in
-``exclude_namespaces`` and the agent's own pods (recognised from CNI_ARGS alone).
+Never enrolled: hostNetwork pods, pods with the ``sidecar.istio.io/status`` annotation, and the exempt pods:
+namespaces in ``exclude_namespaces`` and the agent's own pods (recognised from name and namespace alone).
+
+The exemptions are the agent's: it publishes the ones it applies in the enrollment snapshot, and the plugin
+follows them (``cni_plugin.commands``); the plugin's own config stands in only while no snapshot carries any.
 """
 
 from __future__ import annotations
 
+from cni_plugin import defaults
 from cni_plugin.frozen import Frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
+    from typing import Any
 
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 MODE_AMBIENT = "ambient"
@@ -38,13 +43,20 @@ class Exemptions(Frozen):
 
     __slots__ = ("exclude_namespaces", "agent_pod_namespace", "agent_pod_name_prefix")
     _defaults = {
-        "exclude_namespaces": ("kube-system",),
-        "agent_pod_namespace": "istio-system",
-        "agent_pod_name_prefix": "ambient-cni-node-",
+        "exclude_namespaces": defaults.EXCLUDE_NAMESPACES,
+        "agent_pod_namespace": defaults.AGENT_POD_NAMESPACE,
+        "agent_pod_name_prefix": defaults.AGENT_POD_NAME_PREFIX,
     }
     exclude_namespaces: Collection[str]
     agent_pod_namespace: str
     agent_pod_name_prefix: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exclude_namespaces": sorted(self.exclude_namespaces),
+            "agent_pod_namespace": self.agent_pod_namespace,
+            "agent_pod_name_prefix": self.agent_pod_name_prefix,
+        }
 
 
 def is_agent_pod(name: str, namespace: str, exemptions: Exemptions) -> bool:

@@ -13,18 +13,19 @@ import json
 import os
 import subprocess
 
-PLUGIN = "ambient-cni"
+from cni_plugin.defaults import PLUGIN_NAME
+
 COPY_COMMAND = "cp -a dist/ambient-cni dist/ambient-cni.bundle {bin_dir}/"
 TIMEOUT_S = 10.0
 _ENV = {"CNI_COMMAND": "VERSION", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 def fix_hint(bin_dir: str) -> str:
-    return (f"remove {os.path.join(bin_dir, PLUGIN)}, then let `ambient-cni install` install the whole bundle, "
+    return (f"remove {os.path.join(bin_dir, PLUGIN_NAME)}, then let `ambient-cni install` install the whole bundle, "
             f"or copy the executable together with its bundle: {COPY_COMMAND.format(bin_dir=bin_dir.rstrip('/'))}")
 
 
-def problem(bin_dir: str, name: str = PLUGIN, timeout: float = TIMEOUT_S) -> str | None:
+def problem(bin_dir: str, name: str = PLUGIN_NAME, timeout: float = TIMEOUT_S) -> str | None:
     """None when ``<bin_dir>/<name>`` answers VERSION with a CNI version list; else what is wrong and the fix."""
     path = os.path.join(bin_dir, name)
     if not os.path.lexists(path):

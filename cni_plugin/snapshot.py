@@ -4,9 +4,12 @@ reads on every ADD.
 Format (one JSON object, atomically replaced; JSON because the plugin parses it with CPython's C scanner
 without importing msgpack, whose import costs ~5 ms of every pod start):
 ``{"v": 1, "node": str, "generation": int, "written_at": float, "namespaces": {name: bool},
-"pods": {"namespace/name": bool}}``. ``namespaces`` holds each namespace's
-verdict; ``pods`` holds the verdict of every pod the agent knows on this node (pod-level opt-ins and
-opt-outs, hostNetwork and sidecar pods included).
+"pods": {"namespace/name": bool}, "exemptions": {"exclude_namespaces": [str], "agent_pod_namespace": str,
+"agent_pod_name_prefix": str}}``. ``namespaces`` holds each namespace's verdict; ``pods`` holds the verdict of
+every pod the agent knows on this node (pod-level opt-ins and opt-outs, hostNetwork and sidecar pods included);
+``exemptions`` are the exemptions the agent applies (``--exclude-namespaces``, ``--agent-pod-namespace``,
+``--agent-pod-name-prefix``), which the plugin follows instead of its own config. A snapshot without
+``exemptions`` (written by an older agent) is valid: the plugin then falls back to its config.
 
 Reading it is bounded and never blocks (``cni_plugin.files.read_bounded``: a symlink or a FIFO is refused at once)
 and the file must be a regular file owned by root and not writable by group or others,
@@ -19,6 +22,7 @@ from __future__ import annotations
 import errno
 import stat
 
+from cni_plugin.enrollment import Exemptions
 from cni_plugin.frozen import Frozen
 
 TYPE_CHECKING = False
@@ -47,14 +51,16 @@ class SnapshotError(Exception):
 
 
 class Snapshot(Frozen):
-    __slots__ = ("node", "generation", "namespaces", "pods")
+    __slots__ = ("node", "generation", "namespaces", "pods", "exemptions")
+    _defaults = {"exemptions": None}
     node: str
     generation: int
     namespaces: dict[str, bool]
     pods: dict[str, bool]
+    exemptions: Exemptions | None  # None: an agent that did not publish its exemptions
 
     def to_wire(self, written_at: float) -> dict[str, Any]:
-        return {
+        message: dict[str, Any] = {
             "v": SNAPSHOT_VERSION,
             "node": self.node,
             "generation": self.generation,
@@ -62,6 +68,9 @@ class Snapshot(Frozen):
             "namespaces": self.namespaces,
             "pods": self.pods,
         }
+        if self.exemptions is not None:
+            message["exemptions"] = self.exemptions.to_json()
+        return message
 
     def verdict(self, namespace: str, name: str) -> str:
         pod_verdict = self.pods.get(f"{namespace}/{name}")
@@ -82,6 +91,20 @@ def _bool_map(value: object) -> bool:
     return isinstance(value, dict) and set(map(type, value.values())) <= _BOOL
 
 
+def _exemptions(raw: object) -> Exemptions | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SnapshotError("snapshot exemptions are not a map")
+    namespaces = raw.get("exclude_namespaces")
+    agent_namespace, agent_prefix = raw.get("agent_pod_namespace"), raw.get("agent_pod_name_prefix")
+    if (not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces)
+            or not isinstance(agent_namespace, str) or not isinstance(agent_prefix, str)):
+        raise SnapshotError("snapshot exemptions have missing fields or wrong types")
+    return Exemptions(exclude_namespaces=frozenset(namespaces), agent_pod_namespace=agent_namespace,
+                      agent_pod_name_prefix=agent_prefix)
+
+
 def decode(data: bytes) -> Snapshot:
     """The snapshot in ``data``; SnapshotError for anything that is not exactly the format above."""
     from cni_plugin import fastjson
@@ -98,7 +121,8 @@ def decode(data: bytes) -> Snapshot:
     namespaces, pods = raw.get("namespaces"), raw.get("pods")
     if not _bool_map(namespaces) or not _bool_map(pods):
         raise SnapshotError("snapshot namespaces/pods are not maps of booleans")
-    return Snapshot(node=node, generation=generation, namespaces=namespaces, pods=pods)
+    exemptions = _exemptions(raw.get("exemptions"))
+    return Snapshot(node=node, generation=generation, namespaces=namespaces, pods=pods, exemptions=exemptions)
 
 
 def _read_bounded(path: str) -> bytes:

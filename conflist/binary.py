@@ -23,9 +23,10 @@ import stat
 import sys
 from dataclasses import dataclass
 
+from cni_plugin.defaults import PLUGIN_NAME
 from cni_plugin.files import fsync_dir
 
-EXECUTABLE = "ambient-cni"
+EXECUTABLE = PLUGIN_NAME
 BUNDLE_PREFIX = ".ambient-cni-"
 TEMP_PREFIX = ".ambient-cni-tmp-"
 LINK_TEMP_PREFIX = ".ambient-cni-link-tmp-"

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cni_plugin.config import PLUGIN_TYPE
+from cni_plugin.defaults import PLUGIN_NAME
 from cni_plugin.versions import SUPPORTED_VERSIONS
 
 LIBCNI_IMPLIED_VERSION = "0.1.0"  # what libcni/plugins assume for a config without cniVersion
@@ -121,7 +121,7 @@ def parse_primary(filename: str, data: bytes) -> Primary:
 
 def plugin_entry(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Our conflist entry: ``type`` first, then every plugin setting (explicit, so operators see them)."""
-    entry: dict[str, Any] = {"type": PLUGIN_TYPE}
+    entry: dict[str, Any] = {"type": PLUGIN_NAME}
     for key, value in settings.items():
         if value is not None:
             entry[key] = value
@@ -147,7 +147,7 @@ def _effective_version(primary: Primary, default_cni_version: str | None) -> str
 
 
 def without_ours(plugins: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [p for p in plugins if p.get("type") != PLUGIN_TYPE]
+    return [p for p in plugins if p.get("type") != PLUGIN_NAME]
 
 
 def build_chain(primary: Primary, entry: Mapping[str, Any], default_cni_version: str | None = None) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def build_chain(primary: Primary, entry: Mapping[str, Any], default_cni_version:
             out = {"cniVersion": version, **out}
         return out
     inner = {k: v for k, v in primary.doc.items() if k != "cniVersion"}
-    if inner.get("type") == PLUGIN_TYPE:
+    if inner.get("type") == PLUGIN_NAME:
         raise ChainError(f"{primary.filename}: the primary config is an ambient-cni entry itself")
     return {"cniVersion": version, "name": primary.doc.get("name", ""), "plugins": [inner, ours]}
 
@@ -190,7 +190,7 @@ def is_chained(doc: Mapping[str, Any], entry: Mapping[str, Any], expect_types: S
     plugins = doc.get("plugins")
     if not isinstance(plugins, list) or not plugins:
         return False
-    ours = [p for p in plugins if isinstance(p, dict) and p.get("type") == PLUGIN_TYPE]
+    ours = [p for p in plugins if isinstance(p, dict) and p.get("type") == PLUGIN_NAME]
     if len(ours) != 1 or plugins[-1] is not ours[0] or dict(ours[0]) != dict(entry):
         return False
     if expect_types is not None:

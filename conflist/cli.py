@@ -3,87 +3,67 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from cni_plugin import rundir
-from cni_plugin.config import DEFAULT_RUN_DIR, PLUGIN_TYPE
+from cli_options import DISABLED, apply_options, comma_list, option
+from cni_plugin import defaults, rundir
 from conflist import logs
 from conflist.chain import plugin_entry
 from conflist.discover import CONTAINERD_CONFIG, CRIO_CONFIG, resolve_dirs
 from conflist.installer import DEFAULT_OWNED_NAME, Installer, InstallError, Options
 
 log = logging.getLogger("ambient_cni.install")
-FC = TypeVar("FC", bound=Callable[..., Any])
-DISABLED = "none"  # an empty env var counts as unset in click, so env users disable files with this word
-
-
-def _opt(flag: str, **kwargs: Any) -> Callable[[FC], FC]:
-    env = "AMBIENT_CNI_" + flag.lstrip("-").split("/")[0].replace("-", "_").upper()
-    return click.option(flag, envvar=env, show_envvar=True, **kwargs)
-
 
 # Options of install and uninstall alike, in help order.
-COMMON_OPTIONS: list[Callable[[FC], FC]] = [
-    _opt("--conf-dir", default=None, help="CNI conf dir [containerd/CRI-O config, else /etc/cni/net.d]"),
-    _opt("--bin-dir", default=None, help="CNI bin dir [containerd/CRI-O config, else /opt/cni/bin]"),
-    _opt("--mode", type=click.Choice(["owned", "inplace"]), default="owned", show_default=True,
-         help="owned: write our own first-sorting conflist; inplace: edit the primary file"),
-    _opt("--owned-file-name", default=DEFAULT_OWNED_NAME, show_default=True,
-         help="Name of the owned conflist (a fallback that sorts first is used if needed)"),
-    _opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True,
-         help="Agent run dir (plugin entry key run_dir); holds the readiness file by default"),
-    _opt("--ready-file", default=None, help="Readiness file, present only while installed and valid "
-         "[<run-dir>/install.ready]; '' or 'none' disables it"),
-    _opt("--containerd-config", default=CONTAINERD_CONFIG, show_default=True,
-         help="containerd config read for conf_dir/bin_dir"),
-    _opt("--crio-config", default=CRIO_CONFIG, show_default=True,
-         help="CRI-O config (and its .d drop-ins) read for network_dir/plugin_dirs"),
-    _opt("--installer-log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-         default="info", show_default=True, help="Verbosity of the installer's own stderr log"),
+COMMON_OPTIONS: list[Any] = [
+    option("--conf-dir", default=None, help="CNI conf dir [containerd/CRI-O config, else /etc/cni/net.d]"),
+    option("--bin-dir", default=None, help="CNI bin dir [containerd/CRI-O config, else /opt/cni/bin]"),
+    option("--mode", type=click.Choice(["owned", "inplace"]), default="owned", show_default=True,
+           help="owned: write our own first-sorting conflist; inplace: edit the primary file"),
+    option("--owned-file-name", default=DEFAULT_OWNED_NAME, show_default=True,
+           help="Name of the owned conflist (a fallback that sorts first is used if needed)"),
+    option("--run-dir", default=defaults.RUN_DIR, show_default=True,
+           help="Agent run dir (plugin entry key run_dir); holds the readiness file by default"),
+    option("--ready-file", default=None, help="Readiness file, present only while installed and valid "
+           "[<run-dir>/install.ready]; '' or 'none' disables it"),
+    option("--containerd-config", default=CONTAINERD_CONFIG, show_default=True,
+           help="containerd config read for conf_dir/bin_dir"),
+    option("--crio-config", default=CRIO_CONFIG, show_default=True,
+           help="CRI-O config (and its .d drop-ins) read for network_dir/plugin_dirs"),
+    option("--installer-log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+           default=defaults.LOG_LEVEL, show_default=True, help="Verbosity of the installer's own stderr log"),
 ]
 
 # Everything `install` (watch mode) takes besides --once; `ambient-cni node` reuses this list.
-INSTALL_OPTIONS: list[Callable[[FC], FC]] = [
+INSTALL_OPTIONS: list[Any] = [
     *COMMON_OPTIONS,
-    _opt("--exclude-namespaces", default="kube-system", show_default=True,
-         help="Comma-separated namespaces never enrolled (plugin entry key exclude_namespaces)"),
-    _opt("--agent-pod-namespace", default="istio-system", show_default=True, help="Namespace of the agent's pods"),
-    _opt("--agent-pod-name-prefix", default="ambient-cni-node-", show_default=True,
-         help="Name prefix of the agent's pods (always admitted)"),
-    _opt("--deadline-ms", type=int, default=5000, show_default=True, help="Plugin's bound on one agent round trip"),
-    _opt("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-         show_default=True, help="Plugin log level (plugin entry key log_level)"),
-    _opt("--log-file", default=None, help='Plugin log file [<run-dir>/plugin.log]; "" or "none" disables it'),
-    _opt("--file-mode", default="0600", show_default=True,
-         help="Mode of the owned conflist (inplace keeps the primary's)"),
-    _opt("--source", default=None,
-         help="Plugin bundle dir to install [the running bundle, or dist/ambient-cni.bundle]"),
-    _opt("--skip-binary", is_flag=True, default=False, help="Do not install or watch the plugin binary"),
-    _opt("--default-cni-version", default=None,
-         help="cniVersion for a primary that declares none (libcni would run it as 0.1.0, which cannot chain)"),
-    _opt("--fight-limit", type=int, default=5, show_default=True,
-         help="Repairs within --fight-window before warning and backing off"),
-    _opt("--fight-window", type=float, default=10.0, show_default=True, help="Seconds (see --fight-limit)"),
-    _opt("--fight-backoff", type=float, default=1.0, show_default=True,
-         help="Seconds between repairs when fighting"),
+    option("--exclude-namespaces", default=",".join(defaults.EXCLUDE_NAMESPACES), show_default=True,
+           help="Comma-separated namespaces never enrolled (plugin entry key exclude_namespaces; the node agent's "
+           "published exemptions take precedence once it runs)"),
+    option("--agent-pod-namespace", default=defaults.AGENT_POD_NAMESPACE, show_default=True,
+           help="Namespace of the agent's pods"),
+    option("--agent-pod-name-prefix", default=defaults.AGENT_POD_NAME_PREFIX, show_default=True,
+           help="Name prefix of the agent's pods (always admitted)"),
+    option("--deadline-ms", type=int, default=defaults.DEADLINE_MS, show_default=True,
+           help="Plugin's bound on one agent round trip"),
+    option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=defaults.LOG_LEVEL,
+           show_default=True, help="Plugin log level (plugin entry key log_level)"),
+    option("--log-file", default=None, help='Plugin log file [<run-dir>/plugin.log]; "" or "none" disables it'),
+    option("--file-mode", default="0600", show_default=True,
+           help="Mode of the owned conflist (inplace keeps the primary's)"),
+    option("--source", default=None,
+           help="Plugin bundle dir to install [the running bundle, or dist/ambient-cni.bundle]"),
+    option("--skip-binary", is_flag=True, default=False, help="Do not install or watch the plugin binary"),
+    option("--default-cni-version", default=None,
+           help="cniVersion for a primary that declares none (libcni would run it as 0.1.0, which cannot chain)"),
+    option("--fight-limit", type=int, default=5, show_default=True,
+           help="Repairs within --fight-window before warning and backing off"),
+    option("--fight-window", type=float, default=10.0, show_default=True, help="Seconds (see --fight-limit)"),
+    option("--fight-backoff", type=float, default=1.0, show_default=True,
+           help="Seconds between repairs when fighting"),
 ]
-
-
-def _apply(options: list[Callable[[FC], FC]]) -> Callable[[FC], FC]:
-    def decorate(func: FC) -> FC:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
-
-
-def _common(func: FC) -> FC:
-    """COMMON_OPTIONS as one decorator (ambient_cni.uninstall wraps this command's options)."""
-    return _apply(COMMON_OPTIONS)(func)
 
 
 def _ready_file(ready_file: str | None, run_dir: str) -> str | None:
@@ -118,7 +98,7 @@ def build_entry(
 
     values: dict[str, Any] = {
         "run_dir": run_dir,
-        "exclude_namespaces": [n.strip() for n in exclude_namespaces.split(",") if n.strip()],
+        "exclude_namespaces": list(comma_list(exclude_namespaces)),
         "agent_pod_namespace": agent_pod_namespace,
         "agent_pod_name_prefix": agent_pod_name_prefix,
         "deadline_ms": deadline_ms,
@@ -132,7 +112,7 @@ def build_entry(
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise click.UsageError(f"invalid plugin setting: {problems}") from None
     entry = plugin_entry(config.model_dump())
-    assert entry["type"] == PLUGIN_TYPE
+    assert entry["type"] == defaults.PLUGIN_NAME
     return entry
 
 
@@ -168,8 +148,8 @@ def install_options(kw: dict[str, Any]) -> Options:
 
 
 @click.command("install")
-@_apply(INSTALL_OPTIONS)
-@_opt("--once", is_flag=True, default=False, help="One pass, then exit (0 when installed and valid)")
+@apply_options(INSTALL_OPTIONS)
+@option("--once", is_flag=True, default=False, help="One pass, then exit (0 when installed and valid)")
 def install_cmd(**kw: Any) -> None:
     """Install the plugin binary and chain it into the node's conflist; watch and repair (default)."""
     logs.setup(kw["installer_log_level"])
@@ -204,7 +184,7 @@ def install_cmd(**kw: Any) -> None:
 
 
 @click.command("uninstall")
-@_common
+@apply_options(COMMON_OPTIONS)
 def uninstall_cmd(**kw: Any) -> None:
     """Remove the plugin from the conflist (owned file removed, inplace primary restored), then its binary."""
     logs.setup(kw["installer_log_level"])
@@ -212,7 +192,7 @@ def uninstall_cmd(**kw: Any) -> None:
     options = Options(
         conf_dir=dirs.conf_dir,
         bin_dir=dirs.bin_dir,
-        entry={"type": PLUGIN_TYPE},
+        entry={"type": defaults.PLUGIN_NAME},
         mode=kw["mode"],
         owned_file_name=kw["owned_file_name"],
         ready_file=_ready_file(kw["ready_file"], kw["run_dir"]),

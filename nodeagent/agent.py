@@ -7,12 +7,11 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import FrameType
 
-from cni_plugin.enrollment import Exemptions
 from nodeagent import logs
 from nodeagent.clusterview.model import ClusterView
+from nodeagent.config import AgentConfig
 from nodeagent.core import AgentCore, Readiness
 from nodeagent.dataplane.api import Dataplane, NoopDataplane
 from nodeagent.health import HealthServer
@@ -26,42 +25,6 @@ from nodeagent.store import PodStore
 
 class AgentError(Exception):
     """A start-up problem reported to the user as one clear line."""
-
-
-@dataclass
-class AgentConfig:
-    run_dir: str = "/var/run/ambient-cni"
-    state_dir: str = "/var/lib/ambient-cni"
-    cluster_state: str | None = None
-    kubeconfig: str | None = None
-    node_name: str = ""
-    zds_socket: str = "/var/run/ztunnel/ztunnel.sock"
-    health_addr: str = "127.0.0.1:8000"
-    dataplane: str = "inpod"
-    exclude_namespaces: tuple[str, ...] = ("kube-system",)
-    agent_pod_namespace: str = "istio-system"
-    agent_pod_name_prefix: str = "ambient-cni-node-"
-    reconcile_interval: float = 30.0
-    proc_root: str = "/proc"
-    log_level: str = "info"
-    drain_timeout: float = 10.0
-    # dataplane (inpod): where the probe path goes (None: the agent's own netns), the redirection defaults
-    host_netns: str | None = None
-    dns_capture: bool = False
-    redirect_mode: str = "tproxy"
-    probe_snat_ip: str = "169.254.7.127"
-    probe_snat_ipv6: str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
-    # a real uninstall on stop (not a restart): the node-side probe path is removed after draining
-    uninstall_on_stop: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def exemptions(self) -> Exemptions:
-        return Exemptions(
-            exclude_namespaces=tuple(self.exclude_namespaces),
-            agent_pod_namespace=self.agent_pod_namespace,
-            agent_pod_name_prefix=self.agent_pod_name_prefix,
-        )
 
 
 def make_view(config: AgentConfig) -> ClusterView:

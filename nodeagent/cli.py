@@ -1,8 +1,9 @@
 """``ambient-cni agent``: the node agent's command line. Every flag is also env ``AMBIENT_CNI_<FLAG>``.
 
-The agent's options are defined once, in ``AGENT_OPTIONS``: ``ambient-cni agent`` applies them, and
-``ambient-cni node`` (installer + agent in one process) takes them together with the installer's. An option
-whose name is an ``AgentConfig`` field is carried into the config by ``agent_config`` without more code.
+The agent's options are defined once, in ``AGENT_OPTIONS`` (defaults: ``nodeagent.config.AgentConfig``):
+``ambient-cni agent`` applies them, and ``ambient-cni node`` (installer + agent in one process) takes them
+together with the installer's. An option whose name is an ``AgentConfig`` field is carried into the config by
+``agent_config`` without more code.
 """
 
 from __future__ import annotations
@@ -11,25 +12,15 @@ import dataclasses
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import click
 
-if TYPE_CHECKING:
-    from nodeagent.agent import AgentConfig
+from cli_options import apply_options, comma_list, option, option_names
+from nodeagent.config import AgentConfig
 
-DEFAULT_RUN_DIR = "/var/run/ambient-cni"
-DEFAULT_STATE_DIR = "/var/lib/ambient-cni"
-DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"
-
-FC = TypeVar("FC", bound=Callable[..., Any])
-Decorator = Callable[[FC], FC]
-
-
-def _opt(flag: str, **kwargs: Any) -> Any:
-    env = "AMBIENT_CNI_" + flag.lstrip("-").split("/")[0].replace("-", "_").upper()
-    return click.option(flag, envvar=env, show_envvar=True, **kwargs)
+DEFAULTS = AgentConfig()
 
 
 def _address(version: int) -> Any:
@@ -49,82 +40,59 @@ def default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
-# The agent's options, in help order. `ambient-cni node` reuses this list: add agent options here.
+# The agent's options, in help order; every default is AgentConfig's. `ambient-cni node` reuses this list: add
+# agent options here.
 AGENT_OPTIONS: list[Any] = [
-    _opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True, help="Socket, enrollment snapshot, logs (0700)."),
-    _opt("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="Durable pod records (SQLite)."),
-    _opt("--cluster-state", type=click.Path(dir_okay=False), default=None,
-         help="YAML/JSON cluster-state file (reloaded on change) instead of the Kubernetes API."),
-    _opt("--kubeconfig", type=click.Path(dir_okay=False), default=None,
-         help="Kubeconfig for the Kubernetes API; in-cluster config when neither this nor --cluster-state."),
-    _opt("--node-name", default=None, help="This node's name. [default: env NODE_NAME, else the hostname]"),
-    _opt("--zds-socket", default=DEFAULT_ZDS_SOCKET, show_default=True, help="ZDS socket ztunnel connects to."),
-    _opt("--health-addr", default="127.0.0.1:8000", show_default=True,
-         help="HOST:PORT for /healthz /readyz /metrics."),
-    _opt("--dataplane", type=click.Choice(["inpod", "noop", "record"]), default="inpod", show_default=True,
-         help="inpod: redirection + ZDS; noop: no rules, no ztunnel, only the agent's records of enrolled pods "
-         "(tests; record is its older name)."),
-    _opt("--exclude-namespaces", default="kube-system", show_default=True,
-         help="Comma-separated namespaces never enrolled (same default as the plugin)."),
-    _opt("--agent-pod-namespace", default="istio-system", show_default=True,
-         help="Namespace of the agent's own pods."),
-    _opt("--agent-pod-name-prefix", default="ambient-cni-node-", show_default=True,
-         help="Name prefix of the agent's own pods (never enrolled)."),
-    _opt("--reconcile-interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-         help="Seconds between periodic reconcile passes."),
-    _opt("--proc-root", default="/proc", show_default=True,
-         help="The host's /proc, scanned to find running pods' netns (e.g. /host/proc in a container)."),
-    _opt("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-         show_default=True, help="Agent log level (with `ambient-cni node` also the plugin entry's log_level)."),
-    _opt("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
-         help="Seconds to wait for in-flight requests on SIGTERM."),
-    _opt("--host-netns", type=click.Path(dir_okay=False), default=None,
-         help="The node's network namespace: the probe SNAT rule and probe sets go there. "
-         "[default: the agent's own network namespace]"),
-    _opt("--dns-capture/--no-dns-capture", default=False, show_default=True,
-         help="Capture pods' DNS (UDP/TCP 53 -> 15053); a pod's ambient.istio.io/dns-capture annotation overrides."),
-    _opt("--redirect-mode", type=click.Choice(["tproxy", "redirect"]), default="tproxy", show_default=True,
-         help="tproxy: the seed's rules (TPROXY inbound); redirect: Istio's current rules (nat REDIRECT inbound)."),
-    _opt("--probe-snat-ip", default="169.254.7.127", show_default=True, callback=_address(4),
-         help="Source address kubelet probes are SNATed to (and let through inside pods)."),
-    _opt("--probe-snat-ipv6", default="fd16:9254:7127:1337:ffff:ffff:ffff:ffff", show_default=True,
-         callback=_address(6), help="IPv6 twin of --probe-snat-ip."),
+    option("--run-dir", default=DEFAULTS.run_dir, show_default=True, help="Socket, enrollment snapshot, logs (0700)."),
+    option("--state-dir", default=DEFAULTS.state_dir, show_default=True, help="Durable pod records (SQLite)."),
+    option("--cluster-state", type=click.Path(dir_okay=False), default=None,
+           help="YAML/JSON cluster-state file (reloaded on change) instead of the Kubernetes API."),
+    option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+           help="Kubeconfig for the Kubernetes API; in-cluster config when neither this nor --cluster-state."),
+    option("--node-name", default=None, help="This node's name. [default: env NODE_NAME, else the hostname]"),
+    option("--zds-socket", default=DEFAULTS.zds_socket, show_default=True, help="ZDS socket ztunnel connects to."),
+    option("--health-addr", default=DEFAULTS.health_addr, show_default=True,
+           help="HOST:PORT for /healthz /readyz /metrics."),
+    option("--dataplane", type=click.Choice(["inpod", "noop", "record"]), default=DEFAULTS.dataplane,
+           show_default=True, help="inpod: redirection + ZDS; noop: no rules, no ztunnel, only the agent's records of "
+           "enrolled pods (tests; record is its older name)."),
+    option("--exclude-namespaces", default=",".join(DEFAULTS.exclude_namespaces), show_default=True,
+           help="Comma-separated namespaces never enrolled. The agent publishes them (and the agent-pod exemption) in "
+           "the enrollment snapshot, and the plugin follows them."),
+    option("--agent-pod-namespace", default=DEFAULTS.agent_pod_namespace, show_default=True,
+           help="Namespace of the agent's own pods."),
+    option("--agent-pod-name-prefix", default=DEFAULTS.agent_pod_name_prefix, show_default=True,
+           help="Name prefix of the agent's own pods (never enrolled)."),
+    option("--reconcile-interval", type=click.FloatRange(min=0.1), default=DEFAULTS.reconcile_interval,
+           show_default=True, help="Seconds between periodic reconcile passes."),
+    option("--proc-root", default=DEFAULTS.proc_root, show_default=True,
+           help="The host's /proc, scanned to find running pods' netns (e.g. /host/proc in a container)."),
+    option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=DEFAULTS.log_level,
+           show_default=True, help="Agent log level (with `ambient-cni node` also the plugin entry's log_level)."),
+    option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULTS.drain_timeout, show_default=True,
+           help="Seconds to wait for in-flight requests on SIGTERM."),
+    option("--host-netns", type=click.Path(dir_okay=False), default=None,
+           help="The node's network namespace: the probe SNAT rule and probe sets go there. "
+           "[default: the agent's own network namespace]"),
+    option("--dns-capture/--no-dns-capture", default=DEFAULTS.dns_capture, show_default=True,
+           help="Capture pods' DNS (UDP/TCP 53 -> 15053); a pod's ambient.istio.io/dns-capture annotation overrides."),
+    option("--redirect-mode", type=click.Choice(["tproxy", "redirect"]), default=DEFAULTS.redirect_mode,
+           show_default=True,
+           help="tproxy: the seed's rules (TPROXY inbound); redirect: Istio's current rules (nat REDIRECT inbound)."),
+    option("--probe-snat-ip", default=DEFAULTS.probe_snat_ip, show_default=True, callback=_address(4),
+           help="Source address kubelet probes are SNATed to (and let through inside pods)."),
+    option("--probe-snat-ipv6", default=DEFAULTS.probe_snat_ipv6, show_default=True, callback=_address(6),
+           help="IPv6 twin of --probe-snat-ip."),
 ]
-
-
-def apply_options(options: Sequence[Any]) -> Callable[[FC], FC]:
-    """One decorator applying ``options`` so that they appear in list order."""
-
-    def decorate(func: FC) -> FC:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
-
-
-def option_names(options: Sequence[Any]) -> set[str]:
-    """The parameter names a list of option decorators defines."""
-
-    def probe() -> None:
-        return None
-
-    for option in options:
-        probe = option(probe)
-    return {str(p.name) for p in getattr(probe, "__click_params__", [])}
 
 
 def agent_config(params: Mapping[str, Any]) -> AgentConfig:
     """The agent's config from parsed options: every option of ``AGENT_OPTIONS`` named like an ``AgentConfig``
     field is taken (only those: another command's option of the same name is not the agent's)."""
-    from nodeagent.agent import AgentConfig
-
     names = {f.name for f in dataclasses.fields(AgentConfig)} & option_names(AGENT_OPTIONS)
     values = {k: v for k, v in params.items() if k in names}
     values["node_name"] = params.get("node_name") or default_node_name()
-    values["exclude_namespaces"] = tuple(
-        ns.strip() for ns in str(params.get("exclude_namespaces", "")).split(",") if ns.strip()
-    )
+    values["exclude_namespaces"] = comma_list(str(params.get("exclude_namespaces", "")))
     return AgentConfig(**values)
 
 

@@ -55,9 +55,12 @@ def namespace_verdict(name: str, state: ClusterState, exemptions: enrollment.Exe
 def build_snapshot(
     state: ClusterState, node: str, generation: int, exemptions: enrollment.Exemptions
 ) -> Snapshot:
+    """The enrollment snapshot of ``state``: every namespace's and pod's verdict, and the exemptions applied (the
+    plugin follows them)."""
     namespaces = {name: namespace_verdict(name, state, exemptions) for name in sorted(state.namespaces)}
     pods = {f"{pod.namespace}/{pod.name}": pod_enrolled(pod, state, exemptions) for pod in state.pods.values()}
-    return Snapshot(node=node, generation=generation, namespaces=namespaces, pods=dict(sorted(pods.items())))
+    return Snapshot(node=node, generation=generation, namespaces=namespaces, pods=dict(sorted(pods.items())),
+                    exemptions=exemptions)
 
 
 def parse_bool(value: str | None) -> bool | None:

@@ -22,18 +22,11 @@ from typing import Any
 
 import click
 
-from cni_plugin import hints, k8snames, rundir
+from cli_options import option
+from cni_plugin import defaults, hints, k8snames, rundir
 from nodeagent.dataplane import diagnose, rules
 from nodeagent.dataplane.netns import NetnsError, open_netns
 from nodeagent.dataplane.rules import DEFAULT_VARIANT, Family, RuleParams, Variant
-
-DEFAULT_RUN_DIR = "/var/run/ambient-cni"
-DEFAULT_HEALTH_ADDR = "127.0.0.1:8000"
-
-
-def _opt(flag: str, **kwargs: Any) -> Any:
-    env = "AMBIENT_CNI_" + flag.lstrip("-").replace("-", "_").upper()
-    return click.option(flag, envvar=env, show_envvar=True, **kwargs)
 
 
 @dataclass
@@ -137,15 +130,16 @@ def _read(path: str) -> str | None:
 
 
 @click.command("doctor")
-@_opt("--pod", default=None, help="NAMESPACE/NAME of the pod to check.")
-@_opt("--netns", default=None, help="Check this network namespace path instead of resolving a pod.")
-@_opt("--run-dir", default=DEFAULT_RUN_DIR, show_default=True, help="The agent's run dir (agent.log, hints).")
-@_opt("--health-addr", default=DEFAULT_HEALTH_ADDR, show_default=True, help="The agent's HOST:PORT (/debug/pods).")
-@_opt("--peer-log", default=None, help="ztunnel's (or the zds_peer's) log file, to show its lines for the pod.")
-@_opt("--host-netns", default=None,
-      help="The node's network namespace to check the probe path in. [default: the one the agent reports]")
-@_opt("--bin-dir", default=None, help="Also check that <bin-dir>/ambient-cni answers VERSION (alone, without "
-      "--pod/--netns: only this check, in the runtime's CNI bin dir [containerd/CRI-O config, else /opt/cni/bin]).")
+@option("--pod", default=None, help="NAMESPACE/NAME of the pod to check.")
+@option("--netns", default=None, help="Check this network namespace path instead of resolving a pod.")
+@option("--run-dir", default=defaults.RUN_DIR, show_default=True, help="The agent's run dir (agent.log, hints).")
+@option("--health-addr", default=defaults.HEALTH_ADDR, show_default=True,
+        help="The agent's HOST:PORT (/debug/pods).")
+@option("--peer-log", default=None, help="ztunnel's (or the zds_peer's) log file, to show its lines for the pod.")
+@option("--host-netns", default=None,
+        help="The node's network namespace to check the probe path in. [default: the one the agent reports]")
+@option("--bin-dir", default=None, help="Also check that <bin-dir>/ambient-cni answers VERSION (alone, without "
+        "--pod/--netns: only this check, in the runtime's CNI bin dir [containerd/CRI-O config, else /opt/cni/bin]).")
 def doctor_cmd(
     pod: str | None, netns: str | None, run_dir: str, health_addr: str, peer_log: str | None, host_netns: str | None,
     bin_dir: str | None,
@@ -288,7 +282,7 @@ def check_plugin(bin_dir: str) -> diagnose.CheckResult:
         res.status = diagnose.FAIL
         res.problems.append(problem)
     else:
-        path = os.path.join(bin_dir, "ambient-cni")
+        path = os.path.join(bin_dir, defaults.PLUGIN_NAME)
         res.evidence.append(f"{path} -> {os.path.realpath(path)}")
     return res
 

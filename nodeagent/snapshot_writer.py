@@ -67,7 +67,7 @@ class SnapshotPublisher:
             return False
         state = self._state_source()
         snap = decide.build_snapshot(state, self.node, self._generation + 1, self.exemptions)
-        body = (snap.namespaces, snap.pods)
+        body = (snap.namespaces, snap.pods, snap.exemptions)
         fingerprint = repr(body).encode()
         if fingerprint == self._last and os.path.exists(self.path):
             self._published.set()

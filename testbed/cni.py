@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cni_plugin import defaults
 from testbed.paths import PLUGIN, SYSTEM_CNI_DIR
-
-PLUGIN_TYPE = "ambient-cni"
 
 
 def make_bin_dir(directory: Path, plugin: Path = PLUGIN) -> Path:
@@ -23,7 +22,7 @@ def make_bin_dir(directory: Path, plugin: Path = PLUGIN) -> Path:
         link = directory / entry.name
         if not link.exists():
             link.symlink_to(entry)
-    link = directory / PLUGIN_TYPE
+    link = directory / defaults.PLUGIN_NAME
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(plugin.resolve() if plugin.exists() else plugin)
@@ -77,7 +76,7 @@ def chain_plugins(
     if portmap:
         plugins.append({"type": "portmap", "capabilities": {"portMappings": True}, "snat": True})
     if ambient is not None:
-        plugins.append({"type": PLUGIN_TYPE, **ambient})
+        plugins.append({"type": defaults.PLUGIN_NAME, **ambient})
     return plugins
 
 
@@ -127,7 +126,9 @@ def netconf(
     **plugin_keys: Any,
 ) -> dict[str, Any]:
     """The stdin object libcni gives the last plugin of a chain (for direct exec of the plugin)."""
-    conf: dict[str, Any] = {"cniVersion": cni_version, "name": name, "type": PLUGIN_TYPE, "run_dir": str(run_dir)}
+    conf: dict[str, Any] = {
+        "cniVersion": cni_version, "name": name, "type": defaults.PLUGIN_NAME, "run_dir": str(run_dir)
+    }
     conf.update(plugin_keys)
     if prev_result is not None:
         conf["prevResult"] = prev_result

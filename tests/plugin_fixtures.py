@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from cni_plugin import rundir, snapshot, wire
+from cni_plugin.enrollment import Exemptions
 from testbed.paths import FIXTURES, PLUGIN
 from testbed.runners import PluginResult
 
@@ -99,8 +100,11 @@ def assert_silent_success(result: PluginResult) -> None:
     assert_no_traceback(result.stdout, result.stderr)
 
 
-def write_snapshot(run_dir: Path, namespaces: dict[str, bool], pods: dict[str, bool] | None = None) -> None:
-    snap = snapshot.Snapshot(node="acpt-node", generation=1, namespaces=namespaces, pods=pods or {})
+def write_snapshot(run_dir: Path, namespaces: dict[str, bool], pods: dict[str, bool] | None = None,
+                   exemptions: Exemptions | None = None) -> None:
+    """A snapshot as the agent writes it; without ``exemptions`` as an agent writes it that publishes none."""
+    snap = snapshot.Snapshot(node="acpt-node", generation=1, namespaces=namespaces, pods=pods or {},
+                             exemptions=exemptions)
     path = run_dir / rundir.SNAPSHOT
     path.write_bytes(snapshot.encode(snap, time.time()))
     path.chmod(0o644)  # the plugin accepts it (the agent writes 0600) and refuses a group/world-writable one

@@ -175,7 +175,8 @@ def test_ambient_cni_uninstall_removes_the_probe_path(env: dict[str, Any], scrat
 
 _AGENT_UNINSTALLING = textwrap.dedent("""
     import sys
-    from nodeagent.agent import Agent, AgentConfig
+    from nodeagent.agent import Agent
+    from nodeagent.config import AgentConfig
     run_dir, state_dir, state, zds, node = sys.argv[1:6]
     config = AgentConfig(run_dir=run_dir, state_dir=state_dir, cluster_state=state, node_name="node-a",
                          zds_socket=zds, health_addr="127.0.0.1:0", host_netns=node, uninstall_on_stop=True)

@@ -39,6 +39,7 @@ def env(scratch: Path, conf_dir: Path, cache_dir: Path, ipam_dir: Path, cni_bin_
         pod("plain-0", uid="uid-plain-0", namespace="plain"),
         pod("coredns-0", uid="uid-coredns-0", namespace="kube-system"),
         pod("ambient-cni-node-abc", uid="uid-ambient-cni-node-abc", namespace="istio-system"),
+        pod("ambient-cni-probe-0", uid="uid-ambient-cni-probe-0", namespace="istio-system"),
         # user_pain §17: redirecting a hostNetwork pod would rewrite the node's own rules
         pod("hostnet-0", uid="uid-hostnet-0", namespace="shop", hostNetwork=True),
         pod("sidecar-0", uid="uid-sidecar-0", namespace="shop", annotations={"sidecar.istio.io/status": "{}"}),
@@ -47,7 +48,7 @@ def env(scratch: Path, conf_dir: Path, cache_dir: Path, ipam_dir: Path, cni_bin_
     agent.base.mkdir()
     chain = write_conflist(conf_dir, "1.0.0", ipam_dir=ipam_dir,
                            ambient={"run_dir": str(agent.run_dir), "deadline_ms": DEADLINE_MS})
-    return {"agent": agent, "chain": chain, "conf_dir": conf_dir, "cache_dir": cache_dir,
+    return {"agent": agent, "chain": chain, "conf_dir": conf_dir, "cache_dir": cache_dir, "ipam_dir": ipam_dir,
             "bin_dir": cni_bin_dir, "node": node_netns, "state": state}
 
 
@@ -195,3 +196,56 @@ def test_fail_closed(env: dict[str, Any], netns_factory: Callable[..., Netns],
     assert result.json is not None and result.json["code"] == code, result.describe()
     assert text in result.json["msg"], result.describe()
     assert elapsed < max_s, f"{case}: {elapsed:.2f}s"
+
+
+# -- exemptions: the agent's decide (a namespace excluded by one side only never lets a pod start unredirected) --
+def _plugin_config(env: dict[str, Any], **keys: Any) -> None:
+    """The chain's ambient-cni entry with ``keys`` (a new conflist; the driver runs it by its name)."""
+    env["chain"] = write_conflist(env["conf_dir"], "1.0.0", ipam_dir=env["ipam_dir"],
+                                  ambient={"run_dir": str(env["agent"].run_dir), "deadline_ms": DEADLINE_MS, **keys})
+
+
+def _add_del(env: dict[str, Any], agent: AgentProcess, pod_ns: Netns, name: str, namespace: str) -> list[str]:
+    """ADD then DEL of the pod through libcni; the names the agent recorded after the ADD."""
+    cid = f"ac{uuid.uuid4().hex}"
+    added = _cni(env, "add", pod_ns, name, namespace, cid)
+    assert added.code == 0, added.describe()
+    recorded = [r["name"] for r in agent.records()]
+    deleted = _cni(env, "del", pod_ns, name, namespace, cid)
+    assert deleted.code == 0, deleted.describe()
+    assert agent.records() == []
+    return recorded
+
+
+@pytest.mark.parametrize(("plugin_keys", "name", "namespace"), [
+    ({"exclude_namespaces": ["kube-system", "shop"]}, "cart-0", "shop"),
+    ({"agent_pod_name_prefix": "ambient-cni-"}, "ambient-cni-probe-0", "istio-system"),
+])
+def test_a_pod_only_the_plugins_config_exempts_is_enrolled_by_the_agent(
+    env: dict[str, Any], netns_factory: Callable[..., Netns], plugin_keys: dict[str, Any], name: str,
+    namespace: str,
+) -> None:
+    agent: AgentProcess = env["agent"].start()
+    try:
+        _plugin_config(env, **plugin_keys)
+        assert _add_del(env, agent, netns_factory("acap"), name, namespace) == [name]
+        assert "the plugin's config exempts this pod but the node agent does not" in \
+            (agent.run_dir / rundir.PLUGIN_LOG).read_text()
+    finally:
+        agent.kill()
+
+
+def test_a_namespace_only_the_agent_excludes_passes_without_asking_it(
+    env: dict[str, Any], netns_factory: Callable[..., Netns],
+) -> None:
+    agent: AgentProcess = env["agent"]
+    agent.extra_args += ["--exclude-namespaces", "kube-system,shop"]
+    agent.start()
+    try:
+        published = snapshot.read(str(agent.run_dir / rundir.SNAPSHOT)).exemptions
+        assert published is not None and set(published.exclude_namespaces) == {"kube-system", "shop"}
+        assert _add_del(env, agent, netns_factory("acap"), "cart-0", "shop") == []
+        assert agent.metric("ambient_cni_agent_requests_total", op="add", result="not_enrolled") == 0
+        assert "not enrolled: namespace 'shop' is excluded" in (agent.run_dir / rundir.PLUGIN_LOG).read_text()
+    finally:
+        agent.kill()

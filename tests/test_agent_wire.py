@@ -21,6 +21,7 @@ import msgpack
 import pytest
 
 from cni_plugin import rundir, snapshot, wire
+from cni_plugin.enrollment import Exemptions
 from testbed.agent import AMBIENT, AgentProcess, call, pod, request, send_raw, write_state
 from testbed.netns import Netns
 from testbed.paths import REPO_ROOT, VENV_PYTHON
@@ -182,6 +183,7 @@ def test_snapshot_holds_namespace_and_pod_verdicts(agent: AgentProcess) -> None:
     assert snap.pods["shop/sidecar-0"] is False
     assert snap.pods["istio-system/ambient-cni-node-x1"] is False
     assert "shop/other-node-0" not in snap.pods
+    assert snap.exemptions == Exemptions(exclude_namespaces=frozenset({"kube-system"}))  # what the plugin follows
     assert snap.verdict("shop", "new-pod") is snapshot.Verdict.ENROLLED
     assert snap.verdict("plain", "new-pod") is snapshot.Verdict.UNKNOWN_POD
     mode = os.stat(agent.run_dir).st_mode & 0o777

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from ambient_cni.node.taint import DEFAULT_TAINT
+from cni_plugin import defaults
 from nodeimage.build import IMAGE_NAME
 from testbed.fakekube.discovery import DiscoveryServer
 from testbed.paths import REPO_ROOT
@@ -167,3 +168,21 @@ def test_daemonset_security_facts() -> None:
     # pods are named ambient-cni-node-<hash>: the plugin's default exemption for the agent's own pods
     assert (ds["metadata"]["name"] + "-").startswith("ambient-cni-node-")
     assert ds["metadata"]["namespace"] == "istio-system"
+
+
+def test_the_manifests_spell_the_products_defaults() -> None:
+    """What the manifests set explicitly is the product's default (``cni_plugin.defaults``): the DaemonSet and
+    its namespace are the agent-pod exemption, and the agent, the installer and the plugin agree on the rest."""
+    ds = _one("DaemonSet")
+    assert (ds["metadata"]["name"], ds["metadata"]["namespace"]) == (defaults.DAEMONSET_NAME,
+                                                                     defaults.AGENT_POD_NAMESPACE)
+    assert (defaults.DAEMONSET_NAME + "-").startswith(defaults.AGENT_POD_NAME_PREFIX)
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert (env["AMBIENT_CNI_RUN_DIR"], env["AMBIENT_CNI_STATE_DIR"], env["AMBIENT_CNI_ZDS_SOCKET"],
+            env["AMBIENT_CNI_HEALTH_ADDR"]) == (defaults.RUN_DIR, defaults.STATE_DIR, defaults.ZDS_SOCKET,
+                                                defaults.HEALTH_ADDR)
+    config = _one("ConfigMap")["data"]
+    assert config["AMBIENT_CNI_EXCLUDE_NAMESPACES"] == ",".join(defaults.EXCLUDE_NAMESPACES)
+    assert (config["AMBIENT_CNI_LOG_LEVEL"], int(config["AMBIENT_CNI_DEADLINE_MS"])) == (defaults.LOG_LEVEL,
+                                                                                         defaults.DEADLINE_MS)

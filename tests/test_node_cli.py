@@ -7,8 +7,9 @@ import click
 import pytest
 
 from ambient_cni.node.cli import NODE_OPTIONS, node_cmd, union_options
+from cli_options import option
 from conflist.cli import install_cmd
-from nodeagent.cli import AGENT_OPTIONS, _opt, agent_cmd, agent_config
+from nodeagent.cli import AGENT_OPTIONS, agent_cmd, agent_config
 
 
 def _params(command: click.Command) -> dict[str, click.Parameter]:
@@ -27,9 +28,9 @@ def test_node_has_every_agent_and_install_option() -> None:
 
 
 def test_an_option_added_to_the_agent_list_reaches_node_and_the_config() -> None:
-    extra = _opt("--reconcile-interval", type=float, default=30.0)  # same flag, same meaning: merged
+    extra = option("--reconcile-interval", type=float, default=30.0)  # same flag, same meaning: merged
     union_options(AGENT_OPTIONS, [extra])(lambda **kw: None)
-    clash = _opt("--run-dir", default="/elsewhere")
+    clash = option("--run-dir", default="/elsewhere")
     with pytest.raises(AssertionError, match="defined twice with different meanings"):
         union_options(AGENT_OPTIONS, [clash])
     config = agent_config({"run_dir": "/r", "exclude_namespaces": "a, b", "node_name": "n1", "proc_root": "/host/proc",

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from cni_plugin import rundir, wire
+from cni_plugin.enrollment import Exemptions
 from testbed.cni import netconf
 from testbed.runners import plugin_env, run_plugin
 from tests.plugin_fixtures import (
@@ -291,6 +292,26 @@ def test_non_kubernetes_and_agent_pods_need_no_agent(run_dir: Path, plugin_binar
     for args in (None, "IgnoreUnknown=1", "K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=ambient-cni-node-x1"):
         result = run_plugin(plugin_env("ADD", cni_args=args), conf)
         assert result.code == 0 and result.json == prev, result.describe()
+
+
+def test_the_agents_published_exemptions_decide_over_the_plugins_config(run_dir: Path, plugin_binary: Path) -> None:
+    """The plugin's config excludes kube-system; an agent that does not (its snapshot says so and enrolls the
+    namespace) is asked, and without an agent the pod fails closed instead of starting unredirected. An agent that
+    published no exemptions (an older one) leaves the decision to the config."""
+    conf = netconf("1.0.0", run_dir=run_dir, prevResult=load_fixture("prevresults", "1.0.0"))
+    agent_excludes_nothing = Exemptions(exclude_namespaces=())
+    write_snapshot(run_dir, {EXCLUDED_NS: True}, exemptions=agent_excludes_nothing)
+    result = run_plugin(plugin_env("ADD", cni_args=EXCLUDED_POD_ARGS), conf)
+    assert_error(result, 11, "node agent is unreachable")
+    assert "the plugin's config exempts this pod but the node agent does not" in result.stderr.decode()
+    write_snapshot(run_dir, {EXCLUDED_NS: True})  # no exemptions published: the config's apply
+    result = run_plugin(plugin_env("ADD", cni_args=EXCLUDED_POD_ARGS), conf)
+    assert result.code == 0, result.describe()
+    agent_excludes_shop = Exemptions(exclude_namespaces=("shop",))
+    write_snapshot(run_dir, {"shop": True}, exemptions=agent_excludes_shop)  # exempt by the agent, not the config
+    result = run_plugin(plugin_env("ADD", cni_args=ENROLLED_POD_ARGS), conf)
+    assert result.code == 0, result.describe()
+    assert "namespace 'shop' is excluded" in result.stderr.decode()
 
 
 def test_namespace_not_enrolled_in_snapshot_needs_no_agent(run_dir: Path, plugin_binary: Path) -> None:

@@ -378,6 +378,13 @@ def _snapshot_variants(area: Area) -> dict[str, Callable[[Path], object]]:
         "other-pod-verdict-string": document(pods={"shop/cart-0": False, "shop/x": "yes"}),
         "invalid-utf8": raw(b'{"v": 1, "node": "\xff"}'),
         "missing-pods": document(pods=None),
+        "exemptions-list": document(exemptions=["kube-system"]),
+        "exemptions-namespaces-string": document(exemptions={
+            "exclude_namespaces": "shop", "agent_pod_namespace": "istio-system", "agent_pod_name_prefix": "x-"}),
+        "exemptions-namespace-int": document(exemptions={
+            "exclude_namespaces": [1], "agent_pod_namespace": "istio-system", "agent_pod_name_prefix": "x-"}),
+        "exemptions-missing-prefix": document(exemptions={
+            "exclude_namespaces": ["shop"], "agent_pod_namespace": "istio-system"}),
     }
 
 

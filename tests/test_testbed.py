@@ -13,7 +13,8 @@ from testbed import netns
 from testbed.paths import REPO_ROOT
 from testbed.poll import WaitTimeout, wait_for
 
-PRODUCT = ("ambient_cni", "cni_plugin", "conflist", "nodeagent", "zds", "netns_threads", "zds_peer", "nodeimage")
+PRODUCT = ("ambient_cni", "cli_options", "cni_plugin", "conflist", "nodeagent", "zds", "netns_threads", "zds_peer",
+           "nodeimage")
 HARNESS = {"tests", "testbed", "bench", "demo"}
 
 

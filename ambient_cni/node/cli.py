@@ -13,40 +13,30 @@ import click
 
 from ambient_cni.node.decision import POLICIES
 from ambient_cni.node.taint import DEFAULT_TAINT
+from cli_options import DISABLED, option, params_of
+from cni_plugin import defaults
 from conflist.cli import INSTALL_OPTIONS
-from nodeagent.cli import AGENT_OPTIONS, _opt, agent_config
+from nodeagent.cli import AGENT_OPTIONS, agent_config
 
 FC = TypeVar("FC", bound=Callable[..., Any])
-DISABLED = "none"  # click reads an empty env var as unset: env users disable the taint with this word
 
 NODE_OPTIONS: list[Any] = [
-    _opt("--uninstall-on-stop", type=click.Choice(list(POLICIES)), default="auto", show_default=True,
-         help="On SIGTERM: auto = uninstall only when the Kubernetes API says our DaemonSet is gone, being "
-         "deleted or no longer targets this node (or answers 401); keep everything otherwise. always / never "
-         "decide without the API."),
-    _opt("--node-taint", default=DEFAULT_TAINT, show_default=True,
-         help="Taint removed from this node once ready; '' or 'none' disables (then no API is needed for it)."),
-    _opt("--daemonset-name", default="ambient-cni-node", show_default=True,
-         help="Our DaemonSet, in --agent-pod-namespace (read on SIGTERM by --uninstall-on-stop auto)."),
+    option("--uninstall-on-stop", type=click.Choice(list(POLICIES)), default="auto", show_default=True,
+           help="On SIGTERM: auto = uninstall only when the Kubernetes API says our DaemonSet is gone, being "
+           "deleted or no longer targets this node (or answers 401); keep everything otherwise. always / never "
+           "decide without the API."),
+    option("--node-taint", default=DEFAULT_TAINT, show_default=True,
+           help="Taint removed from this node once ready; '' or 'none' disables (then no API is needed for it)."),
+    option("--daemonset-name", default=defaults.DAEMONSET_NAME, show_default=True,
+           help="Our DaemonSet, in --agent-pod-namespace (read on SIGTERM by --uninstall-on-stop auto)."),
 ]
-
-
-def _params_of(options: Sequence[Any]) -> list[click.Parameter]:
-    """The click parameters a list of option decorators makes, in list order."""
-
-    def probe() -> None:
-        return None
-
-    for option in reversed(options):
-        probe = option(probe)
-    return list(reversed(getattr(probe, "__click_params__", [])))
 
 
 def union_options(*groups: Sequence[Any]) -> Callable[[FC], FC]:
     """Apply every option of every group once; an option defined twice must agree on its flags and default."""
     merged: dict[str, click.Parameter] = {}
     for group in groups:
-        for param in _params_of(group):
+        for param in params_of(group):
             seen = merged.get(str(param.name))
             if seen is None:
                 merged[str(param.name)] = param

@@ -22,11 +22,13 @@ from types import FrameType
 from ambient_cni.node.decision import Policy, StopDecision, decide, needs_api
 from ambient_cni.node.kubeapi import LifecycleApi, observe
 from ambient_cni.node.taint import Untainter
+from cni_plugin import defaults
 from conflist import binary
 from conflist.installer import Installer, Options, Outcome
 from conflist.watch import Watcher
 from nodeagent import logs
-from nodeagent.agent import Agent, AgentConfig, AgentError
+from nodeagent.agent import Agent, AgentError
+from nodeagent.config import AgentConfig
 
 INSTALL_LOGGER = "ambient_cni.install"
 
@@ -37,9 +39,9 @@ class NodeSettings:
     install: Options
     policy: Policy = "auto"
     taint: str = ""  # "" = do not touch taints
-    daemonset_name: str = "ambient-cni-node"
-    daemonset_namespace: str = "istio-system"
-    installer_log_level: str = "info"
+    daemonset_name: str = defaults.DAEMONSET_NAME
+    daemonset_namespace: str = defaults.AGENT_POD_NAMESPACE
+    installer_log_level: str = defaults.LOG_LEVEL
     fight_limit: int = 5
     fight_window_s: float = 10.0
     fight_backoff_s: float = 1.0
