@@ -13,7 +13,7 @@ from testbed.paths import PLUGIN
 from testbed.runners import run_plugin
 
 HEAVY = ("pydantic", "pydantic_core", "click", "kubernetes", "google", "grpc", "yaml", "urllib3", "logging",
-         "asyncio", "http", "ssl", "email", "conflist", "nodeagent", "msgpack")
+         "asyncio", "http", "ssl", "email", "conflist", "nodeagent", "msgpack", "cli_options")
 
 
 def _archive(executable: Path) -> tuple[list[str], list[str]]:
@@ -34,6 +34,9 @@ def test_plugin_executable_holds_only_the_plugin(plugin_binary: Path) -> None:
     assert "cni_plugin.commands" in modules and "cni_plugin.skel" in modules
     heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY or m == "cni_plugin.config")
     assert not heavy, f"the plugin executable carries {heavy}"
+    # the one entry decision (ambient_cni.main), without the command-line tool it leaves to ambient-cni-cli
+    assert "ambient_cni.main" in modules
+    assert not [m for m in modules if m.startswith(("ambient_cni.cli", "ambient_cni.node", "ambient_cni.uninstall"))]
 
 
 def test_cli_executable_holds_the_cli(plugin_binary: Path) -> None:
