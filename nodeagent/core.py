@@ -20,12 +20,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cni_plugin import errors, wire
 from cni_plugin.enrollment import Exemptions, exemption_reason
 from nodeagent import decide, logs
 from nodeagent.clusterview.model import ClusterState, ClusterView, Pod
-from nodeagent.dataplane.api import DEFAULT_CONTROLS, Dataplane, DataplaneError, NetnsGone, PodControls, PodWork
+from nodeagent.dataplane.api import Dataplane, DataplaneError, NetnsGone, PodWork
 from nodeagent.dataplane.rules import Variant
 from nodeagent.keyedlock import KeyedLocks
 from nodeagent.metrics import Metrics
@@ -45,30 +46,20 @@ class Readiness:
     snapshot_published: Callable[[], bool] = lambda: False
 
 
-def work_from_record(
-    record: PodRecord, service_account: str = "", controls: PodControls = DEFAULT_CONTROLS,
-    variant: Variant | None = None,
-) -> PodWork:
-    return PodWork(
-        uid=record.uid,
-        name=record.name,
-        namespace=record.namespace,
-        netns_path=record.netns_path,
-        container_id=record.container_id,
-        ifname=record.ifname,
-        ips=record.ips,
-        service_account=service_account,
-        netns_inode=record.netns_inode,
-        controls=controls,
-        netns_dev=record.netns_dev,
-        variant=variant,
-    )
+# The fields a pod's record, its kept rules and its dataplane work share (same names, same meaning): the one
+# conversion between them copies exactly these.
+POD_FIELDS = ("uid", "name", "namespace", "netns_path", "container_id", "ifname", "ips", "netns_inode", "netns_dev")
 
 
-def work_from_kept(kept: KeptRules) -> PodWork:
-    return PodWork(uid=kept.uid, name=kept.name, namespace=kept.namespace, netns_path=kept.netns_path,
-                   container_id=kept.container_id, ifname=kept.ifname, ips=kept.ips, netns_inode=kept.netns_inode,
-                   netns_dev=kept.netns_dev)
+def work_from_record(record: PodRecord | KeptRules, **changes: Any) -> PodWork:
+    """The dataplane's work for a recorded pod (or a netns whose rules were kept): its ``POD_FIELDS``, then
+    ``changes`` (the work's own fields, such as ``controls``, or the pod's new location)."""
+    return PodWork(**{**{name: getattr(record, name) for name in POD_FIELDS}, **changes})
+
+
+def record_from_work(work: PodWork, **changes: Any) -> PodRecord:
+    """The durable record of enrolled ``work``: its ``POD_FIELDS``, then ``changes`` (the record's own fields)."""
+    return PodRecord(**{**{name: getattr(work, name) for name in POD_FIELDS}, **changes})
 
 
 @functools.lru_cache(maxsize=64)
@@ -328,21 +319,7 @@ class AgentCore:
             variant = variant_text(self.dataplane.variant_for(work))
         except DataplaneError:
             variant = ""  # cannot happen after a successful add (it decided the same way); "unknown" then
-        record = self.store.upsert(
-            PodRecord(
-                container_id=work.container_id,
-                ifname=work.ifname,
-                uid=work.uid,
-                name=work.name,
-                namespace=work.namespace,
-                netns_path=work.netns_path,
-                netns_inode=inode,
-                netns_dev=work.netns_dev,
-                ips=work.ips,
-                source=source,
-                variant=variant,
-            )
-        )
+        record = self.store.upsert(record_from_work(work, netns_inode=inode, source=source, variant=variant))
         self.live_keys.add(record.key)
         self.metrics.enrolled.set(self.store.count())
         if work.netns_dev and self.store.drop_kept(inode, work.netns_dev):
@@ -407,7 +384,7 @@ class AgentCore:
             outcome = "readded"  # the netns is enrolled again (its record owns the rules now)
         else:
             try:
-                self.dataplane.discard_kept(work_from_kept(kept))
+                self.dataplane.discard_kept(work_from_record(kept))
                 outcome = "removed"
             except NetnsGone as exc:
                 outcome = "gone"

@@ -193,7 +193,7 @@ class Reconciler:
             return work_from_record(record, variant=recorded_variant(record.variant))
         controls = decide.controls_of(pod)
         keep = recorded_variant(record.variant) if controls.problem else None
-        return work_from_record(record, pod.service_account, controls, variant=keep)
+        return work_from_record(record, service_account=pod.service_account, controls=controls, variant=keep)
 
     def _check_drift(self, checked: list[tuple[PodRecord, Pod | None]], actions: Counter[str]) -> None:
         """(e): the variant each live pod should have now, then one cheap verification of every live pod; a drifted
@@ -423,12 +423,10 @@ class Reconciler:
         logs.emit(self._log, logging.WARNING, "pod network namespace was replaced; re-enrolling",
                   {**fields, "new_netns": location.netns_path, "new_inode": location.inode})
         self.core.unenroll(record, why="pod network namespace was replaced")
-        work = PodWork(
-            uid=record.uid, name=record.name, namespace=record.namespace, netns_path=location.netns_path,
-            container_id=location.container_id or record.container_id, ifname=location.ifname or record.ifname,
-            ips=location.ips or record.ips, service_account=pod.service_account, netns_inode=location.inode,
-            controls=decide.controls_of(pod),
-            netns_dev=location.dev,
+        work = work_from_record(  # the same pod, in the netns found now
+            record, netns_path=location.netns_path, container_id=location.container_id or record.container_id,
+            ifname=location.ifname or record.ifname, ips=location.ips or record.ips, netns_inode=location.inode,
+            netns_dev=location.dev, service_account=pod.service_account, controls=decide.controls_of(pod),
         )
         try:
             new = self.core.enroll(work, time.monotonic() + DATAPLANE_TIMEOUT_S, source="reconcile")
