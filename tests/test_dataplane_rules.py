@@ -102,6 +102,11 @@ def test_routes_idempotent(netns_factory: Callable[..., Netns]) -> None:
     in_ns(ns, lambda: routes.remove(fams))
     assert "0x111" not in ns.run("ip", "rule").stdout
     assert ns.run("ip", "route", "show", "table", "100").stdout.strip() == ""
+    assert "0x111" not in ns.run("ip", "-6", "rule").stdout
+    assert ns.run("ip", "-6", "route", "show", "table", "100").stdout.strip() == ""
+    assert in_ns(ns, lambda: routes.present(fams)) == dict.fromkeys(["v4 rule", "v4 route", "v6 rule", "v6 route"],
+                                                                     False)
+    in_ns(ns, lambda: routes.remove(fams))  # nothing left to remove: no error
 
 
 def test_install_redirection_v4_only_pod_leaves_ip6tables_alone(netns_factory: Callable[..., Netns]) -> None:

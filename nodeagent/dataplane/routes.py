@@ -7,7 +7,8 @@ replaced; removal finds the existing entries and removes them once.
 ``install`` is on every enrolled ADD: pyroute2's ``IPRoute`` spends ~1.5 ms of CPU there (an event loop per
 instance, request filters, one round trip per call). So ``install`` encodes its messages with pyroute2's message
 classes once per (families, parameters), the same bytes ``IPRoute`` sends, and sends them in one datagram on a
-plain netlink socket: one round trip, ~0.1 ms. ``remove`` and ``present`` keep ``IPRoute``.
+plain netlink socket: one round trip, ~0.1 ms. ``remove`` sends the same rule and route messages as deletions
+(the copies to delete found with ``IPRoute``, as ``present`` does).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE
+from pyroute2.netlink.rtnl import RTM_DELROUTE, RTM_DELRULE, RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE
 from pyroute2.netlink.rtnl.fibmsg import FR_ACT_TO_TBL, fibmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
@@ -59,14 +60,40 @@ def _our_routes(ipr: IPRoute, family: Family, p: RuleParams) -> list[Any]:
     return [r for r in routes if r.get("dst_len") == 0 and r.get("type") == 2]  # RTN_LOCAL
 
 
-def _encode(cls: Any, msg_type: int, flags: int, seq: int, fields: dict[str, int], attrs: list[Any]) -> bytes:
-    msg = cls()
+def _rule(family: Family, p: RuleParams) -> fibmsg:
+    """Our fwmark rule (``ip rule ... fwmark <connmark>/<mask> pref <priority> lookup <table>``): added by
+    ``install``, deleted by ``remove``."""
+    msg = fibmsg()
+    for key, value in (("family", _af(family)), ("table", p.route_table if p.route_table < 256 else 0),
+                       ("action", FR_ACT_TO_TBL)):
+        msg[key] = value
+    msg["attrs"] = [("FRA_FWMARK", p.connmark), ("FRA_FWMASK", p.mask), ("FRA_TABLE", p.route_table),
+                    ("FRA_PRIORITY", p.rule_priority)]
+    return msg
+
+
+def _route(family: Family, p: RuleParams) -> rtmsg:
+    """Our local default route (``ip route ... local <any>/0 dev lo table <table>``): added by ``install``, deleted
+    by ``remove``."""
+    msg = rtmsg()
+    for key, value in (("family", _af(family)), ("table", p.route_table if p.route_table < 256 else 0),
+                       ("proto", RTPROT_STATIC), ("scope", RT_SCOPE_HOST), ("type", RTN_LOCAL)):
+        msg[key] = value
+    msg["attrs"] = [("RTA_OIF", LO_INDEX), ("RTA_TABLE", p.route_table)]
+    return msg
+
+
+def _lo_up() -> ifinfmsg:
+    msg = ifinfmsg()
+    for key, value in (("index", LO_INDEX), ("flags", IFF_UP), ("change", IFF_UP)):
+        msg[key] = value
+    return msg
+
+
+def _encode(msg: Any, msg_type: int, flags: int, seq: int) -> bytes:
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = flags
     msg["header"]["sequence_number"] = seq
-    for key, value in fields.items():
-        msg[key] = value
-    msg["attrs"] = attrs
     msg.encode()
     return bytes(msg.data)
 
@@ -76,24 +103,14 @@ def install_batch(families: tuple[Family, ...], p: RuleParams = DEFAULT_PARAMS) 
     """The netlink requests of ``install``, in order: lo up; per family the rule (NLM_F_EXCL: the kernel refuses a
     duplicate with EEXIST) and the route (NLM_F_REPLACE). Returns (the concatenated requests, the sequence
     numbers whose EEXIST means "already there")."""
-    parts = [_encode(ifinfmsg, RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1,
-                     {"index": LO_INDEX, "flags": IFF_UP, "change": IFF_UP}, [])]
+    parts = [_encode(_lo_up(), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1)]
     exists_ok = set()
     for fam in families:
         seq = len(parts) + 1
-        parts.append(_encode(
-            fibmsg, RTM_NEWRULE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq,
-            {"family": _af(fam), "table": p.route_table if p.route_table < 256 else 0, "action": FR_ACT_TO_TBL},
-            [("FRA_FWMARK", p.connmark), ("FRA_FWMASK", p.mask), ("FRA_TABLE", p.route_table),
-             ("FRA_PRIORITY", p.rule_priority)],
-        ))
+        parts.append(_encode(_rule(fam, p), RTM_NEWRULE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq))
         exists_ok.add(seq)
-        parts.append(_encode(
-            rtmsg, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, len(parts) + 1,
-            {"family": _af(fam), "table": p.route_table if p.route_table < 256 else 0, "proto": RTPROT_STATIC,
-             "scope": RT_SCOPE_HOST, "type": RTN_LOCAL},
-            [("RTA_OIF", LO_INDEX), ("RTA_TABLE", p.route_table)],
-        ))
+        parts.append(_encode(_route(fam, p), RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                             len(parts) + 1))
     return b"".join(parts), frozenset(exists_ok)
 
 
@@ -101,24 +118,8 @@ def install(families: list[Family], p: RuleParams = DEFAULT_PARAMS) -> None:
     """lo up, the fwmark rule and the local route per family: one datagram, one ack per request (the kernel
     handles the requests in order and acks each). Raises NetlinkError for the first request that failed."""
     batch, exists_ok = install_batch(tuple(families), p)
-    expected = 1 + 2 * len(families)
-    errors: dict[int, int] = {}
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
-        sock.settimeout(NETLINK_TIMEOUT_S)
-        sock.bind((0, 0))
-        sock.send(batch)
-        acked: set[int] = set()
-        while len(acked) < expected:
-            data = sock.recv(65536)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, msg_type, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-                if msg_type == NLMSG_ERROR and 0 < seq <= expected:
-                    (code,) = _NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)
-                    acked.add(seq)
-                    if code and not (-code == errno.EEXIST and seq in exists_ok):
-                        errors[seq] = -code
-                offset += max((length + 3) & ~3, _NLMSGHDR.size)
+    failed = _exchange(batch, 1 + 2 * len(families))
+    errors = {seq: code for seq, code in failed.items() if not (code == errno.EEXIST and seq in exists_ok)}
     if errors:
         first = min(errors)
         what = "lo up" if first == 1 else ("rule add" if first in exists_ok else "route replace")
@@ -126,29 +127,40 @@ def install(families: list[Family], p: RuleParams = DEFAULT_PARAMS) -> None:
 
 
 def remove(families: list[Family], p: RuleParams = DEFAULT_PARAMS) -> None:
+    """Delete our rule and route per family, once for every copy found (the same messages ``install`` adds);
+    best effort: a copy already gone is no error."""
+    parts: list[bytes] = []
     with IPRoute() as ipr:
         for fam in families:
             for _ in _our_rules(ipr, fam, p):
-                try:
-                    ipr.rule(
-                        "del",
-                        family=_af(fam),
-                        fwmark=p.connmark,
-                        fwmask=p.mask,
-                        table=p.route_table,
-                        priority=p.rule_priority,
-                    )
-                except NetlinkError:
-                    pass
-            dst = "0.0.0.0/0" if fam is Family.V4 else "::/0"
+                parts.append(_encode(_rule(fam, p), RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK, len(parts) + 1))
             for _ in _our_routes(ipr, fam, p):
-                try:
-                    ipr.route(
-                        "del", family=_af(fam), dst=dst, type="local", oif=LO_INDEX, table=p.route_table,
-                        scope=RT_SCOPE_HOST,
-                    )
-                except NetlinkError:
-                    pass
+                parts.append(_encode(_route(fam, p), RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, len(parts) + 1))
+    if parts:
+        _exchange(b"".join(parts), len(parts))
+
+
+def _exchange(batch: bytes, count: int) -> dict[int, int]:
+    """Send ``batch`` (``count`` requests numbered 1..count) in one datagram on a plain netlink socket and wait
+    for every ack; returns the errno of each request that failed, by sequence number."""
+    errors: dict[int, int] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(NETLINK_TIMEOUT_S)
+        sock.bind((0, 0))
+        sock.send(batch)
+        acked: set[int] = set()
+        while len(acked) < count:
+            data = sock.recv(65536)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, msg_type, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+                if msg_type == NLMSG_ERROR and 0 < seq <= count:
+                    (code,) = _NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)
+                    acked.add(seq)
+                    if code:
+                        errors[seq] = -code
+                offset += max((length + 3) & ~3, _NLMSGHDR.size)
+    return errors
 
 
 def present(families: list[Family], p: RuleParams = DEFAULT_PARAMS) -> dict[str, bool]:
