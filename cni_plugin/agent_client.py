@@ -61,21 +61,6 @@ def connect(path: str, deadline: float, retry: bool) -> _socket.socket:
             raise
 
 
-def _recv_exact(sock: _socket.socket, size: int, deadline: float) -> bytes:
-    chunks: list[bytes] = []
-    while size:
-        sock.settimeout(_remaining(deadline))
-        try:
-            chunk = sock.recv(min(size, 65536))
-        except TimeoutError as exc:
-            raise AgentTimeout() from exc
-        if not chunk:
-            raise AgentWentAway("connection closed before a complete reply")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
 def call(path: str, request: wire.Request, deadline: float, retry_connect: bool) -> wire.Reply:
     """Send ``request`` to the agent at ``path``; ``deadline`` is a time.monotonic() instant."""
     sock = connect(path, deadline, retry_connect)
@@ -88,8 +73,11 @@ def call(path: str, request: wire.Request, deadline: float, retry_connect: bool)
         except OSError as exc:
             raise AgentUnreachable(f"{path}: send failed: {exc.strerror or exc}") from exc
         try:
-            length = wire.frame_length(_recv_exact(sock, wire.HEADER.size, deadline))
-            reply = wire.parse_reply(wire.decode_body(_recv_exact(sock, length, deadline)))
+            reply = wire.parse_reply(wire.read_message(sock, deadline))
+        except TimeoutError as exc:
+            raise AgentTimeout() from exc
+        except wire.ClosedMidFrame as exc:
+            raise AgentWentAway("connection closed before a complete reply") from exc
         except ConnectionResetError as exc:
             raise AgentWentAway("connection reset before a complete reply") from exc
         if reply.id and reply.id != request.id:

@@ -3,13 +3,15 @@
 UNIX stream socket ``<run_dir>/cni.sock`` (``cni_plugin.rundir``). Each message is a 4-byte big-endian length
 followed by one msgpack map; frames over 1 MiB are refused. One request, one reply, then close.
 
-This module is pure: framing, request construction and validation. The socket I/O lives in
+This module holds framing, request construction and validation, and the one way both sides read a frame off a
+connected socket (``read_message``: bounded by a deadline). Connecting, serving and replying live in
 ``cni_plugin.agent_client`` (client) and ``nodeagent.server`` (server).
 """
 
 from __future__ import annotations
 
 import struct
+import time
 
 from cni_plugin import k8snames
 from cni_plugin.frozen import Frozen
@@ -55,6 +57,34 @@ def frame_length(header: bytes) -> int:
     if length > MAX_FRAME:
         raise WireError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
     return int(length)
+
+
+class ClosedMidFrame(ConnectionError):
+    """The peer closed the connection before a whole frame arrived."""
+
+
+def recv_exact(sock: Any, size: int, deadline: float) -> bytes:
+    """``size`` bytes from the connected ``sock`` before ``deadline`` (a time.monotonic() instant): TimeoutError
+    when it passes, ClosedMidFrame when the peer closes first (other socket errors as raised)."""
+    chunks: list[bytes] = []
+    while size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(min(size, 65536))
+        if not chunk:
+            raise ClosedMidFrame("peer closed the connection mid-frame")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_message(sock: Any, deadline: float, unpackb: Callable[[bytes], Any] | None = None) -> dict[str, Any]:
+    """One whole frame from ``sock`` before ``deadline``, decoded (``decode_body``); WireError for a frame that
+    breaks the protocol, else the errors of ``recv_exact``."""
+    length = frame_length(recv_exact(sock, HEADER.size, deadline))
+    return decode_body(recv_exact(sock, length, deadline), unpackb)
 
 
 def decode_body(body: bytes, unpackb: Callable[[bytes], Any] | None = None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import msgpack
 
 from cni_plugin import errors, rundir, wire
 from nodeagent import logs
+from nodeagent.acceptor import AcceptLoop
 from nodeagent.core import AgentCore
 from nodeagent.instance import UnsafePath, secure_dir
 
@@ -65,31 +66,13 @@ def prepare_run_dir(run_dir: str) -> None:
         raise ServerError(str(exc)) from None
 
 
-def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes:
-    chunks: list[bytes] = []
-    remaining = size
-    while remaining:
-        timeout = deadline - time.monotonic()
-        if timeout <= 0:
-            raise TimeoutError
-        conn.settimeout(timeout)
-        chunk = conn.recv(min(remaining, 65536))
-        if not chunk:
-            raise ConnectionError("peer closed the connection mid-frame")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
 class SocketServer:
     def __init__(self, run_dir: str, core: AgentCore, workers: int = WORKERS) -> None:
         self.run_dir = run_dir
         self.path = rundir.socket_path(run_dir)
         self.core = core
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cni-req")
-        self._listener: socket.socket | None = None
-        self._accept_thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._acceptor: AcceptLoop | None = None
         self._inflight = 0
         self._inflight_cond = threading.Condition()
         self._log = logs.get_logger()
@@ -122,9 +105,8 @@ class SocketServer:
         listener.listen(1024)
         os.rename(tmp_path, self.path)
         self._socket_inode = os.stat(self.path).st_ino
-        self._listener = listener
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="cni-accept", daemon=True)
-        self._accept_thread.start()
+        self._acceptor = AcceptLoop(listener, self._accepted, "cni-accept", retry_s=0.01)
+        self._acceptor.start()
         self.core.readiness.socket_up = True
         logs.emit(self._log, logging.INFO, "plugin socket listening", {"path": self.path})
 
@@ -145,20 +127,12 @@ class SocketServer:
 
     def stop(self, drain_timeout: float = DRAIN_TIMEOUT_S) -> bool:
         """Stop accepting, then wait (bounded) for in-flight requests. Returns True when all drained."""
-        self._stopping.set()
         self.core.readiness.socket_up = False
-        if self._listener is not None:
+        if self._acceptor is not None:
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == self._socket_inode:  # ours, not a successor's
                     os.unlink(self.path)
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-        if self._accept_thread is not None:
-            # joined before the close: a thread about to block on a socket that is closed under it can end up
-            # on the reused fd number of the next socket (CPython reads the number after releasing the GIL)
-            self._accept_thread.join(timeout=2)
-        if self._listener is not None:
-            self._listener.close()
+            self._acceptor.stop()
         end = time.monotonic() + drain_timeout
         with self._inflight_cond:
             while self._inflight and (remaining := end - time.monotonic()) > 0:
@@ -175,28 +149,19 @@ class SocketServer:
         return self._inflight
 
     # -- serving ------------------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.01)
-                continue
-            with self._inflight_cond:
-                busy = self._inflight >= MAX_INFLIGHT
-                if not busy:
-                    self._inflight += 1
-            if busy:
-                self._refuse(conn, errors.TRY_AGAIN_LATER, f"node agent busy ({MAX_INFLIGHT} requests in flight)")
-                continue
-            try:
-                self._pool.submit(self._serve, conn)
-            except RuntimeError:  # pool shut down under us
-                self._done()
-                self._refuse(conn, errors.TRY_AGAIN_LATER, "node agent is shutting down")
+    def _accepted(self, conn: socket.socket) -> None:
+        with self._inflight_cond:
+            busy = self._inflight >= MAX_INFLIGHT
+            if not busy:
+                self._inflight += 1
+        if busy:
+            self._refuse(conn, errors.TRY_AGAIN_LATER, f"node agent busy ({MAX_INFLIGHT} requests in flight)")
+            return
+        try:
+            self._pool.submit(self._serve, conn)
+        except RuntimeError:  # pool shut down under us
+            self._done()
+            self._refuse(conn, errors.TRY_AGAIN_LATER, "node agent is shutting down")
 
     def _done(self) -> None:
         with self._inflight_cond:
@@ -241,8 +206,7 @@ class SocketServer:
         deadline = time.monotonic() + READ_TIMEOUT_S
         message: dict[str, object] = {}
         try:
-            length = wire.frame_length(_recv_exact(conn, wire.HEADER.size, deadline))
-            message = wire.decode_body(_recv_exact(conn, length, deadline), _unpackb)
+            message = wire.read_message(conn, deadline, _unpackb)
             request = wire.parse_request(message)
         except wire.WireError as exc:
             self.core.metrics.requests.labels("unknown", "refused").inc()

@@ -143,10 +143,8 @@ class FakeAgent:
             except (TimeoutError, OSError):
                 continue
             with conn:
-                conn.settimeout(5)
                 try:
-                    length = wire.frame_length(_recv_exact(conn, wire.HEADER.size))
-                    request = wire.decode_body(_recv_exact(conn, length), lib_unpackb)
+                    request = wire.read_message(conn, time.monotonic() + 5, lib_unpackb)
                 except (OSError, wire.WireError):
                     continue
                 self.requests.append(request)
@@ -165,16 +163,6 @@ class FakeAgent:
         self._sock.close()
         if os.path.exists(self.path):
             os.unlink(self.path)
-
-
-def _recv_exact(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            raise OSError("peer closed")
-        data += chunk
-    return data
 
 
 def reply(ok: bool, code: int = 0, msg: str = "", enrolled: bool = True) -> Callable[[dict[str, Any]], bytes]:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nodeagent.acceptor import AcceptLoop
 from zds import protocol, zds_pb2
 from zds.protocol import MAX_DATAGRAM
 
@@ -174,9 +175,8 @@ class ZdsServer:
         self._lock = threading.Lock()
         self._conns: list[_Connection] = []  # oldest first; only connections whose replay went out
         self._next_id = 0
-        self._listener: socket.socket | None = None
         self._stop = threading.Event()
-        self._accept_thread: threading.Thread | None = None
+        self._acceptor: AcceptLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -198,21 +198,14 @@ class ZdsServer:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)  # before listen(): nobody can connect in between
         sock.listen(16)
-        self._listener = sock
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="zds-accept", daemon=True)
-        self._accept_thread.start()
+        self._acceptor = AcceptLoop(sock, self._accepted, "zds-accept", retry_s=0.05)
+        self._acceptor.start()
         log.info("zds: listening on %s", self.path)
 
     def close(self) -> None:
         self._stop.set()
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout=2)  # before the close: see _Connection.close
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.close()
+        if self._acceptor is not None:
+            self._acceptor.stop()
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
@@ -236,24 +229,15 @@ class ZdsServer:
         log.info("zds: ztunnel connection %d closed", conn.cid)
 
     # -- accepting ---------------------------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                if self._stop.is_set():
-                    return
-                time.sleep(0.05)
-                continue
-            with self._lock:
-                self._next_id += 1
-                cid = self._next_id
-            try:
-                threading.Thread(target=self._handle, args=(sock, cid), name=f"zds-hello-{cid}", daemon=True).start()
-            except RuntimeError as exc:  # no thread for it (resource limits): refuse, keep accepting
-                log.warning("zds connection %d: cannot serve it: %s", cid, exc)
-                sock.close()
+    def _accepted(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._next_id += 1
+            cid = self._next_id
+        try:
+            threading.Thread(target=self._handle, args=(sock, cid), name=f"zds-hello-{cid}", daemon=True).start()
+        except RuntimeError as exc:  # no thread for it (resource limits): refuse, keep accepting
+            log.warning("zds connection %d: cannot serve it: %s", cid, exc)
+            sock.close()
 
     def _handle(self, sock: socket.socket, cid: int) -> None:
         conn = _Connection(sock, cid, self._forget)
