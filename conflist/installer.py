@@ -1,6 +1,6 @@
 """One install pass, the validity check, and uninstall (effects; the decisions come from ``chain``).
 
-Modes:
+Modes (one object each, ``OwnedMode`` and ``InplaceMode``; the ``Installer`` runs the passes):
 
 * ``owned`` (default): write our own first-sorting conflist = the primary's plugins + ours last; the primary is
   never touched. If another config sorts before the configured name, a name that sorts first is chosen from
@@ -16,9 +16,9 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from cni_plugin import files
 from conflist import binary
@@ -101,11 +101,168 @@ def _mode_of(path: str) -> int | None:
         return None
 
 
+class Backups:
+    """The inplace mode's copies of a primary's original bytes, ``<conf_dir>/.ambient-cni/<name>.orig.json`` (a
+    directory, which runtimes skip); uninstall restores from them in either mode."""
+
+    def __init__(self, conf_dir: str) -> None:
+        self.conf_dir = conf_dir
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.conf_dir, BACKUP_DIR, name + ".orig.json")
+
+    def read(self, name: str) -> tuple[str, bytes] | None:
+        raw = files.read_bytes(self.path(name))
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+            return str(doc["name"]), str(doc["content"]).encode("utf-8")
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def matches(backup: tuple[str, bytes] | None, current: Primary) -> bool:
+        if backup is None:
+            return False
+        try:
+            original = parse_primary(backup[0], backup[1])
+        except ChainError:
+            return False
+        before, now = _as_list_without_ours(original), _as_list_without_ours(current)
+        if before.get("cniVersion") is None:  # chained with --default-cni-version: the version was ours
+            before.pop("cniVersion", None)
+            now.pop("cniVersion", None)
+        return before == now
+
+    def write(self, target: str, name: str, content: bytes) -> None:
+        directory = os.path.join(self.conf_dir, BACKUP_DIR)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        doc = {"name": name, "content": content.decode("utf-8")}
+        files.write_atomic(self.path(target), serialise(doc), 0o600)
+
+    def remove_all(self) -> None:
+        backups = os.path.join(self.conf_dir, BACKUP_DIR)
+        if os.path.isdir(backups):
+            for leftover in os.listdir(backups):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(backups, leftover))
+            with contextlib.suppress(OSError):
+                os.rmdir(backups)
+
+
+class InstallMode(Protocol):
+    """What differs between the modes: which file carries our chain and how it is written and checked."""
+
+    def held_name(self, primary: Primary) -> str:
+        """The file the next passes hold on to while it is invalid (``Installer._held``)."""
+
+    def write(self, listing: Scan, primary: Primary, out: Outcome) -> None:
+        """Chain ``primary``: write what is missing, remove what is stale, record it in ``out``."""
+
+    def expected(self, primary: Primary) -> tuple[str, bytes | None, str]:
+        """The file that must be the runtime's first valid config, its exact bytes (None: already compared), and
+        why ``primary`` is not chained ("" when it may be). ChainError when no chain can be built."""
+
+
+class OwnedMode:
+    """``owned``: our own conflist (the primary's plugins + ours), named to sort before the primary."""
+
+    def __init__(self, options: Options, backups: Backups) -> None:
+        self.options = options
+
+    def held_name(self, primary: Primary) -> str:
+        return primary.filename
+
+    def write(self, listing: Scan, primary: Primary, out: Outcome) -> None:
+        opts = self.options
+        ours = opts.owned_names()
+        present = [n for n in listing.names if n in ours]
+        name = owned_name_for(primary.filename, opts.owned_file_name)
+        data = serialise(build_chain(primary, opts.entry, opts.default_cni_version))
+        path = os.path.join(opts.conf_dir, name)
+        if files.write_atomic(path, data, opts.file_mode):
+            out.wrote.append(name)
+        for stale in present:
+            if stale != name and files.remove(os.path.join(opts.conf_dir, stale)):
+                out.removed.append(stale)
+        out.config = name
+
+    def expected(self, primary: Primary) -> tuple[str, bytes | None, str]:
+        opts = self.options
+        name = owned_name_for(primary.filename, opts.owned_file_name)
+        return name, serialise(build_chain(primary, opts.entry, opts.default_cni_version)), ""
+
+
+class InplaceMode:
+    """``inplace``: the primary rewritten with our entry last (a single-plugin file becomes ``<stem>.conflist``),
+    its original bytes kept in ``Backups``."""
+
+    def __init__(self, options: Options, backups: Backups) -> None:
+        self.options = options
+        self.backups = backups
+
+    def held_name(self, primary: Primary) -> str:
+        return self._target(primary)
+
+    @staticmethod
+    def _target(primary: Primary) -> str:
+        stem, _ext = os.path.splitext(primary.filename)
+        return primary.filename if primary.is_list else stem + ".conflist"
+
+    def _chained(self, primary: Primary) -> dict[str, Any]:
+        base = Primary(primary.filename, True, remove_ours(primary.doc)) if primary.is_list else primary
+        return build_chain(base, self.options.entry, self.options.default_cni_version)
+
+    def write(self, listing: Scan, primary: Primary, out: Outcome) -> None:
+        opts = self.options
+        ours = opts.owned_names()
+        target = self._target(primary)
+        path = os.path.join(opts.conf_dir, primary.filename)
+        current = files.read_bytes(path) or b""
+        chained = self._chained(primary)
+        data = serialise(chained)
+        mode = _mode_of(path) or opts.file_mode
+        if primary.is_list and primary.doc == chained:
+            out.config = target  # already chained (maybe formatted by someone else): leave it alone
+            self._ensure_backup(target, primary, current)
+            return
+        self._ensure_backup(target, primary, current)
+        if files.write_atomic(os.path.join(opts.conf_dir, target), data, mode):
+            out.wrote.append(target)
+        if target != primary.filename and files.remove(path):
+            out.removed.append(primary.filename)
+        for stale in (n for n in listing.names if n in ours):
+            if files.remove(os.path.join(opts.conf_dir, stale)):
+                out.removed.append(stale)
+        out.config = target
+
+    def _ensure_backup(self, target: str, primary: Primary, current: bytes) -> None:
+        if Backups.matches(self.backups.read(target), primary):
+            return
+        if primary.is_list and any(p.get("type") == self.options.entry["type"] for p in primary.doc["plugins"]):
+            content = serialise(remove_ours(primary.doc))  # best effort: the pre-chain bytes are unknown
+        else:
+            content = current
+        self.backups.write(target, primary.filename, content)
+
+    def expected(self, primary: Primary) -> tuple[str, bytes | None, str]:
+        name = primary.filename
+        if not (primary.is_list and primary.doc == self._chained(primary)):
+            return name, None, f"{name} does not carry our entry last"
+        return name, None, ""
+
+
+MODES: dict[str, Callable[[Options, Backups], InstallMode]] = {"owned": OwnedMode, "inplace": InplaceMode}
+
+
 class Installer:
     """Keeps the state that spans passes (the last primary seen) and performs passes."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
+        self.backups = Backups(options.conf_dir)
+        self.mode: InstallMode = MODES[options.mode](options, self.backups)
         self.last_primary: str | None = None
         self.manifest: binary.Manifest | None = None
         self._held_reason: str | None = None
@@ -184,96 +341,12 @@ class Installer:
         out.primary = primary.filename
         return primary
 
-    def _config_pass_owned(self, listing: Scan, out: Outcome) -> None:
-        opts = self.options
-        ours = opts.owned_names()
-        present = [n for n in listing.names if n in ours]
+    def _config_pass(self, listing: Scan, out: Outcome) -> None:
         primary = self._primary_or_reason(listing, out)
         if primary is None:
             return
-        self.last_primary = primary.filename
-        name = owned_name_for(primary.filename, opts.owned_file_name)
-        data = serialise(build_chain(primary, opts.entry, opts.default_cni_version))
-        path = os.path.join(opts.conf_dir, name)
-        if files.write_atomic(path, data, opts.file_mode):
-            out.wrote.append(name)
-        for stale in present:
-            if stale != name and files.remove(os.path.join(opts.conf_dir, stale)):
-                out.removed.append(stale)
-        out.config = name
-
-    def _backup_path(self, name: str) -> str:
-        return os.path.join(self.options.conf_dir, BACKUP_DIR, name + ".orig.json")
-
-    def _read_backup(self, name: str) -> tuple[str, bytes] | None:
-        raw = files.read_bytes(self._backup_path(name))
-        if raw is None:
-            return None
-        try:
-            doc = json.loads(raw)
-            return str(doc["name"]), str(doc["content"]).encode("utf-8")
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    def _backup_matches(self, backup: tuple[str, bytes] | None, current: Primary) -> bool:
-        if backup is None:
-            return False
-        try:
-            original = parse_primary(backup[0], backup[1])
-        except ChainError:
-            return False
-        before, now = _as_list_without_ours(original), _as_list_without_ours(current)
-        if before.get("cniVersion") is None:  # chained with --default-cni-version: the version was ours
-            before.pop("cniVersion", None)
-            now.pop("cniVersion", None)
-        return before == now
-
-    def _write_backup(self, target: str, name: str, content: bytes) -> None:
-        directory = os.path.join(self.options.conf_dir, BACKUP_DIR)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        doc = {"name": name, "content": content.decode("utf-8")}
-        files.write_atomic(self._backup_path(target), serialise(doc), 0o600)
-
-    def _config_pass_inplace(self, listing: Scan, out: Outcome) -> None:
-        opts = self.options
-        ours = opts.owned_names()
-        primary = self._primary_or_reason(listing, out)
-        if primary is None:
-            return
-        stem, _ext = os.path.splitext(primary.filename)
-        target = primary.filename if primary.is_list else stem + ".conflist"
-        self.last_primary = target
-        path = os.path.join(opts.conf_dir, primary.filename)
-        current = files.read_bytes(path) or b""
-        original_primary = primary
-        if primary.is_list:
-            original_primary = Primary(primary.filename, True, remove_ours(primary.doc))
-        chained = build_chain(original_primary, opts.entry, opts.default_cni_version)
-        data = serialise(chained)
-        mode = _mode_of(path) or opts.file_mode
-        if primary.is_list and primary.doc == chained:
-            out.config = target  # already chained (maybe formatted by someone else): leave it alone
-            self._ensure_backup(target, primary, current)
-            return
-        self._ensure_backup(target, primary, current)
-        if files.write_atomic(os.path.join(opts.conf_dir, target), data, mode):
-            out.wrote.append(target)
-        if target != primary.filename and files.remove(path):
-            out.removed.append(primary.filename)
-        for stale in (n for n in listing.names if n in ours):
-            if files.remove(os.path.join(opts.conf_dir, stale)):
-                out.removed.append(stale)
-        out.config = target
-
-    def _ensure_backup(self, target: str, primary: Primary, current: bytes) -> None:
-        backup = self._read_backup(target)
-        if self._backup_matches(backup, primary):
-            return
-        if primary.is_list and any(p.get("type") == self.options.entry["type"] for p in primary.doc["plugins"]):
-            content = serialise(remove_ours(primary.doc))  # best effort: the pre-chain bytes are unknown
-        else:
-            content = current
-        self._write_backup(target, primary.filename, content)
+        self.last_primary = self.mode.held_name(primary)
+        self.mode.write(listing, primary, out)
 
     # ---- validity -----------------------------------------------------------------------------------------
     def check(self) -> Outcome:
@@ -287,23 +360,15 @@ class Installer:
         if primary is None:
             return Outcome(False, "no primary config")
         try:
-            if opts.mode == "owned":
-                name = owned_name_for(primary.filename, opts.owned_file_name)
-                want = serialise(build_chain(primary, opts.entry, opts.default_cni_version))
-                base = primary
-            else:
-                name = primary.filename
-                base = Primary(primary.filename, True, remove_ours(primary.doc)) if primary.is_list else primary
-                chained = build_chain(base, opts.entry, opts.default_cni_version)
-                if not (primary.is_list and primary.doc == chained):
-                    return Outcome(False, f"{name} does not carry our entry last", primary=primary.filename)
-                want = None
+            name, want, problem = self.mode.expected(primary)
         except ChainError as exc:
             return Outcome(False, str(exc), primary=primary.filename)
+        if problem:
+            return Outcome(False, problem, primary=primary.filename)
         if first != name:
             return Outcome(False, f"{first} sorts before {name}", primary=primary.filename)
         if want is not None and files.read_bytes(os.path.join(opts.conf_dir, name)) != want:
-            return Outcome(False, f"{name} differs from the chain of {base.filename}", primary=primary.filename)
+            return Outcome(False, f"{name} differs from the chain of {primary.filename}", primary=primary.filename)
         if self.manifest is not None and (reason := binary.status(opts.bin_dir, self.manifest)) is not None:
             return Outcome(False, reason, config=name, primary=primary.filename)
         if opts.verify_plugin and (reason := self.plugin_problem()) is not None:
@@ -321,10 +386,7 @@ class Installer:
         out.binary_changed, binary_problem = self._binary_pass(full_binary_check)
         listing = scan(opts.conf_dir)
         try:
-            if opts.mode == "owned":
-                self._config_pass_owned(listing, out)
-            else:
-                self._config_pass_inplace(listing, out)
+            self._config_pass(listing, out)
         except ChainError as exc:
             out.reason = f"{exc} (nothing written)"
         except OSError as exc:
@@ -372,13 +434,7 @@ class Installer:
                 primary = listing.valid.get(name)
                 if primary is not None and primary.is_list:
                     self._restore(primary, out)
-            backups = os.path.join(opts.conf_dir, BACKUP_DIR)
-            if os.path.isdir(backups):
-                for leftover in os.listdir(backups):
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(backups, leftover))
-                with contextlib.suppress(OSError):
-                    os.rmdir(backups)
+            self.backups.remove_all()
         if remove_binary and (
             opts.source is not None or os.path.lexists(os.path.join(opts.bin_dir, binary.EXECUTABLE))
         ):
@@ -392,8 +448,8 @@ class Installer:
             return
         path = os.path.join(opts.conf_dir, primary.filename)
         mode = _mode_of(path) or opts.file_mode
-        backup = self._read_backup(primary.filename)
-        if self._backup_matches(backup, primary) and backup is not None:
+        backup = self.backups.read(primary.filename)
+        if Backups.matches(backup, primary) and backup is not None:
             original_name, content = backup
             files.write_atomic(os.path.join(opts.conf_dir, original_name), content, mode)
             out.wrote.append(original_name)
