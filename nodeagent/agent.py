@@ -158,7 +158,8 @@ class Agent:
 
             annotator = RedirectionAnnotator(patch_redirection, metrics).start()
         core = AgentCore(view, store, dataplane, config.exemptions, metrics, readiness, annotator)
-        publisher = SnapshotPublisher(config.run_dir, config.node_name, config.exemptions, view.state, view.synced)
+        publisher = SnapshotPublisher(config.run_dir, config.node_name, config.exemptions, view.state, view.synced,
+                                      on_write=metrics.snapshot_writes.inc)
         readiness.snapshot_published = lambda: publisher.published
         reconciler = Reconciler(core, config.run_dir, config.reconcile_interval, proc_root=config.proc_root,
                                 on_first_pass=getattr(dataplane, "takeover_done", None))

@@ -30,6 +30,7 @@ class SnapshotPublisher:
         exemptions: Exemptions,
         state_source: Callable[[], ClusterState],
         synced: Callable[[], tuple[bool, str]],
+        on_write: Callable[[], object] = lambda: None,
     ) -> None:
         self.path = rundir.snapshot_path(run_dir)
         self.node = node
@@ -43,7 +44,7 @@ class SnapshotPublisher:
         self._generation = int(time.time() * 1000)  # monotonic across restarts without extra state
         self._last: bytes = b""
         self._log = logs.get_logger()
-        self.writes = 0
+        self._on_write = on_write  # each snapshot written (the agent counts them: ambient_cni_agent_snapshot_writes)
 
     @property
     def published(self) -> bool:
@@ -75,7 +76,7 @@ class SnapshotPublisher:
         self._generation += 1
         files.write_atomic(self.path, snapshot_format.encode(snap, time.time()), 0o600)
         self._last = fingerprint
-        self.writes += 1
+        self._on_write()
         self._published.set()
         logs.emit(self._log, logging.INFO, "enrollment snapshot published",
                   {"path": self.path, "generation": self._generation, "namespaces": len(snap.namespaces),

@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 DB_NAME = "agent.db"
@@ -126,7 +126,6 @@ class PodRecord:
     netns_dev: int = 0  # 0: recorded by an agent before schema 2 (filled in at the first verification)
     verified_at: float = 0.0  # when the agent last found the pod's redirection as expected (0: not yet)
     variant: str = ""  # JSON of the rules.Variant installed ("" unknown: recorded before schema 3, or no rules)
-    extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -435,12 +434,6 @@ class PodStore:
         if not uid:
             return []
         rows = self._call(lambda db: db.execute(f"SELECT {_COLUMNS} FROM pods WHERE uid=?", (uid,)).fetchall())
-        return [_row_to_record(r) for r in rows]
-
-    def by_pod(self, namespace: str, name: str) -> list[PodRecord]:
-        rows = self._call(lambda db: db.execute(
-            f"SELECT {_COLUMNS} FROM pods WHERE namespace=? AND name=?", (namespace, name)
-        ).fetchall())
         return [_row_to_record(r) for r in rows]
 
     def delete(self, container_id: str, ifname: str) -> bool:

@@ -184,6 +184,7 @@ def test_snapshot_holds_namespace_and_pod_verdicts(agent: AgentProcess) -> None:
     assert snap.pods["istio-system/ambient-cni-node-x1"] is False
     assert "shop/other-node-0" not in snap.pods
     assert snap.exemptions == Exemptions(exclude_namespaces=frozenset({"kube-system"}))  # what the plugin follows
+    assert agent.metric("ambient_cni_agent_snapshot_writes_total") >= 1
     assert snap.verdict("shop", "new-pod") is snapshot.Verdict.ENROLLED
     assert snap.verdict("plain", "new-pod") is snapshot.Verdict.UNKNOWN_POD
     mode = os.stat(agent.run_dir).st_mode & 0o777

@@ -116,11 +116,6 @@ class ViewHolder:
         for callback in self._callbacks:
             callback(state)
 
-    def _set_unsynced(self, reason: str) -> None:
-        with self._cond:
-            self._synced = False
-            self._reason = reason
-
     def _set_reason(self, reason: str) -> None:
         with self._cond:
             self._reason = reason

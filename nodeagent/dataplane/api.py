@@ -7,7 +7,7 @@ per pod (a second ``add`` of the same pod leaves one copy of everything).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cni_plugin import errors
@@ -53,7 +53,6 @@ class PodWork:
     service_account: str = ""
     netns_inode: int = 0  # the netns identity the caller expects at netns_path (inode, device); 0 when unknown
     netns_dev: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
     controls: PodControls = DEFAULT_CONTROLS  # the pod's annotations, from the agent's cluster view
     # The variant decided by the caller (the one recorded, for a pod absent from the view); None: from ``controls``
     variant: Variant | None = None

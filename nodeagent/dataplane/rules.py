@@ -382,11 +382,6 @@ def removal_input(existing_save: str) -> str:
     return _removal(existing_save, CHAINS)
 
 
-def has_our_chains(existing_save: str) -> bool:
-    current = parse_save(existing_save)
-    return any(c in _declared(lines) for lines in current.values() for c in CHAINS)
-
-
 @dataclass(frozen=True)
 class RuleDiff:
     table: str
@@ -431,9 +426,9 @@ def detect_variant(existing_save: str) -> Variant | None:
     """The variant a netns's rules look like (for ``doctor`` when the agent cannot say), or None if no rules.
 
     With inbound capture off and virtual interfaces set, both modes install the same rules; TPROXY is named."""
-    if not has_our_chains(existing_save):
-        return None
     current = parse_save(existing_save)
+    if not any(c in _declared(lines) for lines in current.values() for c in CHAINS):
+        return None
     mangle = _rules(current.get("mangle", []))
     nat = _rules(current.get("nat", []))
     tproxy_inbound = any("-j TPROXY" in r for r in mangle)

@@ -218,10 +218,6 @@ class ZdsServer:
         with self._lock:
             return any(not c.closed for c in self._conns)
 
-    def connection_count(self) -> int:
-        with self._lock:
-            return sum(1 for c in self._conns if not c.closed)
-
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
             if conn in self._conns:
