@@ -40,7 +40,7 @@ def env(scratch: Path, conf_dir: Path, cache_dir: Path, ipam_dir: Path, cni_bin_
         pod("coredns-0", uid="uid-coredns-0", namespace="kube-system"),
         pod("ambient-cni-node-abc", uid="uid-ambient-cni-node-abc", namespace="istio-system"),
         pod("ambient-cni-probe-0", uid="uid-ambient-cni-probe-0", namespace="istio-system"),
-        # user_pain §17: redirecting a hostNetwork pod would rewrite the node's own rules
+        # never enrolled: redirecting a hostNetwork pod would rewrite the node's own rules
         pod("hostnet-0", uid="uid-hostnet-0", namespace="shop", hostNetwork=True),
         pod("sidecar-0", uid="uid-sidecar-0", namespace="shop", annotations={"sidecar.istio.io/status": "{}"}),
     ])

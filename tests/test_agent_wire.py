@@ -410,8 +410,9 @@ def test_cli_errors_are_clear(scratch: Path) -> None:
 def test_reconcile_follows_a_replaced_netns_and_drops_a_gone_one(
     scratch: Path, state_file: Path, netns_factory: Callable[..., Netns]
 ) -> None:
-    """istio#61182: a pod whose netns was replaced under the same uid must not stay "enrolled" on a dead
-    netns. The agent compares the recorded inode with the live one on every reconcile pass."""
+    """A pod whose netns was replaced under the same uid must not stay "enrolled" on a dead netns (seen in the
+    field: after an undrained reboot such a pod sat outside the mesh for weeks while marked enrolled). The agent
+    compares the recorded inode with the live one on every reconcile pass."""
     proc = AgentProcess(scratch / "agent-rc", cluster_state=state_file, extra_args=["--reconcile-interval", "0.2"])
     proc.base.mkdir()
     agent = proc.start()

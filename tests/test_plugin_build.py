@@ -61,7 +61,7 @@ def test_cli_through_the_symlink(plugin_binary: Path) -> None:
 
 
 def test_bundle_runs_from_a_copied_directory(plugin_binary: Path, scratch: Path) -> None:
-    """Installers copy the whole bundle and link the executable (DESIGN.md): that must work anywhere."""
+    """Installers copy the whole bundle and link the executable (``conflist.binary``): that must work anywhere."""
     copy = scratch / "ambient-cni.bundle"
     subprocess.run(["cp", "-a", str(PLUGIN.resolve().parent), str(copy)], check=True)
     link = scratch / "bin" / "ambient-cni"
