@@ -1,6 +1,9 @@
 """Structured JSON-lines logging for the agent: stderr plus a size-capped ``<run_dir>/agent.log``.
 
-Call sites pass pod identity through ``pod_fields`` so every pod-related line carries namespace/name/uid.
+One idiom everywhere in the agent: ``emit(logger, level, msg, fields)``, a fixed message and its facts as fields
+(never formatted into the message). Pod-related lines carry the pod through ``pod_fields`` (namespace, name, uid),
+which is how ``ambient-cni doctor`` finds a pod's lines (``nodeagent.dataplane.diagnose.agent_log_lines``).
+Parts of the agent with a scope of their own (the dataplane, ZDS) log through ``Scoped``.
 """
 
 from __future__ import annotations
@@ -82,6 +85,18 @@ def setup(run_dir: str | None, level: str = "info", stream: Any = None) -> loggi
 
 def emit(logger: logging.Logger, level: int, msg: str, fields: Mapping[str, Any] | None = None) -> None:
     logger.log(level, msg, extra=safe_extra(fields or {}))
+
+
+class Scoped:
+    """``emit`` for one part of the agent: its lines carry ``"scope": scope`` and go through the agent's logger
+    (a child of it, so they land wherever the agent's lines do)."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        self.logger = logging.getLogger(f"{LOGGER_NAME}.{scope}")
+
+    def __call__(self, level: int, msg: str, fields: Mapping[str, Any] | None = None) -> None:
+        emit(self.logger, level, msg, {"scope": self.scope, **(fields or {})})
 
 
 def safe_extra(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,8 @@ SOCK_SEQPACKET socket with real netns fds (SCM_RIGHTS): our peer (zds_peer) and 
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
 import threading
 import time
@@ -12,6 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from nodeagent import logs
+from nodeagent.dataplane import diagnose
 from nodeagent.dataplane.api import DataplaneError, PodWork
 from nodeagent.dataplane.inpod import InPodDataplane
 from testbed.netns import Netns
@@ -186,6 +190,53 @@ def test_ack_timeout_or_error_fails_closed(
         assert dataplane.enrolled() == {}
     finally:
         client.close()
+
+
+@pytest.fixture
+def agent_log() -> Iterator[io.StringIO]:
+    """The agent's log lines (its real JSON formatter), at debug level, for this test."""
+    stream = io.StringIO()
+    logs.setup(None, "debug", stream=stream)
+    try:
+        yield stream
+    finally:
+        logs.get_logger().handlers.clear()
+
+
+def test_zds_lines_carry_the_pod_so_doctor_finds_them(
+    dataplane: InPodDataplane, netns_factory: Callable[..., Netns], agent_log: io.StringIO
+) -> None:
+    """Every ZDS line about a pod names it (pod_namespace, pod_name, pod_uid), as the agent's other lines do:
+    ``ambient-cni doctor`` shows a pod's lines by matching those fields (``diagnose.agent_log_lines``)."""
+    ns = netns_factory()
+    client = ScriptedZtunnel(dataplane.zds.path, mode="silent")
+    try:
+        wait_for(lambda: "snapshot_sent" in client.kinds(), what="replay")
+        pod = pod_in(ns)
+        with pytest.raises(DataplaneError):
+            dataplane.add(pod, time.monotonic() + 5)
+    finally:
+        client.close()
+    peer = Peer(dataplane.zds.path).start()
+    try:
+        wait_for(lambda: dataplane.ready()[0], what="ready")
+        dataplane.add(pod, time.monotonic() + 5)
+        dataplane.remove(pod)
+    finally:
+        peer.stop()
+    lines = [json.loads(line) for line in agent_log.getvalue().splitlines()]
+    zds = [line for line in lines if line.get("scope") == "zds" and line.get("pod_uid") == pod.uid]
+    assert {line["msg"] for line in zds} >= {"zds: no ack from ztunnel in time, closing the connection",
+                                             "zds: ztunnel acknowledged the pod's netns"}
+    assert all(line["pod_namespace"] == "test" and line["pod_name"] == ns.name for line in zds
+               if "pod_name" in line)
+    assert all(isinstance(line.get("zds_connection"), int) for line in lines if line.get("scope") == "zds"
+               and "zds_connection" in line)
+    shown = diagnose.agent_log_lines(agent_log.getvalue(), pod.uid, "test", ns.name, limit=100)
+    assert any("zds: no ack from ztunnel in time" in line for line in shown), shown
+    assert any("zds: ztunnel acknowledged the pod's netns" in line for line in shown), shown
+    assert any("redirection installed, netns handed to ztunnel" in line for line in shown), shown
+    assert not diagnose.agent_log_lines(agent_log.getvalue(), "uid-someone-else", "test", "someone-else")
 
 
 def test_peer_with_slow_acks_hits_the_deadline(dataplane: InPodDataplane, netns_factory: Callable[..., Netns]) -> None:

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from netns_threads import NetnsWorker
+from nodeagent import logs
 from nodeagent.dataplane import hostrules, iptables
 from nodeagent.dataplane.hostrules import SetEntry
 from nodeagent.dataplane.netns import NetnsError, NsId, open_any_netns
 from nodeagent.dataplane.probesets import ProbeSetError, ProbeSets
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, Family, RuleParams
 
-log = logging.getLogger("ambient-cni.agent.dataplane")
+log = logs.Scoped("dataplane")
 
 T = TypeVar("T")
 START_ATTEMPTS = 5
@@ -105,7 +106,7 @@ class HostProbe:
             try:
                 self._call(self._sets.close, 5)
             except Exception as exc:
-                log.debug("closing the probe-set socket failed: %s", exc)
+                log(logging.DEBUG, "closing the probe-set socket failed", {"error": str(exc)})
         self._worker.stop()
 
     # -- start / repair ---------------------------------------------------------------------------------------
@@ -118,7 +119,8 @@ class HostProbe:
                     return self._call(self._ensure)
             except (ProbeSetError, iptables.IptablesError) as exc:
                 last = str(exc)
-                log.warning("host probe path: attempt %d/%d failed: %s", attempt, attempts, last)
+                log(logging.WARNING, "setting up the probe path in the node netns failed",
+                    {"attempt": attempt, "attempts": attempts, "host_netns": self.path, "error": last})
                 if attempt < attempts:
                     time.sleep(retry_s)
         raise HostProbeError(f"cannot set up the probe path in the node netns {self.path}: {last}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import netns_threads
+from nodeagent import logs
 from nodeagent.dataplane import driftcheck, iptables, netns, routes
 from nodeagent.dataplane.api import DataplaneError, NetnsGone, PodWork
 from nodeagent.dataplane.hostprobe import HostProbe, HostProbeError
@@ -31,7 +32,7 @@ from nodeagent.dataplane.probesets import ProbeSetError
 from nodeagent.dataplane.rules import DEFAULT_PARAMS, DEFAULT_VARIANT, Family, RedirectMode, RuleParams, Variant
 from nodeagent.dataplane.zds_server import Workload, ZdsError, ZdsServer
 
-log = logging.getLogger("ambient-cni.agent.dataplane")  # a child of the agent logger: lands in agent.log
+log = logs.Scoped("dataplane")  # lands in agent.log with the agent's lines
 
 
 def families_of(ips: tuple[str, ...]) -> list[Family]:
@@ -134,9 +135,8 @@ class InPodDataplane:
                 self.host.close()
                 raise
             self._own.setdefault(self.host.ns_id, f"the node's network namespace (--host-netns {host_netns})")
-            log.info("probe path in place in the node netns", extra={
-                "scope": "dataplane", "host_netns": host_netns, "written": written,
-                "families": [f"v{f.value}" for f in self.host.families]})
+            log(logging.INFO, "probe path in place in the node netns", {
+                "host_netns": host_netns, "written": written, "families": [f"v{f.value}" for f in self.host.families]})
         # With wait_for_takeover, ztunnel's first replay waits until the agent has restored the pods it
         # recorded before a restart (takeover_done), so that ztunnel is not told to drop them meanwhile.
         self._takeover = threading.Event()
@@ -189,9 +189,8 @@ class InPodDataplane:
                     from None
             finally:
                 handle.close()
-            log.info("rules kept after a DEL removed", extra={
-                "scope": "dataplane", "pod_namespace": pod.namespace, "pod_name": pod.name, "pod_uid": pod.uid,
-                "netns": pod.netns_path, "netns_inode": pod.netns_inode})
+            log(logging.INFO, "rules kept after a DEL removed",
+                _pod(pod, netns=pod.netns_path, netns_inode=pod.netns_inode))
 
     def change_variant(self, pod: PodWork) -> tuple[Variant, Variant] | None:
         variant = self.variant_for(pod)
@@ -240,12 +239,12 @@ class InPodDataplane:
         try:
             result = self.host.sync([*recorded, *held], prune)
         except (HostProbeError, ProbeSetError, iptables.IptablesError, TimeoutError) as exc:
-            log.warning("probe path repair failed: %s", exc, extra={"scope": "dataplane"})
+            log(logging.WARNING, "probe path repair failed", {"error": str(exc)})
             return {"host_failed": 1}
         if result.changed or result.prune_skipped:
-            log.info("probe path reconciled", extra={
-                "scope": "dataplane", "rules_repaired": result.rules_repaired, "added": result.added,
-                "removed": result.removed, "prune_skipped": result.prune_skipped})
+            log(logging.INFO, "probe path reconciled", {
+                "rules_repaired": result.rules_repaired, "added": result.added, "removed": result.removed,
+                "prune_skipped": result.prune_skipped})
         counts = {"host_add": result.added, "host_remove": result.removed,
                   "host_rules": len(result.rules_repaired)}
         return {k: v for k, v in counts.items() if v}
@@ -361,8 +360,7 @@ class InPodDataplane:
                 try:
                     self.host.add(pod.uid or key, addresses)
                 except Exception as exc:  # the reconcile's probe-path sync retries it
-                    log.warning("pod %s/%s: adding its IPs to the probe set failed: %s", pod.namespace, pod.name,
-                                exc, extra={"scope": "dataplane", "pod_uid": pod.uid})
+                    log(logging.WARNING, "adding the pod's IPs to the probe set failed", _pod(pod, error=str(exc)))
             if not self.zds.connected():
                 return repaired  # the replay of the next ztunnel connection carries it
             timeout = min(self.ack_timeout_s, deadline - time.monotonic())
@@ -448,8 +446,8 @@ class InPodDataplane:
         out: list[Workload] = []
         for e, fd in listed:
             if e.handle is not None and not _path_names(e.pod.netns_path, e.handle):
-                log.warning("pod %s/%s: %s no longer names its enrolled netns; left out of the ZDS replay",
-                            e.pod.namespace, e.pod.name, e.pod.netns_path)
+                log(logging.WARNING, "the pod's netns path no longer names its enrolled netns; left out of the ZDS "
+                    "replay", _pod(e.pod, netns=e.pod.netns_path))
                 _close_fds([fd])
                 continue
             out.append(_entry(e.pod, fd))
@@ -507,23 +505,14 @@ class InPodDataplane:
         t_host = time.monotonic() - t_host
         if previous is not None and previous.handle is not None:
             if not same_netns:
-                log.info("pod %s: netns replaced (inode %d -> %d)", key, previous.handle.inode, handle.inode)
+                log(logging.INFO, "pod netns replaced", _pod(pod, old_inode=previous.handle.inode,
+                                                             netns_inode=handle.inode))
             previous.handle.close()
-        log.info(
-            "redirection installed, netns handed to ztunnel",
-            extra={
-                "scope": "dataplane",
-                "pod_namespace": pod.namespace,
-                "pod_name": pod.name,
-                "pod_uid": pod.uid,
-                "netns": pod.netns_path,
-                "netns_inode": handle.inode,
-                "variant": variant.name,
-                "rules_ms": round(t_rules * 1e3, 1),
-                "host_ms": round(t_host * 1e3, 2),
-                "total_ms": round((time.monotonic() - t0) * 1e3, 1),
-            },
-        )
+        log(logging.INFO, "redirection installed, netns handed to ztunnel", _pod(
+            pod, netns=pod.netns_path, netns_inode=handle.inode, variant=variant.name,
+            rules_ms=round(t_rules * 1e3, 1), host_ms=round(t_host * 1e3, 2),
+            total_ms=round((time.monotonic() - t0) * 1e3, 1),
+        ))
         return handle.inode
 
     def _roll_back(
@@ -559,8 +548,8 @@ class InPodDataplane:
         try:
             self.host.remove(uid, addresses)
         except Exception as exc:  # the reconcile's sync prunes what is left
-            log.warning("removing %s from the probe set failed: %s", list(addresses), exc,
-                        extra={"scope": "dataplane", "pod_uid": uid})
+            log(logging.WARNING, "removing the pod's IPs from the probe set failed",
+                {"pod_uid": uid, "addresses": list(addresses), "error": str(exc)})
 
     def _open_verified(self, pod: PodWork) -> netns.NetnsHandle:
         """Open the pod's netns and check it is the one the caller expects (inode and device, when given)."""
@@ -581,7 +570,7 @@ class InPodDataplane:
         try:
             netns_threads.run_in_netns(handle.fd, lambda: remove_redirection(families, self.params), "netns-undo")
         except Exception as exc:
-            log.warning("undo in %s failed: %s", handle.path, exc)
+            log(logging.WARNING, "undoing the rules of a failed add failed", {"netns": handle.path, "error": str(exc)})
 
     def _remove_locked(self, key: str, pod: PodWork, keep_rules: bool = False) -> None:
         with self._lock:
@@ -589,15 +578,16 @@ class InPodDataplane:
             if (entry is not None and entry.handle is not None and pod.netns_inode
                     and not entry.handle.matches(pod.netns_inode, pod.netns_dev)):
                 # ztunnel serves this uid from another (newer) netns: this removal is for a stale record
-                log.info("pod %s: removal of netns inode %d skipped: the pod is enrolled in inode %d", key,
-                         pod.netns_inode, entry.handle.inode)
+                log(logging.INFO, "removal skipped: the pod is enrolled in another netns",
+                    _pod(pod, netns_inode=pod.netns_inode, enrolled_inode=entry.handle.inode))
                 return
             self._pods.pop(key, None)
         # first: probes must stop being let through before anything else about the pod changes
         self._host_remove(pod.uid or key, entry.addresses if entry is not None and entry.addresses else pod.ips)
         errors = self.zds.delete(pod.uid or key)
         if errors:
-            log.info("pod %s: ZDS del: %s", key, "; ".join(errors))
+            log(logging.INFO, "zds: DelWorkload not acknowledged by every ztunnel connection",
+                _pod(pod, error="; ".join(errors)))
         if keep_rules:  # the netns keeps its rules (redirected traffic is refused: nothing listens any more)
             if entry is not None and entry.handle is not None:
                 entry.handle.close()
@@ -608,7 +598,8 @@ class InPodDataplane:
             try:
                 handle = self._open_verified(pod)
             except NetnsGone as exc:
-                log.info("%s; its rules are left alone", exc.msg)
+                log(logging.INFO, "the pod's netns is not the enrolled one; its rules are left alone",
+                    _pod(pod, error=exc.msg))
                 handle = None
             except DataplaneError:
                 handle = None  # gone or not a netns: nothing to clean inside it
@@ -619,9 +610,14 @@ class InPodDataplane:
                 handle.fd, lambda: remove_redirection(sorted(set(families), key=lambda f: f.value)), "netns-del"
             )
         except Exception as exc:
-            log.warning("pod %s: removing rules failed: %s", key, exc)
+            log(logging.WARNING, "removing the pod's rules failed", _pod(pod, error=str(exc)))
         finally:
             handle.close()
+
+
+def _pod(pod: PodWork, **more: Any) -> dict[str, Any]:
+    """The pod's log fields (namespace, name, uid: what ``doctor`` matches) and ``more``."""
+    return logs.pod_fields(pod.namespace, pod.name, pod.uid, **more)
 
 
 def _close_fds(fds: Iterable[int | None]) -> None:

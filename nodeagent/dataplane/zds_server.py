@@ -19,14 +19,15 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from nodeagent import logs
 from nodeagent.acceptor import AcceptLoop
 from zds import protocol, zds_pb2
 from zds.protocol import MAX_DATAGRAM
 
-log = logging.getLogger("ambient-cni.agent.zds")
+log = logs.Scoped("zds")
 
 HELLO_TIMEOUT_S = 5.0
 REPLAY_GATE_TIMEOUT_S = 30.0
@@ -84,7 +85,8 @@ class _Connection:
                 try:
                     ack = protocol.decode_ack(data)
                 except protocol.DecodeError:
-                    log.warning("zds connection %d: undecodable message, closing", self.cid)
+                    log(logging.WARNING, "zds: undecodable message from ztunnel, closing the connection",
+                        {"zds_connection": self.cid})
                     break
                 if ack is not None:
                     self._acks.put(ack)
@@ -116,8 +118,10 @@ class _Connection:
         with self.send_lock:  # a request mid-send finishes first (it fails fast: the socket is shut down)
             self.sock.close()
 
-    def request_locked(self, req: zds_pb2.WorkloadRequest, fd: int | None, timeout: float) -> None:
-        """Send one request and wait for its ack; the caller holds ``send_lock``. Raises ZdsError."""
+    def request_locked(self, req: zds_pb2.WorkloadRequest, fd: int | None, timeout: float,
+                       pod: Mapping[str, str] | None = None) -> None:
+        """Send one request and wait for its ack; the caller holds ``send_lock``. Raises ZdsError. ``pod``: the
+        pod's log fields (``logs.pod_fields``), for a request about one pod."""
         if self._closed.is_set():
             raise ZdsError("ztunnel connection closed", retryable=True)
         while not self._acks.empty():  # nothing stale may answer this request
@@ -137,7 +141,8 @@ class _Connection:
         try:
             ack = self._acks.get(timeout=max(0.0, timeout))
         except queue.Empty:
-            log.warning("zds connection %d: no ack within %.1f s, closing it", self.cid, timeout)
+            log(logging.WARNING, "zds: no ack from ztunnel in time, closing the connection",
+                {**(pod or {}), "zds_connection": self.cid, "timeout_s": round(timeout, 1)})
             self.close()
             raise ZdsError(f"ztunnel did not acknowledge within {timeout:.1f} s", retryable=True) from None
         if ack is None:
@@ -145,12 +150,13 @@ class _Connection:
         if ack.error:
             raise ZdsError(f"ztunnel refused: {ack.error}", retryable=False)
 
-    def request(self, req: zds_pb2.WorkloadRequest, fd: int | None, timeout: float) -> None:
+    def request(self, req: zds_pb2.WorkloadRequest, fd: int | None, timeout: float,
+                pod: Mapping[str, str] | None = None) -> None:
         deadline = time.monotonic() + timeout
         if not self.send_lock.acquire(timeout=max(0.0, timeout)):
             raise ZdsError("ztunnel connection busy beyond the deadline", retryable=True)
         try:
-            self.request_locked(req, fd, deadline - time.monotonic())
+            self.request_locked(req, fd, deadline - time.monotonic(), pod)
         finally:
             self.send_lock.release()
 
@@ -200,7 +206,7 @@ class ZdsServer:
         sock.listen(16)
         self._acceptor = AcceptLoop(sock, self._accepted, "zds-accept", retry_s=0.05)
         self._acceptor.start()
-        log.info("zds: listening on %s", self.path)
+        log(logging.INFO, "zds: listening", {"path": self.path})
 
     def close(self) -> None:
         self._stop.set()
@@ -222,7 +228,7 @@ class ZdsServer:
         with self._lock:
             if conn in self._conns:
                 self._conns.remove(conn)
-        log.info("zds: ztunnel connection %d closed", conn.cid)
+        log(logging.INFO, "zds: ztunnel connection closed", {"zds_connection": conn.cid})
 
     # -- accepting ---------------------------------------------------------------------------------------------
     def _accepted(self, sock: socket.socket) -> None:
@@ -232,7 +238,7 @@ class ZdsServer:
         try:
             threading.Thread(target=self._handle, args=(sock, cid), name=f"zds-hello-{cid}", daemon=True).start()
         except RuntimeError as exc:  # no thread for it (resource limits): refuse, keep accepting
-            log.warning("zds connection %d: cannot serve it: %s", cid, exc)
+            log(logging.WARNING, "zds: cannot serve a ztunnel connection", {"zds_connection": cid, "error": str(exc)})
             sock.close()
 
     def _handle(self, sock: socket.socket, cid: int) -> None:
@@ -242,20 +248,21 @@ class ZdsServer:
             data = sock.recv(MAX_DATAGRAM)
             sock.settimeout(None)
             if not protocol.decode_hello(data):
-                log.warning("zds connection %d: no ZdsHello V1 (got %r), closing", cid, data[:32])
+                log(logging.WARNING, "zds: no ZdsHello V1, closing the connection",
+                    {"zds_connection": cid, "got": repr(data[:32])})
                 conn.close()
                 return
         except (OSError, Exception) as exc:
-            log.warning("zds connection %d: hello failed: %s", cid, exc)
+            log(logging.WARNING, "zds: hello failed", {"zds_connection": cid, "error": str(exc)})
             conn.close()
             return
         if self._replay_gate is not None and not self._replay_gate(REPLAY_GATE_TIMEOUT_S):
-            log.warning("zds connection %d: the agent has not taken over its pods after %.0f s; sending the "
-                        "replay as it is", cid, REPLAY_GATE_TIMEOUT_S)
+            log(logging.WARNING, "zds: the agent has not taken over its pods in time; sending the replay as it is",
+                {"zds_connection": cid, "waited_s": REPLAY_GATE_TIMEOUT_S})
         if self._stop.is_set():  # the server closed while this connection said hello (or waited at the gate)
             conn.close()
             return
-        log.info("zds: ztunnel connected (connection %d), replaying its pods", cid)
+        log(logging.INFO, "zds: ztunnel connected, replaying its pods", {"zds_connection": cid})
         conn.start_reader()
         # Register and take the replay under the server lock, holding the connection's send lock: any add
         # routed to this (newest) connection afterwards queues behind the replay.
@@ -272,18 +279,23 @@ class ZdsServer:
                 else:
                     req = protocol.keep_workload(entry.uid)
                     fd = None
+                pod = _pod_fields(entry)
                 try:
-                    conn.request_locked(req, fd, self.ack_timeout_s)
+                    conn.request_locked(req, fd, self.ack_timeout_s, pod)
                 except ZdsError as exc:
-                    log.warning("zds replay: pod %s: %s", entry.uid, exc.msg)
+                    log(logging.WARNING, "zds: replaying the pod failed", {**pod, "zds_connection": cid,
+                                                                           "error": exc.msg})
                     if conn.closed:
                         return
+                log(logging.DEBUG, "zds: pod replayed", {**pod, "zds_connection": cid,
+                                                         "kept": entry.fd is None})
             conn.request_locked(protocol.snapshot_sent(), None, self.ack_timeout_s)
-            log.info("zds: replay of %d pods sent on connection %d", len(entries), cid)
+            log(logging.INFO, "zds: replay sent", {"zds_connection": cid, "pods": len(entries)})
         except ZdsError as exc:
-            log.warning("zds connection %d: replay failed: %s", cid, exc.msg)
+            log(logging.WARNING, "zds: replay failed", {"zds_connection": cid, "error": exc.msg})
         except OSError as exc:  # the replay source could not duplicate the netns fds (e.g. out of fds)
-            log.warning("zds connection %d: replay failed, closing: %s", cid, exc)
+            log(logging.WARNING, "zds: replay failed, closing the connection", {"zds_connection": cid,
+                                                                                "error": str(exc)})
             conn.close()
         finally:
             conn.send_lock.release()
@@ -300,7 +312,9 @@ class ZdsServer:
             live = [c for c in self._conns if not c.closed]
         if not live:
             raise ZdsError(f"no ztunnel connected on {self.path}", retryable=True)
-        live[-1].request(add_request(entry), entry.fd, timeout)
+        pod = _pod_fields(entry)
+        live[-1].request(add_request(entry), entry.fd, timeout, pod)
+        log(logging.DEBUG, "zds: ztunnel acknowledged the pod's netns", {**pod, "zds_connection": live[-1].cid})
 
     def delete(self, uid: str, timeout: float | None = None) -> list[str]:
         """DelWorkload to every connection; returns the errors (best effort, never raises)."""
@@ -310,10 +324,14 @@ class ZdsServer:
         req = protocol.del_workload(uid)
         for conn in live:
             try:
-                conn.request(req, None, self.ack_timeout_s if timeout is None else timeout)
+                conn.request(req, None, self.ack_timeout_s if timeout is None else timeout, {"pod_uid": uid})
             except ZdsError as exc:
                 errors.append(exc.msg)
         return errors
+
+
+def _pod_fields(entry: Workload) -> dict[str, str]:
+    return logs.pod_fields(entry.namespace, entry.name, entry.uid)
 
 
 def _served_by_someone(path: str) -> bool:
