@@ -31,7 +31,7 @@ $(GENERATED): cni_plugin/config.py cni_plugin/schema_gen.py cni_plugin/minischem
 
 PY_SOURCES := $(shell find cni_plugin cli_options conflist nodeagent ambient_cni zds netns_threads zds_peer -name '*.py' 2>/dev/null)
 build: $(PLUGIN)
-$(PLUGIN): $(VENV)/.stamp $(GENERATED) build/pyinstaller.spec $(PY_SOURCES)
+$(PLUGIN): $(VENV)/.stamp $(GENERATED) build/pyinstaller.spec build/plugin_entry.py build/lazy_rthooks.py $(PY_SOURCES)
 	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN --workpath .pyi-work --distpath $(DIST) build/pyinstaller.spec
 	ln -sfn ambient-cni.bundle/ambient-cni $(PLUGIN)
 	touch $(PLUGIN)
