@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import click
 
+from cni_plugin import defaults
+
 FC = TypeVar("FC", bound=Callable[..., Any])
 ENV_PREFIX = "AMBIENT_CNI_"
 DISABLED = "none"
@@ -57,3 +59,17 @@ def option_names(options: Sequence[Callable[[Any], Any]]) -> set[str]:
 def comma_list(value: str) -> tuple[str, ...]:
     """``"a, b,,c"`` -> ``("a", "b", "c")`` (``--exclude-namespaces``)."""
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+# The exemptions, flags of both ``install`` (written into the plugin's conflist entry) and ``agent`` (applied and
+# published in the enrollment snapshot, which the plugin follows over its entry's copy).
+EXEMPTION_OPTIONS: list[Any] = [
+    option("--exclude-namespaces", default=",".join(defaults.EXCLUDE_NAMESPACES), show_default=True,
+           help="Comma-separated namespaces never enrolled. The agent publishes the exemptions it applies in the "
+           "enrollment snapshot and the plugin follows those; the plugin entry's copy (install) decides alone only "
+           "until a snapshot carries them."),
+    option("--agent-pod-namespace", default=defaults.AGENT_POD_NAMESPACE, show_default=True,
+           help="Namespace of the agent's own pods (never enrolled; same rule)."),
+    option("--agent-pod-name-prefix", default=defaults.AGENT_POD_NAME_PREFIX, show_default=True,
+           help="Name prefix of the agent's own pods (never enrolled; same rule)."),
+]

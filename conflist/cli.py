@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cli_options import DISABLED, apply_options, comma_list, option
+from cli_options import DISABLED, EXEMPTION_OPTIONS, apply_options, comma_list, option
 from cni_plugin import defaults, rundir
 from conflist import logs
 from conflist.chain import plugin_entry
@@ -39,13 +39,7 @@ COMMON_OPTIONS: list[Any] = [
 # Everything `install` (watch mode) takes besides --once; `ambient-cni node` reuses this list.
 INSTALL_OPTIONS: list[Any] = [
     *COMMON_OPTIONS,
-    option("--exclude-namespaces", default=",".join(defaults.EXCLUDE_NAMESPACES), show_default=True,
-           help="Comma-separated namespaces never enrolled (plugin entry key exclude_namespaces; the node agent's "
-           "published exemptions take precedence once it runs)"),
-    option("--agent-pod-namespace", default=defaults.AGENT_POD_NAMESPACE, show_default=True,
-           help="Namespace of the agent's pods"),
-    option("--agent-pod-name-prefix", default=defaults.AGENT_POD_NAME_PREFIX, show_default=True,
-           help="Name prefix of the agent's pods (always admitted)"),
+    *EXEMPTION_OPTIONS,
     option("--deadline-ms", type=int, default=defaults.DEADLINE_MS, show_default=True,
            help="Plugin's bound on one agent round trip"),
     option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=defaults.LOG_LEVEL,

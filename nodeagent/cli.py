@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from cli_options import apply_options, comma_list, option, option_names
+from cli_options import EXEMPTION_OPTIONS, apply_options, comma_list, option, option_names
 from nodeagent.config import AgentConfig
 
 DEFAULTS = AgentConfig()
@@ -56,13 +56,7 @@ AGENT_OPTIONS: list[Any] = [
     option("--dataplane", type=click.Choice(["inpod", "noop", "record"]), default=DEFAULTS.dataplane,
            show_default=True, help="inpod: redirection + ZDS; noop: no rules, no ztunnel, only the agent's records of "
            "enrolled pods (tests; record is its older name)."),
-    option("--exclude-namespaces", default=",".join(DEFAULTS.exclude_namespaces), show_default=True,
-           help="Comma-separated namespaces never enrolled. The agent publishes them (and the agent-pod exemption) in "
-           "the enrollment snapshot, and the plugin follows them."),
-    option("--agent-pod-namespace", default=DEFAULTS.agent_pod_namespace, show_default=True,
-           help="Namespace of the agent's own pods."),
-    option("--agent-pod-name-prefix", default=DEFAULTS.agent_pod_name_prefix, show_default=True,
-           help="Name prefix of the agent's own pods (never enrolled)."),
+    *EXEMPTION_OPTIONS,
     option("--reconcile-interval", type=click.FloatRange(min=0.1), default=DEFAULTS.reconcile_interval,
            show_default=True, help="Seconds between periodic reconcile passes."),
     option("--proc-root", default=DEFAULTS.proc_root, show_default=True,
