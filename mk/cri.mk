@@ -1,4 +1,4 @@
-# containerd CRI environment (issue 6). Included by the Makefile.
+# containerd CRI environment. Included by the Makefile.
 .PHONY: cri-proto cri-up cri-down test-containerd bench-cri
 
 cri-proto: $(VENV)/.stamp

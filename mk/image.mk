@@ -1,4 +1,4 @@
-# The node image (issue 11): dist/ambient-cni-image.tar, an OCI archive for `ctr -n k8s.io images import`,
+# The node image: dist/ambient-cni-image.tar, an OCI archive for `ctr -n k8s.io images import`,
 # built offline from Debian packages (apt-get download, cached) and the frozen bundle. See docs/image.md.
 .PHONY: image image-refresh
 IMAGE_TAR := $(DIST)/ambient-cni-image.tar

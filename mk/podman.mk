@@ -1,4 +1,4 @@
-# podman 4.3 with its CNI backend as a second real runtime (issue 13). Included by the Makefile.
+# podman 4.3 with its CNI backend as a second real runtime. Included by the Makefile.
 .PHONY: podman-up podman-down test-podman bench-podman
 
 podman-up: build

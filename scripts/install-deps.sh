@@ -6,7 +6,7 @@ APT_PACKAGES=(
   containernetworking-plugins   # /usr/lib/cni: bridge, host-local, portmap, tuning, loopback
   golang-go golang-github-appc-cni-dev   # the libcni test driver, built offline
   iptables iproute2 procps psmisc
-  containerd runc               # the real runtime tests (issue 6)
+  containerd runc               # the real runtime tests
   podman                        # the second real runtime (4.3, CNI backend); tests configure it through CONTAINERS_CONF
   hyperfine                     # benchmarks
   build-essential               # static pause binary (containerd tests)

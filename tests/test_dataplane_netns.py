@@ -1,4 +1,4 @@
-"""Netns safety (issue 5): only a pod's network namespace is accepted; the host's and the agent's are refused
+"""Netns safety: only a pod's network namespace is accepted; the host's and the agent's are refused
 with a clear error and nothing changes. Entering a netns moves only a dedicated thread."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ZDS (issue 5): the agent's zds_server + InPodDataplane against ZDS clients speaking the protobuf over a real
+"""ZDS: the agent's zds_server + InPodDataplane against ZDS clients speaking the protobuf over a real
 SOCK_SEQPACKET socket with real netns fds (SCM_RIGHTS): our peer (zds_peer) and a scripted client
 (``testbed.zds.ScriptedZtunnel``)."""
 

@@ -1,4 +1,4 @@
-"""Proof with real traffic through the full chain (issue 5): libcni driver (tests/tools/bin/cnitool) -> frozen
+"""Proof with real traffic through the full chain: libcni driver (tests/tools/bin/cnitool) -> frozen
 plugin (dist/ambient-cni) -> agent (``python -m ambient_cni agent --dataplane inpod``, file cluster view with the
 namespace labelled ``istio.io/dataplane-mode: ambient``) -> zds_peer. Real netns, bridge, iptables, sockets.
 Needs ``make build driver``."""

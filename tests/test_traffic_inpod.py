@@ -1,4 +1,4 @@
-"""Proof with real traffic (issue 5): two pods on a bridge node, the agent's InPodDataplane and the zds_peer
+"""Proof with real traffic: two pods on a bridge node, the agent's InPodDataplane and the zds_peer
 process. A TCP client in pod A reaches a server in pod B only through A's 15001 and B's 15006; with the peer
 gone, the connection fails instead of going direct; an unenrolled pod is untouched; remove cleans up."""
 
