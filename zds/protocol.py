@@ -1,8 +1,9 @@
 """The ZDS transport and messages, as both ends use them.
 
 The agent listens on a UNIX ``SOCK_SEQPACKET`` socket; ztunnel connects and sends ``ZdsHello`` (version V1). The
-agent then replays every pod it holds (``AddWorkload`` with the pod's netns fd as ``SCM_RIGHTS``, ``KeepWorkload``
-for a pod whose fd it does not hold), sends ``SnapshotSent`` (ztunnel's name for the end of the replay: ztunnel
+agent then replays every pod it holds (``AddWorkload`` with the pod's netns fd as ``SCM_RIGHTS``; the protocol's
+``KeepWorkload``, for a pod whose fd the agent does not hold, is understood by the ZDS peer but our agent never
+sends it), sends ``SnapshotSent`` (ztunnel's name for the end of the replay: ztunnel
 drops every pod the replay did not name), then live ``AddWorkload``/``DelWorkload``. Every request is answered by
 one ``WorkloadResponse`` carrying an ``Ack`` whose ``error`` is empty on success. One message per datagram, at
 most ``MAX_DATAGRAM`` bytes.

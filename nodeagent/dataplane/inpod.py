@@ -85,7 +85,7 @@ def remove_redirection(families: list[Family], params: RuleParams = DEFAULT_PARA
 @dataclass
 class _Enrolled:
     pod: PodWork
-    handle: netns.NetnsHandle | None  # None: known (e.g. from the agent's state) but no netns fd -> Keep
+    handle: netns.NetnsHandle  # the pod's netns, held open while the pod is enrolled
     families: list[Family]
     variant: Variant = DEFAULT_VARIANT
     addresses: tuple[str, ...] = ()  # the pod's IPs (as given, or read from its netns): the probe-set entries
@@ -175,8 +175,7 @@ class InPodDataplane:
         key = _key(pod)
         with self._pod_lock(key):
             with self._lock:
-                held = [e for e in self._pods.values()
-                        if e.handle is not None and e.handle.matches(pod.netns_inode, pod.netns_dev)]
+                held = [e for e in self._pods.values() if e.handle.matches(pod.netns_inode, pod.netns_dev)]
             if held:
                 raise DataplaneError(f"pod {pod.namespace}/{pod.name}: its netns (inode {pod.netns_inode}) is "
                                      f"enrolled again as {held[0].pod.namespace}/{held[0].pod.name}; rules left")
@@ -201,7 +200,7 @@ class InPodDataplane:
         try:
             with self._lock:
                 entry = self._pods.get(key)
-            if entry is None or entry.handle is None:
+            if entry is None:
                 return None
             if pod.netns_inode and not entry.handle.matches(pod.netns_inode, pod.netns_dev):
                 return None
@@ -224,8 +223,7 @@ class InPodDataplane:
             pods = list(self._pods.values())
             self._pods.clear()
         for e in pods:
-            if e.handle is not None:
-                e.handle.close()
+            e.handle.close()
         if self.host is not None:
             self.host.close()
 
@@ -299,11 +297,9 @@ class InPodDataplane:
         try:
             with self._lock:
                 entry = self._pods.get(key)
-            handle = entry.handle if entry is not None else None
-            if entry is None or handle is None or (pod.netns_inode and not handle.matches(pod.netns_inode,
-                                                                                          pod.netns_dev)):
+            if entry is None or (pod.netns_inode and not entry.handle.matches(pod.netns_inode, pod.netns_dev)):
                 return None
-            netns_threads.enter(handle.fd)
+            netns_threads.enter(entry.handle.fd)
             problems, generation = driftcheck.check_here(entry.families, self.params, entry.variant,
                                                          entry.verified_generation)
             entry.verified_generation = generation
@@ -318,7 +314,7 @@ class InPodDataplane:
         with self._pod_lock(key):
             with self._lock:
                 entry = self._pods.get(key)
-            if entry is None or entry.handle is None:
+            if entry is None:
                 raise DataplaneError(f"pod {pod.namespace}/{pod.name}: the dataplane holds no netns for it")
             if pod.netns_inode and not entry.handle.matches(pod.netns_inode, pod.netns_dev):
                 raise NetnsGone(f"pod {pod.namespace}/{pod.name}: enrolled in another netns than the record's")
@@ -336,7 +332,7 @@ class InPodDataplane:
             handle = self._open_verified(pod)
             with self._lock:
                 previous = self._pods.get(key)
-            if previous is not None and previous.handle is not None and not previous.handle.matches(
+            if previous is not None and not previous.handle.matches(
                     handle.inode, handle.dev):
                 handle.close()  # this uid is served from another netns: never hand it this one
                 raise NetnsGone(f"pod {pod.namespace}/{pod.name}: already enrolled in netns inode "
@@ -352,7 +348,7 @@ class InPodDataplane:
                 handle.close()
                 raise DataplaneError(f"pod {pod.namespace}/{pod.name}: reading its netns failed: {exc}") from None
             with self._lock:
-                if previous is not None and previous.handle is not None:
+                if previous is not None:
                     handle.close()  # already held (an earlier restore whose ZDS step failed)
                     handle = previous.handle
                 self._pods[key] = _Enrolled(pod, handle, families, variant, addresses)
@@ -393,15 +389,10 @@ class InPodDataplane:
                                  f"keep its traffic stopped until a later pass repairs it): {exc}") from None
 
     # -- extras (used by the agent core and tests) -----------------------------------------------------------
-    def adopt(self, pod: PodWork) -> None:
-        """Remember a pod enrolled before a restart whose netns is not open: ztunnel gets KeepWorkload."""
-        with self._lock:
-            self._pods.setdefault(_key(pod), _Enrolled(pod, None, families_of(pod.ips), addresses=pod.ips))
-
     def enrolled(self) -> dict[str, int]:
-        """uid -> netns inode (0 when adopted without a netns)."""
+        """uid -> netns inode."""
         with self._lock:
-            return {k: (e.handle.inode if e.handle else 0) for k, e in self._pods.items()}
+            return {k: e.handle.inode for k, e in self._pods.items()}
 
     def enrolled_variants(self) -> dict[str, Variant]:
         """uid -> the variant its rules were installed with (for drift checks: ``rules.diff_rules``)."""
@@ -434,18 +425,17 @@ class InPodDataplane:
 
         A pod whose path no longer names the netns we hold is left out (ztunnel then drops it; its duplicate is
         closed here); the reconciler re-enrolls or removes it."""
-        listed: list[tuple[_Enrolled, int | None]] = []
+        listed: list[tuple[_Enrolled, int]] = []
         with self._lock:
             try:
                 for e in self._pods.values():
-                    fd = fcntl.fcntl(e.handle.fd, fcntl.F_DUPFD_CLOEXEC, 0) if e.handle is not None else None
-                    listed.append((e, fd))
+                    listed.append((e, fcntl.fcntl(e.handle.fd, fcntl.F_DUPFD_CLOEXEC, 0)))
             except OSError:
                 _close_fds(fd for _, fd in listed)
                 raise
         out: list[Workload] = []
         for e, fd in listed:
-            if e.handle is not None and not _path_names(e.pod.netns_path, e.handle):
+            if not _path_names(e.pod.netns_path, e.handle):
                 log(logging.WARNING, "the pod's netns path no longer names its enrolled netns; left out of the ZDS "
                     "replay", _pod(e.pod, netns=e.pod.netns_path))
                 _close_fds([fd])
@@ -462,7 +452,7 @@ class InPodDataplane:
             previous = self._pods.get(key)
         # Re-adding a pod already enrolled in this very netns: on failure keep the old (working) state. A netns
         # whose rules a DEL kept keeps them too (its traffic stays refused, never unredirected).
-        same_netns = previous is not None and previous.handle is not None and previous.handle.inode == handle.inode
+        same_netns = previous is not None and previous.handle.inode == handle.inode
         keep_rules = same_netns or pod.rules_kept
         t0 = time.monotonic()
         families = families_of(pod.ips)
@@ -503,7 +493,7 @@ class InPodDataplane:
                 gone = [a for a in previous.addresses if a not in addresses]
                 self._host_remove(pod.uid or key, gone)
         t_host = time.monotonic() - t_host
-        if previous is not None and previous.handle is not None:
+        if previous is not None:
             if not same_netns:
                 log(logging.INFO, "pod netns replaced", _pod(pod, old_inode=previous.handle.inode,
                                                              netns_inode=handle.inode))
@@ -575,7 +565,7 @@ class InPodDataplane:
     def _remove_locked(self, key: str, pod: PodWork, keep_rules: bool = False) -> None:
         with self._lock:
             entry = self._pods.get(key)
-            if (entry is not None and entry.handle is not None and pod.netns_inode
+            if (entry is not None and pod.netns_inode
                     and not entry.handle.matches(pod.netns_inode, pod.netns_dev)):
                 # ztunnel serves this uid from another (newer) netns: this removal is for a stale record
                 log(logging.INFO, "removal skipped: the pod is enrolled in another netns",
@@ -589,7 +579,7 @@ class InPodDataplane:
             log(logging.INFO, "zds: DelWorkload not acknowledged by every ztunnel connection",
                 _pod(pod, error="; ".join(errors)))
         if keep_rules:  # the netns keeps its rules (redirected traffic is refused: nothing listens any more)
-            if entry is not None and entry.handle is not None:
+            if entry is not None:
                 entry.handle.close()
             return
         handle = entry.handle if entry is not None else None
@@ -638,7 +628,7 @@ def _key(pod: PodWork) -> str:
     return pod.uid or f"{pod.namespace}/{pod.name}"
 
 
-def _entry(pod: PodWork, fd: int | None) -> Workload:
+def _entry(pod: PodWork, fd: int) -> Workload:
     return Workload(
         uid=pod.uid or _key(pod),
         name=pod.name,

@@ -1,12 +1,12 @@
 """The agent side of ZDS: ztunnel connects here and receives pods' netns fds.
 
 UNIX SOCK_SEQPACKET, one protobuf per datagram (the contract: ``zds/``). ztunnel connects and sends ``ZdsHello``; the
-agent replays the pods it holds (``AddWorkload`` + netns fd as SCM_RIGHTS per pod, ``KeepWorkload`` where the fd
-is gone), then ``SnapshotSent`` (ztunnel's name for the end of the replay), then live adds and dels. Every
-request waits for its ``Ack`` (deadline ``ack_timeout_s``) and a connection has one sender at a time, so requests
-and acks never interleave. Adds go to the newest connection, dels to all. A connection whose ack times out is
-closed (ztunnel reconnects and gets a fresh replay), so a late ack can never be taken for the answer to a later
-request.
+agent replays the pods it holds (``AddWorkload`` + netns fd as SCM_RIGHTS per pod; it never sends
+``KeepWorkload``: a pod whose netns it cannot hold is left out, and ztunnel drops it), then ``SnapshotSent``
+(ztunnel's name for the end of the replay), then live adds and dels. Every request waits for its ``Ack`` (deadline
+``ack_timeout_s``) and a connection has one sender at a time, so requests and acks never interleave. Adds go to the
+newest connection, dels to all. A connection whose ack times out is closed (ztunnel reconnects and gets a fresh
+replay), so a late ack can never be taken for the answer to a later request.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class Workload:
     """One pod as ZDS names it (``AddWorkload``), with its netns fd."""
 
     uid: str
+    fd: int  # the pod's netns; ownership: see ZdsServer
     name: str = ""
     namespace: str = ""
     service_account: str = ""
-    fd: int | None = None  # None: the netns is gone -> KeepWorkload. Ownership: see ZdsServer
 
 
 def add_request(entry: Workload) -> zds_pb2.WorkloadRequest:
@@ -273,22 +273,15 @@ class ZdsServer:
                 self._conns.append(conn)
                 entries = self._replay_source()
             for entry in entries:
-                if entry.fd is not None:
-                    req = add_request(entry)
-                    fd: int | None = entry.fd
-                else:
-                    req = protocol.keep_workload(entry.uid)
-                    fd = None
                 pod = _pod_fields(entry)
                 try:
-                    conn.request_locked(req, fd, self.ack_timeout_s, pod)
+                    conn.request_locked(add_request(entry), entry.fd, self.ack_timeout_s, pod)
                 except ZdsError as exc:
                     log(logging.WARNING, "zds: replaying the pod failed", {**pod, "zds_connection": cid,
                                                                            "error": exc.msg})
                     if conn.closed:
                         return
-                log(logging.DEBUG, "zds: pod replayed", {**pod, "zds_connection": cid,
-                                                         "kept": entry.fd is None})
+                log(logging.DEBUG, "zds: pod replayed", {**pod, "zds_connection": cid})
             conn.request_locked(protocol.snapshot_sent(), None, self.ack_timeout_s)
             log(logging.INFO, "zds: replay sent", {"zds_connection": cid, "pods": len(entries)})
         except ZdsError as exc:
@@ -300,14 +293,12 @@ class ZdsServer:
         finally:
             conn.send_lock.release()
             for entry in entries:  # the replay's fds are ours (Workload): sent or not, close them
-                if entry.fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(entry.fd)
+                with contextlib.suppress(OSError):
+                    os.close(entry.fd)
 
     # -- requests -----------------------------------------------------------------------------------------------
     def add(self, entry: Workload, timeout: float) -> None:
         """AddWorkload with the netns fd to the newest connection; returns after the ack. Raises ZdsError."""
-        assert entry.fd is not None
         with self._lock:
             live = [c for c in self._conns if not c.closed]
         if not live:
