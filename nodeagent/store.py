@@ -31,7 +31,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -456,14 +456,8 @@ class PodStore:
             return
 
         def op(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN")
-            try:
+            with _transaction(db):
                 db.executemany("UPDATE pods SET verified_at=? WHERE container_id=? AND ifname=?", rows)
-                db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                raise
 
         self._call(op)
 
@@ -479,19 +473,13 @@ class PodStore:
         """One transaction: the pod's record becomes a kept-rules row (the DEL's bookkeeping, crash-safe)."""
 
         def op(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN")
-            try:
+            with _transaction(db):
                 db.execute("DELETE FROM pods WHERE container_id=? AND ifname=?", record.key)
                 db.execute(
                     f"INSERT OR REPLACE INTO kept_rules ({_KEPT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (kept.netns_inode, kept.netns_dev, kept.netns_path, kept.container_id, kept.ifname, kept.uid,
                      kept.name, kept.namespace, json.dumps(list(kept.ips)), kept.variant, kept.kept_at),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                raise
 
         self._call(op)
 
@@ -519,11 +507,23 @@ class PodStore:
         ))
 
 
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    """One explicit transaction on an autocommit connection: committed at the end, rolled back on any error."""
+    db.execute(begin)
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     """Create the schema, or bring an older one up to date (tables and columns added, never dropped)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db, "BEGIN IMMEDIATE"):
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 db.execute(statement)
@@ -533,8 +533,3 @@ def _migrate(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE pods ADD COLUMN {column} {definition}")
         if int(version) < SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        raise
