@@ -202,3 +202,8 @@ def edit_node_sets(node_path: str, fn: Callable[[Any], Any]) -> Any:
 def pod_ip(ns: Netns) -> str:
     out = sh("ip", "-n", ns.name, "-4", "-o", "addr", "show", "dev", "eth0").stdout
     return out.split()[3].split("/")[0]
+
+
+def as_pod(ns: Netns, uid: str, name: str) -> Pod:
+    """The pod a netns plays (IPv4 address read from its eth0; no IPv6)."""
+    return Pod(ns, pod_ip(ns), "", uid, name)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from testbed.cluster import Cluster, running_cluster
 from testbed.netns import Netns
-from testbed.pods import Node, bridge_node
+from testbed.pods import Node, Pod, TcpServer, as_pod, bridge_node, tcp_exchange
+from testbed.poll import wait_for
+
+SERVER_PORT = 8080  # where ``two_pods``'s server listens
 
 
 @pytest.fixture
@@ -42,3 +45,17 @@ def cluster(
                          ipam_dir=ipam_dir, state_file=scratch / "cluster.yaml",
                          agent_args=getattr(request, "param", [])) as made:
         yield made
+
+
+@pytest.fixture
+def two_pods(cluster: Cluster, netns_factory: Callable[..., Netns]) -> tuple[Pod, Pod, TcpServer]:
+    """Enrolled pods "client" and "server" on ``cluster``, a TCP echo server in the second on ``SERVER_PORT``, and one
+    exchange already through both proxies (the test closes the server)."""
+    a_ns, a_uid = cluster.add_pod(netns_factory, "client")
+    b_ns, b_uid = cluster.add_pod(netns_factory, "server")
+    a, b = as_pod(a_ns, a_uid, "client"), as_pod(b_ns, b_uid, "server")
+    server = TcpServer(b, SERVER_PORT)
+    assert tcp_exchange(a, (b.ip, SERVER_PORT), b"mesh") == b"echo:mesh"
+    wait_for(lambda: cluster.peer.port_count(a.uid, 15001) == 1 and cluster.peer.port_count(b.uid, 15006) == 1,
+             what="first exchange through both proxies")
+    return a, b, server

@@ -29,13 +29,9 @@ from testbed.netns import Netns
 from testbed.peer import PeerProcess
 from testbed.pods import Node, Pod, TcpServer, pod_ip, tcp_exchange
 from testbed.poll import wait_for
+from tests.dataplane_fixtures import SERVER_PORT as PORT
 
-PORT = 8080
 INTERVAL_S = 1.0  # AgentProcess runs the agent with --reconcile-interval 1
-
-
-def as_pod(ns: Netns, uid: str, name: str) -> Pod:
-    return Pod(ns, pod_ip(ns), "", uid, name)
 
 
 def metric(agent: AgentProcess, name: str) -> float:
@@ -56,18 +52,6 @@ def wait_repaired(ns: Netns, budget_s: float) -> float:
     started = time.monotonic()
     wait_for(lambda: redirection_ok(ns), timeout=budget_s + 2, what="the redirection repaired")
     return time.monotonic() - started
-
-
-@pytest.fixture
-def two_pods(cluster: Cluster, netns_factory: Callable[..., Netns]) -> tuple[Pod, Pod, TcpServer]:
-    a_ns, a_uid = cluster.add_pod(netns_factory, "client")
-    b_ns, b_uid = cluster.add_pod(netns_factory, "server")
-    a, b = as_pod(a_ns, a_uid, "client"), as_pod(b_ns, b_uid, "server")
-    server = TcpServer(b, PORT)
-    assert tcp_exchange(a, (b.ip, PORT), b"mesh") == b"echo:mesh"
-    wait_for(lambda: cluster.peer.port_count(a.uid, 15001) == 1 and cluster.peer.port_count(b.uid, 15006) == 1,
-             what="first exchange through both proxies")
-    return a, b, server
 
 
 def test_a_flushed_nat_table_is_repaired_and_traffic_goes_through_the_proxy_again(

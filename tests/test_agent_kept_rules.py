@@ -32,18 +32,14 @@ from testbed.agent import AgentProcess, call, request, write_state
 from testbed.cluster import AMBIENT_NS, NAMESPACES, Cluster
 from testbed.netns import Netns
 from testbed.peer import PeerProcess
-from testbed.pods import Node, Pod, TcpServer, listening_ports, node_sets, pod_ip, tcp_exchange
+from testbed.pods import Node, Pod, TcpServer, as_pod, listening_ports, node_sets, tcp_exchange
 from testbed.poll import wait_for
 from testbed.runners import run_driver
+from tests.dataplane_fixtures import SERVER_PORT as PORT
 
-PORT = 8080
 GRACE_S = KEPT_RULES_GRACE_S
 INTERVAL_S = 1.0  # AgentProcess runs the agent with --reconcile-interval 1
 SEED = rules.normalise_save((Path(__file__).parent / "golden" / "dataplane" / "seed_iptables_save.txt").read_text())
-
-
-def as_pod(ns: Netns, uid: str, name: str) -> Pod:
-    return Pod(ns, pod_ip(ns), "", uid, name)
 
 
 def ours(save: str) -> list[str]:
@@ -102,17 +98,6 @@ def set_pod_labels(chain: Cluster, name: str, labels: dict[str, str]) -> None:
         if entry["name"] == name:
             entry["labels"] = labels
     write_state(chain.state_file, NAMESPACES, chain.pods)
-
-
-@pytest.fixture
-def two_pods(cluster: Cluster, netns_factory: Callable[..., Netns]) -> tuple[Pod, Pod, TcpServer]:
-    a_ns, a_uid = cluster.add_pod(netns_factory, "client")
-    b_ns, b_uid = cluster.add_pod(netns_factory, "server")
-    a, b = as_pod(a_ns, a_uid, "client"), as_pod(b_ns, b_uid, "server")
-    server = TcpServer(b, PORT)
-    assert tcp_exchange(a, (b.ip, PORT), b"mesh") == b"echo:mesh"
-    wait_for(lambda: cluster.peer.port_count(a.uid, 15001) == 1, what="the first exchange through A's proxy")
-    return a, b, server
 
 
 def test_del_keeps_the_rules_ztunnel_drops_the_pod_and_the_grace_removes_them(

@@ -24,7 +24,7 @@ from nodeagent.dataplane.rules import Family
 from testbed.agent import AgentProcess, write_state
 from testbed.cluster import AMBIENT_NS, NAMESPACES, Cluster
 from testbed.netns import Netns
-from testbed.pods import Pod, TcpServer, pod_ip, tcp_exchange
+from testbed.pods import TcpServer, as_pod, tcp_exchange
 from testbed.poll import wait_for
 from testbed.runners import run_driver
 
@@ -66,10 +66,6 @@ def recorded_variant(agent: AgentProcess, name: str) -> dict[str, Any] | None:
     (record,) = [r for r in agent.records() if r["name"] == name]
     variant: dict[str, Any] | None = record["variant"]
     return variant
-
-
-def as_pod(ns: Netns, uid: str, name: str) -> Pod:
-    return Pod(ns, pod_ip(ns), "", uid, name)
 
 
 def test_annotations_changed_on_a_running_pod_change_its_rules(

@@ -48,16 +48,11 @@ class Mesh:
     node: Node
 
     def ip(self, name: str) -> str:
-        return str(self.env.inspect(name)["NetworkSettings"]["Networks"][self.net.name]["IPAddress"])
-
-    def rules(self, name: str) -> str:
-        res = self.env.netns_exec("iptables-save", path=self.env.sandbox(name))
-        assert res.returncode == 0, res.stderr
-        return res.stdout
+        return self.env.container_ip(name, self.net.name)
 
     def assert_redirected(self, name: str, identity: Identity) -> dict[str, Any]:
         """The seed's rules in the container's netns and the agent's record of this container there."""
-        assert normalise_save(self.rules(name)) == goldens.read(goldens.SEED_SAVE, normalise_save)
+        assert normalise_save(self.env.iptables_save(name)) == goldens.read(goldens.SEED_SAVE, normalise_save)
         info = self.env.inspect(name)
         records = [r for r in self.node.debug_pods() if r["container_id"] == info["Id"]]
         assert len(records) == 1, self.node.debug_pods()

@@ -119,12 +119,7 @@ class Reload:
     node: Node
 
     def ip(self, name: str) -> str:
-        return str(self.env.inspect(name)["NetworkSettings"]["Networks"][self.net.name]["IPAddress"])
-
-    def rules(self, name: str) -> str:
-        res = self.env.netns_exec("iptables-save", path=self.env.sandbox(name))
-        assert res.returncode == 0, res.stderr
-        return res.stdout
+        return self.env.container_ip(name, self.net.name)
 
     def outbound_proxied(self) -> int:
         try:
@@ -164,7 +159,7 @@ def reload_env() -> Iterator[Reload]:
 
 def test_network_reload_never_leaves_the_container_unredirected(reload_env: Reload) -> None:
     mesh, env = reload_env, reload_env.env
-    assert normalise_save(mesh.rules("client")) == normalise_save(GOLDEN_RULES.read_text())
+    assert normalise_save(mesh.env.iptables_save("client")) == normalise_save(GOLDEN_RULES.read_text())
     sandbox = env.sandbox("client")
     gateway = mesh.net.prefix + "1"
     server = Server.start(env.netns_path, gateway, PORT)
@@ -218,7 +213,7 @@ def test_network_reload_never_leaves_the_container_unredirected(reload_env: Relo
     assert {s["error"].split("(")[0] for s in failed} <= allowed, failed[:10]
     assert proxied_before > 0 and any(s["seq"] > proxied_before for s in ok)
     # and it is enrolled again in the same netns, its kept rules taken over by the re-ADD
-    assert normalise_save(mesh.rules("client")) == normalise_save(GOLDEN_RULES.read_text())
+    assert normalise_save(mesh.env.iptables_save("client")) == normalise_save(GOLDEN_RULES.read_text())
     records = [r for r in mesh.node.debug_pods() if r["name"] == CLIENT.name]
     assert len(records) == 1 and records[0]["netns_path"] == sandbox
     assert mesh.kept_rules() == []

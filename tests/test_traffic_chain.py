@@ -12,7 +12,7 @@ import pytest
 
 from testbed.cluster import AMBIENT_NS, PLAIN_NS, Cluster
 from testbed.netns import Netns
-from testbed.pods import Pod, TcpServer, listening_ports, pod_ip, tcp_exchange
+from testbed.pods import TcpServer, as_pod, listening_ports, pod_ip, tcp_exchange
 from testbed.poll import wait_for
 from tests import goldens
 
@@ -21,10 +21,6 @@ PORT = 8080
 
 def proxy_ports_closed(ns: Netns) -> bool:
     return not {15001, 15006, 15008} & listening_ports(ns)
-
-
-def as_pod(ns: Netns, uid: str, name: str) -> Pod:
-    return Pod(ns, pod_ip(ns), "", uid, name)
 
 
 def test_full_chain_traffic(cluster: Cluster, netns_factory: Callable[..., Netns]) -> None:

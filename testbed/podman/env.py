@@ -143,6 +143,16 @@ class PodmanEnv:
         """The container's netns path (``/run/netns/netns-<uuid>``)."""
         return str(self.inspect(name)["NetworkSettings"]["SandboxKey"])
 
+    def container_ip(self, name: str, network: str) -> str:
+        """The container's IPv4 address on ``network``."""
+        return str(self.inspect(name)["NetworkSettings"]["Networks"][network]["IPAddress"])
+
+    def iptables_save(self, name: str) -> str:
+        """``iptables-save`` inside the container's netns (AssertionError if it fails)."""
+        res = self.netns_exec("iptables-save", path=self.sandbox(name))
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
     def create_network(self, name: str, subnet: str) -> Path:
         """``podman network create``: podman writes ``<conf_dir>/<name>.conflist`` (0.4.0, bridge chain)."""
         self.networks.append(name)
